@@ -1,0 +1,193 @@
+"""Turn plain YAML data into typed config dataclasses, with errors that name the field path.
+
+Each config dataclass field carries ``metadata``: ``help`` (shown in docs), and optionally
+``choices`` (allowed values), ``min`` / ``max`` (inclusive bounds) and ``gt`` (strict lower bound).
+A dataclass may define ``validate(self, path)`` for checks that involve several fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+from multitune.errors import ConfigError
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def _describe(tp: Any) -> str:
+    if tp in _TYPE_NAMES:
+        return _TYPE_NAMES[tp]
+    origin = get_origin(tp)
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp) if a is not type(None))
+    return getattr(tp, "__name__", str(tp))
+
+
+def convert(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it converted.
+
+    Raises:
+        ConfigError: naming ``path`` and the expected type.
+    """
+    if tp is Any:
+        return value
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(path, f"expected {_describe(tp)}, got nothing")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert(value, arg, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        # a mapping that matches the dataclass member shape reports that member's error
+        if isinstance(value, dict):
+            for exc in errors:
+                if exc.path != path:
+                    raise exc
+        raise ConfigError(path, f"expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise _choice_error(path, value, get_args(tp))
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin in (list, tuple):
+        (item_tp, *_) = get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"expected a list, got {value!r}")
+        return [convert(v, item_tp, _join(path, i)) for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {value!r}")
+        return {convert(k, key_tp, path) if key_tp is not Any else k: convert(v, val_tp, _join(path, str(k)))
+                for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(path, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:  # YAML reads 5e-5 (no dot) as a string
+                    value = float(value)
+                except ValueError:
+                    raise ConfigError(path, f"expected a number, got {value!r}") from None
+            else:
+                raise ConfigError(path, f"expected a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(path, f"expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(path, f"expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config annotation {tp!r} at {path}")
+
+
+def _choice_error(path: str, value: Any, choices: typing.Iterable[Any]) -> ConfigError:
+    choices = list(choices)
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(path, f"got {value!r}{hint}; expected one of: {', '.join(str(c) for c in choices)}")
+
+
+def check_field(value: Any, meta: typing.Mapping[str, Any], path: str) -> None:
+    """Apply a field's ``choices`` / ``min`` / ``max`` / ``gt`` metadata."""
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise _choice_error(path, value, meta["choices"])
+    if "gt" in meta and not value > meta["gt"]:
+        raise ConfigError(path, f"must be greater than {meta['gt']}, got {value!r}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(path, f"must be at least {meta['min']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(path, f"must be at most {meta['max']}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, checking keys, types and field metadata.
+
+    Raises:
+        ConfigError: for an unknown key (with a did-you-mean), a missing required field,
+            a wrong type or a value outside the field's allowed values.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(_join(path, str(key)), f"unknown key{hint}; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        fpath = _join(path, name)
+        if name in data:
+            value = convert(data[name], hints[name], fpath)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(fpath, f"required field is missing ({f.metadata.get('help', 'no default')})")
+        else:
+            continue
+        check_field(value, f.metadata, fpath)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate(path)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """The plain-data form of a config (what ``config.yaml`` in a run directory holds)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None, **checks: Any) -> Any:
+    """A config field with its help text and checks (``choices``, ``min``, ``max``, ``gt``)."""
+    meta = {"help": help, **checks}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)

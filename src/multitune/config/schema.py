@@ -1,0 +1,131 @@
+"""The typed shape of a run config. Field names are the user-facing contract (see docs/config.md).
+
+Task, sampler and loss-weighting sections are typed by the config class that the named
+implementation registers (``tasks.<name>.type``, ``sampling.strategy``, ``loss_weighting.strategy``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from multitune.config.parse import field
+from multitune.errors import ConfigError
+
+FORMATS = ["csv", "tsv", "jsonl", "parquet", "conll", "text", "parallel", "hf"]
+
+
+@dataclass
+class SplitConfig:
+    """Where one split of a task's data comes from and how its columns map to task fields."""
+
+    path: str | None = field(None, help="data file (or a datasets name for format: hf)")
+    format: str | None = field(None, help="file format; inferred from the file extension when omitted",
+                               choices=FORMATS)
+    text: str | None = field(None, help="column holding the text (default: 'text')")
+    text_pair: str | None = field(None, help="column holding the second text of a pair (default: 'text_pair')")
+    label: str | None = field(None, help="column holding the label or score (default: 'label')")
+    tokens: str | None = field(None, help="jsonl/parquet/hf: column holding the token list (default: 'tokens')")
+    tags: str | None = field(None, help="jsonl/parquet/hf: column holding the tag list (default: 'tags')")
+    source: str | None = field(None, help="text2text: column holding the input text (default: 'source')")
+    target: str | None = field(None, help="text2text: column holding the output text (default: 'target')")
+    target_map: dict[str, str] | None = field(None, help="maps raw target values to text, e.g. {0: negative}")
+    columns: list[str] | None = field(None, help="csv/tsv without header: the column names, in order")
+    header: bool = field(True, help="csv/tsv: the first row names the columns")
+    delimiter: str | None = field(None, help="csv/tsv: field separator (default ',' for csv, tab for tsv)")
+    token_column: int = field(0, help="conll: index of the token column")
+    tag_column: int = field(-1, help="conll: index of the tag column (-1: last)")
+    source_path: str | None = field(None, help="parallel: file of source lines")
+    target_path: str | None = field(None, help="parallel: file of target lines, line N translates line N")
+    subset: str | None = field(None, help="hf: dataset configuration name")
+    split: str | None = field(None, help="hf: split name (default: this split's name)")
+    encoding: str = field("utf-8", help="text encoding of the file")
+    max_examples: int | None = field(None, help="keep a seeded random sample of at most this many examples",
+                                     gt=0)
+
+    def validate(self, path: str) -> None:
+        if self.format == "parallel":
+            for name in ("source_path", "target_path"):
+                if not getattr(self, name):
+                    raise ConfigError(f"{path}.{name}", "required for format: parallel")
+        elif not self.path:
+            raise ConfigError(f"{path}.path", "required field is missing (the data file)")
+
+
+@dataclass
+class SplitFractions:
+    validation: float = field(0.1, help="fraction held out for validation", min=0.0, max=0.9)
+    test: float = field(0.0, help="fraction held out for test", min=0.0, max=0.9)
+
+    def validate(self, path: str) -> None:
+        if self.validation + self.test >= 1.0:
+            raise ConfigError(path, "validation + test fractions must leave some training data")
+
+
+@dataclass
+class TaskDataConfig:
+    train: SplitConfig | None = field(None, help="training data")
+    validation: SplitConfig | None = field(None, help="validation data (evaluated during training)")
+    test: SplitConfig | None = field(None, help="test data (evaluated once, on the restored best model)")
+    split: SplitFractions | None = field(None, help="carve validation/test out of train when they are absent")
+
+    def validate(self, path: str) -> None:
+        if self.train is None:
+            raise ConfigError(f"{path}.train", "required field is missing (training data)")
+
+
+@dataclass
+class TaskConfig:
+    """Fields every task type has; each task type extends it with its own."""
+
+    type: str = field(help="task type (see `multitune tasks`)")
+    data: TaskDataConfig = field(help="train / validation / test data of the task")
+    labels: list[str] | None = field(None, help="label set; inferred (sorted) from train data when omitted")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    metric: str = field("mean", help="'mean' (of each task's main metric) or 'task/metric'")
+    patience: int = field(3, help="evaluations without improvement before stopping", min=1)
+    min_delta: float = field(0.0, help="smallest change that counts as an improvement", min=0.0)
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = field(1000, help="optimizer steps", min=1)
+    batch_size: int = field(32, help="examples per batch (per process)", min=1)
+    eval_batch_size: int | None = field(None, help="examples per evaluation batch (default 2x batch_size)", min=1)
+    gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step", min=1)
+    max_length: int = field(128, help="tokens per input after truncation", min=8)
+    learning_rate: float = field(5e-5, help="learning rate of the backbone", gt=0.0)
+    head_learning_rate: float | None = field(None, help="learning rate of task heads (default: learning_rate)",
+                                             gt=0.0)
+    weight_decay: float = field(0.01, help="AdamW weight decay (not applied to biases and LayerNorm)", min=0.0)
+    warmup_ratio: float = field(0.0, help="fraction of max_steps spent warming up", min=0.0, max=1.0)
+    warmup_steps: int | None = field(None, help="warmup steps (overrides warmup_ratio)", min=0)
+    scheduler: str = field("linear", help="learning-rate schedule", choices=["linear", "cosine", "constant"])
+    max_grad_norm: float | None = field(1.0, help="gradient clipping norm (null: off)", gt=0.0)
+    eval_every: int = field(200, help="evaluate every N optimizer steps", min=1)
+    early_stopping: EarlyStoppingConfig | None = field(None, help="stop when the metric stops improving")
+    precision: str = field("fp32", help="compute precision", choices=["fp32", "bf16"])
+    log_every: int = field(10, help="log training losses every N steps", min=1)
+    device: str = field("auto", help="auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
+
+    def validate(self, path: str) -> None:
+        if self.eval_every > self.max_steps:
+            raise ConfigError(f"{path}.eval_every", f"({self.eval_every}) must not exceed "
+                                                    f"training.max_steps ({self.max_steps})")
+
+
+@dataclass
+class RunConfig:
+    tasks: dict[str, Any] = field(help="task name -> task config")
+    backbone: str = field("default", help="'default' (packaged MiniLM), a local model directory or a hub id")
+    pooling: str = field("mean", help="sentence pooling", choices=["mean", "cls", "max"])
+    normalize_embeddings: bool = field(False, help="L2-normalise pooled sentence embeddings")
+    output_dir: str = field("runs/run", help="run directory")
+    seed: int = field(42, help="seed of every random choice in the run")
+    sampling: dict[str, Any] = field(help="task sampling strategy", factory=lambda: {"strategy": "proportional"})
+    loss_weighting: dict[str, Any] = field(help="loss combination", factory=lambda: {"strategy": "sum"})
+    training: TrainingConfig = field(help="optimisation settings", factory=TrainingConfig)
+    trust_remote_code: bool = field(False, help="allow model code from the backbone's repository to run")
