@@ -79,7 +79,7 @@ class TaskConfig:
     """Fields every task type has; each task type extends it with its own."""
 
     type: str = field(help="task type (see `multitune tasks`)")
-    data: TaskDataConfig = field(help="train / validation / test data of the task")
+    data: TaskDataConfig | None = field(None, help="train / validation / test data of the task (required in a run config)")
     labels: list[str] | None = field(None, help="label set; inferred (sorted) from train data when omitted")
 
 

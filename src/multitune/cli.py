@@ -1,0 +1,186 @@
+"""The ``multitune`` command.
+
+Every user-facing failure (bad config, bad data, bad run directory) is one line on stderr and exit
+status 2; a traceback only ever means a bug in multitune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from multitune.errors import MultituneError
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set training.max_steps=100 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multitune", description="Multi-task fine-tuning of transformer models.")
+    parser.add_argument("--version", action="version", version=f"multitune {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="run config (YAML)")
+    _add_set(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar (logs only)")
+
+    p = sub.add_parser("evaluate", help="evaluate a trained run on its validation or test data")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="validation", choices=["validation", "test"])
+    _add_set(p)
+
+    p = sub.add_parser("predict", help="predict with one task of a trained model (JSON lines)")
+    p.add_argument("run_dir")
+    p.add_argument("--task", required=True)
+    p.add_argument("texts", nargs="*", help="inputs; a pair is 'first<TAB>second'")
+    p.add_argument("--input", help="file of inputs: .jsonl objects (text, text_pair, tokens) or one text per line")
+    p.add_argument("--batch-size", type=int, default=64)
+
+    p = sub.add_parser("embed", help="write sentence embeddings of texts (.npy or .jsonl)")
+    p.add_argument("run_dir", help="a run directory, a model directory or 'default' (the packaged backbone)")
+    p.add_argument("--input", required=True, help="one text per line (or .jsonl with a text field)")
+    p.add_argument("--output", help="output file (.npy or .jsonl); default: INPUT.embeddings.npy")
+    p.add_argument("--batch-size", type=int, default=64)
+
+    p = sub.add_parser("quickstart", help="train sentiment + NER + similarity on bundled data, offline")
+    p.add_argument("--output-dir", default="runs/quickstart")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the quickstart's own)")
+    p.add_argument("--no-progress", action="store_true")
+
+    sub.add_parser("tasks", help="list the registered task types, samplers and loss weightings")
+    return parser
+
+
+def _version() -> str:
+    from multitune import __version__
+
+    return __version__
+
+
+def _read_inputs(path: str) -> list:
+    p = Path(path)
+    if not p.is_file():
+        raise MultituneError(f"--input: file not found: {p}")
+    items = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix in (".jsonl", ".json"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MultituneError(f"{p}:{n}: invalid JSON: {exc.msg}") from None
+            if not isinstance(obj, dict):
+                raise MultituneError(f"{p}:{n}: expected a JSON object with a 'text' field")
+            items.append(obj)
+        else:
+            items.append(_text_or_pair(line))
+    return items
+
+
+def _text_or_pair(text: str):
+    return tuple(text.split("\t", 1)) if "\t" in text else text
+
+
+def cmd_train(args) -> int:
+    from multitune.config import load_config
+    from multitune.training import train
+
+    config = load_config(args.config, args.overrides)
+    train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from multitune.evaluation.run import evaluate_run
+
+    print(json.dumps(evaluate_run(args.run_dir, args.split, args.overrides), indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from multitune.model import load
+
+    inputs = [_text_or_pair(t) for t in args.texts] + (_read_inputs(args.input) if args.input else [])
+    if not inputs:
+        raise MultituneError("predict: give texts as arguments or a file with --input")
+    model = load(args.run_dir)
+    for pred in model.predict(args.task, inputs, batch_size=args.batch_size):
+        print(json.dumps(pred, ensure_ascii=False))
+    return 0
+
+
+def cmd_embed(args) -> int:
+    import numpy as np
+
+    from multitune.model import load
+
+    items = _read_inputs(args.input)
+    texts = [x["text"] if isinstance(x, dict) else (x if isinstance(x, str) else x[0]) for x in items]
+    if args.run_dir == "default":
+        from multitune.backbones import load_backbone
+        from multitune.model import MultiTaskModel
+
+        backbone, tokenizer = load_backbone("default")
+        model = MultiTaskModel(backbone, {}, tokenizer)
+    else:
+        model = load(args.run_dir)
+    emb = model.embed_texts(texts, batch_size=args.batch_size).numpy()
+    out = Path(args.output or f"{args.input}.embeddings.npy")
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    if out.suffix == ".jsonl":
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for t, v in zip(texts, emb):
+                fh.write(json.dumps({"text": t, "embedding": [round(float(x), 6) for x in v]}) + "\n")
+    else:
+        np.save(tmp, emb)
+    os.replace(tmp, out)
+    print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from multitune.quickstart.run import run_quickstart
+
+    run_quickstart(Path(args.output_dir), steps=args.steps, progress=not args.no_progress)
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from multitune.sampling import SAMPLERS
+    from multitune.tasks import TASKS
+    from multitune.weighting import WEIGHTINGS
+
+    for title, reg in (("task types", TASKS), ("sampling strategies", SAMPLERS),
+                       ("loss weighting strategies", WEIGHTINGS)):
+        print(f"{title}: {', '.join(reg.names())}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "embed": cmd_embed,
+            "quickstart": cmd_quickstart, "tasks": cmd_tasks}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.command](args)
+    except MultituneError as exc:
+        print(f"multitune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("multitune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Markdown reference of every config field, generated from the dataclasses (docs/config.md embeds it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from multitune.config.parse import _describe
+from multitune.config.schema import (
+    EarlyStoppingConfig,
+    RunConfig,
+    SplitConfig,
+    SplitFractions,
+    TrainingConfig,
+)
+
+
+def _table(cls: type, title: str) -> str:
+    hints = typing.get_type_hints(cls)
+    rows = [f"### {title}", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default) if f.default is not None else "null"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = "see below"
+        else:
+            default = "**required**"
+        meaning = f.metadata.get("help", "")
+        if "choices" in f.metadata:
+            meaning += f" ({' / '.join(map(str, f.metadata['choices']))})"
+        rows.append(f"| `{f.name}` | {_describe(hints[f.name])} | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def reference() -> str:
+    """The field tables of the run config, every task type, sampler and loss weighting."""
+    from multitune.sampling import SAMPLERS
+    from multitune.tasks import TASKS
+    from multitune.weighting import WEIGHTINGS
+
+    parts = [_table(RunConfig, "top level"), _table(TrainingConfig, "training"),
+             _table(EarlyStoppingConfig, "training.early_stopping"),
+             _table(SplitConfig, "tasks.NAME.data.{train,validation,test}"),
+             _table(SplitFractions, "tasks.NAME.data.split")]
+    for name in TASKS.names():
+        parts.append(_table(TASKS.get(name).config_class, f"tasks.NAME with type: {name}"))
+    for name in SAMPLERS.names():
+        parts.append(_table(SAMPLERS.get(name).config_class, f"sampling with strategy: {name}"))
+    for name in WEIGHTINGS.names():
+        parts.append(_table(WEIGHTINGS.get(name).config_class, f"loss_weighting with strategy: {name}"))
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(reference())

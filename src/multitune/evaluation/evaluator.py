@@ -1,0 +1,51 @@
+"""Per-task evaluation and the selection metric used by early stopping and checkpointing."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from multitune.tasks.base import Task
+from multitune.training.batching import eval_batches
+
+LOWER_IS_BETTER = {"loss", "mse", "perplexity"}
+
+
+@torch.inference_mode()
+def evaluate_task(model: Any, task: Task, features: Sequence[dict], examples: Sequence[dict], batch_size: int,
+                  pad_token_id: int, autocast: Any = None) -> tuple[dict[str, float], list[Any]]:
+    """Predict every example of a split and score the predictions.
+
+    Returns:
+        (metrics, predictions in the order of ``examples``).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    predictions: list[Any] = [None] * len(examples)
+    try:
+        for idx, batch in eval_batches(task, features, batch_size, pad_token_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast() if autocast else contextlib.nullcontext():
+                out = task.forward(model, model.heads[task.name], batch)
+            for i, p in zip(idx, task.decode(out, batch, [examples[i] for i in idx])):
+                predictions[i] = p
+    finally:
+        model.train(was_training)
+    return task.compute_metrics(predictions, examples), predictions
+
+
+def selection_value(metric: str, results: dict[str, dict[str, float]], tasks: dict[str, Task]) -> float:
+    """The higher-is-better number that picks the best checkpoint.
+
+    ``mean``: the mean over tasks of each task's main metric (lower-is-better metrics negated);
+    ``task/metric``: that one value, negated when lower is better (loss, mse, perplexity).
+    """
+    if metric == "mean":
+        return sum(tasks[t].selection_score(m) for t, m in results.items()) / len(results)
+    task, _, name = metric.partition("/")
+    value = results[task][name]
+    return -value if name in LOWER_IS_BETTER else value

@@ -1,0 +1,42 @@
+"""Evaluate a finished run directory again (e.g. on its test split or on new data through --set)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from multitune.errors import MultituneError
+
+
+def evaluate_run(run_dir: str | Path, split: str = "validation", overrides: list[str] | None = None) -> dict:
+    """Load ``RUN_DIR/model`` and score every task that has ``split`` data in ``RUN_DIR/config.yaml``.
+
+    The split is rebuilt exactly as in training (same seeds), so a carved-out validation split is the
+    same examples. Returns ``{split: {task: {metric: value}}}``.
+
+    Raises:
+        MultituneError: the run directory has no config or model, or no task has data for ``split``.
+    """
+    from multitune.config.loader import apply_overrides, parse_config, read_yaml
+    from multitune.evaluation.evaluator import evaluate_task
+    from multitune.model import load
+    from multitune.training.trainer import read_task_data
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise MultituneError(f"{run}: not a run directory (no config.yaml)")
+    config = parse_config(apply_overrides(read_yaml(run / "config.yaml"), list(overrides or [])))
+    model = load(run)
+    missing = [n for n in config.tasks if n not in model.tasks]
+    if missing:
+        raise MultituneError(f"{run}: the model has no task {missing[0]!r}; its tasks: {', '.join(model.tasks)}")
+    prepared = read_task_data(config, {n: model.tasks[n] for n in config.tasks})
+    results = {}
+    for name, p in prepared.items():
+        if split not in p.data.splits:
+            continue
+        feats = p.task.encode(p.data.splits[split], model.tokenizer, model.max_length)
+        pad = model.tokenizer.pad_token_id or 0
+        results[name] = evaluate_task(model, p.task, feats, p.data.splits[split], 64, pad)[0]
+    if not results:
+        raise MultituneError(f"{run}: no task has {split} data (configure tasks.<name>.data.{split})")
+    return {split: results}

@@ -1,0 +1,198 @@
+"""The multi-task model: one shared backbone, one head per task; saving, loading and prediction."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from multitune.backbones.pooling import pool
+from multitune.config.parse import from_dict, to_dict
+from multitune.errors import ConfigError, MultituneError
+from multitune.fileio import write_json_atomic
+from multitune.tasks.base import TASKS, Task, TaskOutput
+
+MODEL_FILE = "multitune.json"
+HEADS_FILE = "heads.safetensors"
+FORMAT_VERSION = 1
+
+
+class MultiTaskModel(nn.Module):
+    """A transformers encoder shared by every task, plus each task's head.
+
+    Args:
+        backbone: a transformers model whose output has ``last_hidden_state``.
+        tasks: task name -> task (already ``setup`` with its labels).
+        tokenizer: the backbone's tokenizer (used by :meth:`predict` and :meth:`save`).
+        pooling: ``mean``, ``cls`` or ``max``.
+        normalize_embeddings: L2-normalise the sentence embeddings of :meth:`embed`.
+        max_length: truncation length used for prediction.
+    """
+
+    def __init__(self, backbone: nn.Module, tasks: dict[str, Task], tokenizer: Any = None, pooling: str = "mean",
+                 normalize_embeddings: bool = False, max_length: int = 128):
+        super().__init__()
+        self.backbone = backbone
+        self.tasks = dict(tasks)
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.normalize_embeddings = normalize_embeddings
+        self.max_length = max_length
+        hidden = backbone.config.hidden_size
+        self.heads = nn.ModuleDict({name: task.build_head(hidden) for name, task in tasks.items()})
+
+    # -- building blocks used by tasks -----------------------------------------------------
+    def encode(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """Token states [batch, tokens, hidden] of the shared backbone."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.backbone(**kwargs).last_hidden_state
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return pool(hidden, attention_mask, self.pooling)
+
+    def embed(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """Sentence embeddings: pooled token states, L2-normalised when configured."""
+        emb = self.pool(self.encode(input_ids, attention_mask, token_type_ids), attention_mask)
+        return F.normalize(emb, dim=-1) if self.normalize_embeddings else emb
+
+    def input_embedding_weight(self) -> torch.Tensor:
+        return self.backbone.get_input_embeddings().weight
+
+    def forward(self, task: str, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        return self.tasks[task].forward(self, self.heads[task], batch)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- inference -------------------------------------------------------------------------
+    def _batches(self, task: Task, examples: list[dict], batch_size: int):
+        """Yield (indices, batch) in length order, so that padding is small; callers restore order."""
+        feats = task.encode(examples, self.tokenizer, self.max_length)
+        order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
+        pad_id = self.tokenizer.pad_token_id or 0
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = task.collate([feats[i] for i in idx], pad_id)
+            yield idx, {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.inference_mode()
+    def predict(self, task: str, inputs: Sequence[Any], batch_size: int = 64) -> list[dict]:
+        """Predict for raw inputs: strings, (text, text_pair) tuples or example dicts.
+
+        Returns:
+            One JSON-able dict per input: ``label``/``scores`` for classification, ``entities`` for
+            token classification, ``score`` for regression.
+
+        Raises:
+            MultituneError: the model has no task called ``task``.
+        """
+        if task not in self.tasks:
+            raise MultituneError(f"the model has no task {task!r}; its tasks: {', '.join(self.tasks)}")
+        t = self.tasks[task]
+        examples = [t.example_from_input(x) for x in inputs]
+        was_training = self.training
+        self.eval()
+        out: list[Any] = [None] * len(examples)
+        try:
+            for idx, batch in self._batches(t, examples, batch_size):
+                preds = t.decode(t.forward(self, self.heads[task], batch), batch, [examples[i] for i in idx])
+                for i, p in zip(idx, preds):
+                    out[i] = p
+        finally:
+            self.train(was_training)
+        return out
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Sentence embeddings of ``texts`` [n, hidden] (pooling and normalisation as configured)."""
+        self.eval()
+        out = torch.zeros(len(texts), self.backbone.config.hidden_size)
+        enc_order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(texts), batch_size):
+            idx = enc_order[start:start + batch_size]
+            enc = self.tokenizer([texts[i] for i in idx], truncation=True, max_length=self.max_length,
+                                 padding=True, return_tensors="pt")
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            out[idx] = self.embed(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")).float().cpu()
+        return out
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """Write a directory any user can reload: the backbone via ``save_pretrained`` (safetensors) with
+        its tokenizer, the heads in ``heads.safetensors`` and ``multitune.json`` (tasks, label maps, pooling).
+        The caller writes into a temporary directory and renames it (see the trainer)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(path, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+        heads = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
+        save_file(heads, str(path / HEADS_FILE), metadata={"format": "multitune-heads"})
+        tasks = {}
+        for name, task in self.tasks.items():
+            cfg = to_dict(task.config)
+            cfg.pop("data", None)
+            tasks[name] = {"config": cfg, "state": task.state()}
+        write_json_atomic(path / MODEL_FILE, {
+            "format_version": FORMAT_VERSION, "pooling": self.pooling,
+            "normalize_embeddings": self.normalize_embeddings, "max_length": self.max_length,
+            "tasks": tasks, **(extra or {})})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None,
+             trust_remote_code: bool = False) -> MultiTaskModel:
+        """Load a directory written by :meth:`save`.
+
+        Raises:
+            MultituneError: the directory is missing files or is not a multitune model.
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        path = Path(path)
+        if (path / "model" / MODEL_FILE).is_file():  # a run directory
+            path = path / "model"
+        missing = [f for f in (MODEL_FILE, HEADS_FILE, "config.json", "model.safetensors")
+                   if not (path / f).is_file()]
+        if missing:
+            raise MultituneError(f"{path}: not a multitune model directory (missing {', '.join(missing)})")
+        try:
+            meta = json.loads((path / MODEL_FILE).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise MultituneError(f"{path / MODEL_FILE}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+        tasks = {}
+        for name, entry in meta["tasks"].items():
+            impl = TASKS.get(entry["config"]["type"], f"{MODEL_FILE}: tasks.{name}.type")
+            try:
+                config = from_dict(impl.config_class, entry["config"], f"tasks.{name}")
+            except ConfigError as exc:
+                raise MultituneError(f"{path / MODEL_FILE}: {exc}") from None
+            task = impl(name, config)
+            task.load_state(entry["state"])
+            tasks[name] = task
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        backbone = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code)
+        model = cls(backbone, tasks, tokenizer, meta["pooling"], meta["normalize_embeddings"], meta["max_length"])
+        model.heads.load_state_dict(load_file(str(path / HEADS_FILE)), strict=True)
+        model.eval()
+        if device is not None:
+            model.to(device)
+        return model
+
+
+def load(path: str | Path, device: str | torch.device | None = None) -> MultiTaskModel:
+    """Load a trained multitune model (a run directory or its ``model/`` directory).
+
+    Example:
+        >>> model = multitune.load("runs/quickstart")
+        >>> model.predict("sentiment", ["a wonderful film"])
+    """
+    return MultiTaskModel.load(path, device=device)

@@ -1,0 +1,169 @@
+"""The task extension point: how a task encodes examples, its head, loss, decoding and metrics.
+
+A task type is one module that subclasses :class:`Task`, declares its config dataclass and
+registers itself: ``@TASKS.register("classification")``. Core code never branches on a type name.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from multitune.config.schema import TaskConfig
+from multitune.errors import DataError
+from multitune.registry import Registry
+
+if TYPE_CHECKING:
+    from multitune.model import MultiTaskModel
+
+TASKS: Registry[type[Task]] = Registry("task type")
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TaskOutput:
+    """What a task's forward pass returns: the mean loss of the batch and whatever decode needs."""
+
+    loss: torch.Tensor | None
+    outputs: dict[str, torch.Tensor]
+
+
+class Task(ABC):
+    """One task of a multi-task run.
+
+    Class attributes:
+        config_class: the task type's config dataclass (extends :class:`TaskConfig`).
+        fields: canonical example fields the task reads; ``required``: those that must be present.
+        stratify_key: example field used to stratify automatic splits (None: no stratification).
+        main_metric: the metric that represents the task (early stopping ``mean``, tables).
+        greater_is_better: direction of ``main_metric``.
+    """
+
+    config_class: type[TaskConfig] = TaskConfig
+    fields: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    stratify_key: str | None = None
+    main_metric: str = ""
+    greater_is_better: bool = True
+
+    def __init__(self, name: str, config: TaskConfig):
+        self.name = name
+        self.config = config
+
+    # -- data -------------------------------------------------------------------------
+    def setup(self, train_examples: Sequence[dict]) -> None:
+        """Fix what the task learns from its training data (e.g. the label set). Default: nothing."""
+
+    def check_examples(self, examples: Sequence[dict]) -> None:
+        """Raise :class:`DataError` (file:line) for an example the task cannot use. Default: accept."""
+
+    @abstractmethod
+    def encode(self, examples: Sequence[dict], tokenizer: Any, max_length: int) -> list[dict]:
+        """Tokenise examples once; returns one feature dict (lists of ints/floats) per example."""
+
+    @abstractmethod
+    def collate(self, features: Sequence[dict], pad_token_id: int, generator: torch.Generator | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Pad a list of features into one batch of tensors (dynamic padding to the longest row)."""
+
+    def example_from_input(self, item: Any) -> dict:
+        """Turn a raw prediction input (a string, a pair, a dict) into an example."""
+        if isinstance(item, dict):
+            return dict(item)
+        if isinstance(item, (list, tuple)) and len(item) == 2:
+            return {"text": item[0], "text_pair": item[1]}
+        return {"text": str(item)}
+
+    # -- model ------------------------------------------------------------------------
+    @abstractmethod
+    def build_head(self, hidden_size: int) -> nn.Module:
+        """The task's own parameters on top of the shared backbone."""
+
+    @abstractmethod
+    def forward(self, model: MultiTaskModel, head: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        """Run backbone + head on a batch; ``loss`` is set when the batch has labels."""
+
+    # -- results ----------------------------------------------------------------------
+    @abstractmethod
+    def decode(self, output: TaskOutput, batch: dict[str, torch.Tensor], examples: Sequence[dict]) -> list[Any]:
+        """Turn a batch's outputs into JSON-able predictions, one per example."""
+
+    @abstractmethod
+    def compute_metrics(self, predictions: Sequence[Any], examples: Sequence[dict]) -> dict[str, float]:
+        """Score predictions against the gold examples."""
+
+    def state(self) -> dict:
+        """What must be saved with the model to decode again (e.g. label maps)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what :meth:`state` returned."""
+
+    def selection_score(self, metrics: dict[str, float]) -> float:
+        """The task's main metric on a higher-is-better scale (for the ``mean`` selection metric)."""
+        value = metrics[self.main_metric]
+        return value if self.greater_is_better else -value
+
+
+# -- helpers shared by task modules ------------------------------------------------------
+
+def pad(rows: Sequence[Sequence[int | float]], value: int | float, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Right-pad rows to the longest one."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        if len(row):
+            out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out
+
+
+def collate_inputs(features: Sequence[dict], pad_token_id: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Pad ``input_ids`` (and ``token_type_ids`` when present) and build the attention mask."""
+    ids = [f[prefix + "input_ids"] for f in features]
+    batch = {prefix + "input_ids": pad(ids, pad_token_id),
+             prefix + "attention_mask": pad([[1] * len(r) for r in ids], 0)}
+    if prefix + "token_type_ids" in features[0]:
+        batch[prefix + "token_type_ids"] = pad([f[prefix + "token_type_ids"] for f in features], 0)
+    return batch
+
+
+def tokenize_texts(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int
+                   ) -> list[dict]:
+    """Tokenise (pairs of) texts without padding; returns one dict of id lists per text."""
+    enc = tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True,
+                    max_length=max_length, padding=False)
+    keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
+    return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+
+
+def where(example: dict) -> tuple[str, int | None]:
+    return str(example.get("_file", "<input>")), example.get("_line")
+
+
+def parse_float(example: dict, key: str) -> float:
+    """Read a numeric field, raising DataError (file:line) when it is not a finite number."""
+    raw = example.get(key)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        file, line = where(example)
+        raise DataError(file, f"{key} must be a number, got {raw!r}", line) from None
+    if not math.isfinite(value):
+        file, line = where(example)
+        raise DataError(file, f"{key} must be a finite number, got {raw!r}", line)
+    return value
+
+
+def label_sort_key(label: str) -> tuple:
+    """Sort numeric labels numerically ("2" before "10"), the rest alphabetically."""
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)

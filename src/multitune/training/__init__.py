@@ -1,0 +1,5 @@
+"""The training loop, batching and checkpoints."""
+
+from multitune.training.trainer import train
+
+__all__ = ["train"]

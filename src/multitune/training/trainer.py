@@ -1,0 +1,289 @@
+"""The one training loop: every task, sampler and loss weighting goes through :func:`train`.
+
+Order of work, so that bad input fails before anything is written or computed:
+read + check all data -> load backbone -> tokenise once -> build model/optimizer -> loop -> restore best
+-> save model -> final evaluation.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from multitune.backbones import load_backbone
+from multitune.config.parse import to_dict
+from multitune.config.schema import RunConfig
+from multitune.data import TaskData, load_task_data
+from multitune.errors import MultituneError
+from multitune.evaluation.evaluator import evaluate_task, selection_value
+from multitune.fileio import append_jsonl, read_jsonl, replace_dir, write_json_atomic
+from multitune.model import MultiTaskModel
+from multitune.optim import build_param_groups, build_scheduler, parameter_table
+from multitune.sampling import SAMPLERS
+from multitune.tasks import TASKS, Task
+from multitune.training.batching import TaskBatcher
+from multitune.training.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint
+from multitune.training.progress import TrainingProgress, print_results_table
+from multitune.weighting import WEIGHTINGS
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class PreparedTask:
+    """A task with its data read, checked and tokenised once for the whole run."""
+
+    task: Task
+    data: TaskData
+    features: dict[str, list[dict]] = field(default_factory=dict)
+
+
+def build_tasks(config: RunConfig) -> dict[str, Task]:
+    return {name: TASKS.get(cfg.type, f"tasks.{name}.type")(name, cfg) for name, cfg in config.tasks.items()}
+
+
+def read_task_data(config: RunConfig, tasks: dict[str, Task]) -> dict[str, PreparedTask]:
+    """Read, clean, split and check every task's data (no model needed; fails fast on bad input)."""
+    prepared = {}
+    for i, (name, task) in enumerate(tasks.items()):
+        data = load_task_data(name, config.tasks[name].data, Path.cwd(), config.seed + 7919 * i,
+                              task.fields, task.required, task.stratify_key)
+        task.setup(data.splits["train"])
+        for examples in data.splits.values():
+            task.check_examples(examples)
+        prepared[name] = PreparedTask(task, data)
+    return prepared
+
+
+def tokenize_all(prepared: dict[str, PreparedTask], tokenizer: Any, max_length: int) -> None:
+    for p in prepared.values():
+        for split, examples in p.data.splits.items():
+            p.features[split] = p.task.encode(examples, tokenizer, max_length)
+
+
+def _check_output_dir(config: RunConfig, out: Path, resume: bool, overwrite: bool) -> bool:
+    """Return True when the run resumes from a checkpoint. Refuses to mix two runs in one directory."""
+    if out.exists() and not out.is_dir():
+        raise MultituneError(f"output_dir: {out} exists and is not a directory")
+    if resume:
+        saved = out / "config.yaml"
+        if saved.exists():
+            import yaml
+
+            previous = yaml.safe_load(saved.read_text(encoding="utf-8"))
+            current = to_dict(config)
+            if previous != current:
+                diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+                raise MultituneError(f"{out}: --resume with a different config (differs in: {', '.join(diff)})")
+        return find_checkpoint(out / CHECKPOINTS / "last") is not None
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise MultituneError(f"output_dir: {out} is not empty; pass --overwrite to replace it or "
+                                 f"--resume to continue the run in it")
+        shutil.rmtree(out)
+    return False
+
+
+def train(config: RunConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None,
+          progress: bool = True) -> dict:
+    """Train one multi-task model as ``config`` says and write the run directory.
+
+    Args:
+        config: a validated config (see :func:`multitune.config.load_config`).
+        resume: continue from ``output_dir/checkpoints/last`` (starts afresh when there is none).
+        overwrite: replace a non-empty ``output_dir``.
+        console: where progress and tables go (default: stderr).
+        progress: show a live progress bar.
+
+    Returns:
+        The content of ``results.json``.
+
+    Raises:
+        ConfigError, DataError, MultituneError: bad config, data or run directory; nothing is written then.
+    """
+    console = console or Console(stderr=True)
+    tcfg = config.training
+    out = Path(config.output_dir)
+    tasks = build_tasks(config)
+    prepared = read_task_data(config, tasks)
+    resuming = _check_output_dir(config, out, resume, overwrite)
+    for name, p in prepared.items():
+        counts = ", ".join(f"{s} {len(e)}" for s, e in p.data.splits.items())
+        console.print(f"[bold]{name}[/] ({p.task.config.type}): {counts}")
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="bf16" if tcfg.precision == "bf16" else "no",
+                              cpu=tcfg.device == "cpu" or (tcfg.device == "auto" and not torch.cuda.is_available()))
+    if tcfg.device == "cuda" and not torch.cuda.is_available():
+        raise MultituneError("training.device: cuda was asked for but no CUDA device is available")
+    torch.manual_seed(config.seed)
+    backbone, tokenizer = load_backbone(config.backbone, config.trust_remote_code)
+    start = time.perf_counter()
+    tokenize_all(prepared, tokenizer, tcfg.max_length)
+    console.print(f"tokenised every split once in {time.perf_counter() - start:.1f}s; "
+                  f"precision {tcfg.precision}, device {accelerator.device}")
+
+    model = MultiTaskModel(backbone, tasks, tokenizer, config.pooling, config.normalize_embeddings, tcfg.max_length)
+    names = list(tasks)
+    weighting = WEIGHTINGS.get(config.loss_weighting.strategy)(names, config.loss_weighting)
+    head_lr = tcfg.head_learning_rate or tcfg.learning_rate
+    groups = build_param_groups(model.backbone, [("heads", model.heads), ("loss_weighting", weighting)],
+                                tcfg.learning_rate, head_lr, tcfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=tcfg.learning_rate)
+    warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else int(tcfg.warmup_ratio * tcfg.max_steps)
+    scheduler = build_scheduler(optimizer, tcfg.scheduler, warmup, tcfg.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    weighting.to(accelerator.device)
+    core: MultiTaskModel = accelerator.unwrap_model(model)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batchers = {n: TaskBatcher(p.task, p.features["train"], tcfg.batch_size, pad_id, config.seed + 1000 * (i + 1))
+                for i, (n, p) in enumerate(prepared.items())}
+    sampler = SAMPLERS.get(config.sampling.strategy)({n: len(p.features["train"]) for n, p in prepared.items()},
+                                                     config.sampling, config.seed)
+    state: dict[str, Any] = {"step": 0, "best_value": None, "best_step": None, "bad_evals": 0,
+                             "examples": 0, "real_tokens": 0, "padded_tokens": 0, "train_seconds": 0.0}
+
+    out.mkdir(parents=True, exist_ok=True)
+    from multitune.config.loader import save_config
+
+    save_config(config, out / "config.yaml")
+    table = parameter_table(groups, [core.backbone, core.heads, weighting])
+    write_json_atomic(out / "parameters.json", table)
+    ckpt_last, ckpt_best = out / CHECKPOINTS / "last", out / CHECKPOINTS / "best"
+    if resuming:
+        state = load_checkpoint(find_checkpoint(ckpt_last), core, weighting, optimizer, scheduler, restore_rng=True)
+        sampler.load_state_dict(state.pop("sampler"))
+        for n, b in batchers.items():
+            b.load_state_dict(state["batchers"][n])
+        console.print(f"resumed from step {state['step']}")
+    else:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    autocast = accelerator.autocast
+    es = tcfg.early_stopping
+    metric_name = es.metric if es else "mean"
+    eval_bs = tcfg.eval_batch_size or 2 * tcfg.batch_size
+    running: dict[str, list[float]] = {n: [] for n in names}
+
+    def evaluate_all(split: str) -> dict[str, dict[str, float]]:
+        return {n: evaluate_task(core, p.task, p.features[split], p.data.splits[split], eval_bs, pad_id,
+                                 autocast)[0]
+                for n, p in prepared.items() if split in p.features}
+
+    def snapshot() -> dict:
+        return {**state, "sampler": sampler.state_dict(),
+                "batchers": {n: b.state_dict() for n, b in batchers.items()}}
+
+    model.train()
+    bar = TrainingProgress(console, tcfg.max_steps, enabled=progress)
+    bar.start(state["step"])
+    stopped_early = False
+    try:
+        while state["step"] < tcfg.max_steps:
+            t0 = time.perf_counter()
+            step_losses: dict[str, float] = {}
+            weights_used: dict[str, float] = {}
+            for _ in range(tcfg.gradient_accumulation_steps):
+                name = sampler.next_task()
+                batch = batchers[name].next_batch()
+                state["examples"] += len(batch["input_ids"])
+                state["real_tokens"] += int(batch["attention_mask"].sum())
+                state["padded_tokens"] += batch["attention_mask"].numel()
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                with autocast():
+                    loss = model(name, batch).loss
+                combined, used = weighting({name: loss})
+                accelerator.backward(combined / tcfg.gradient_accumulation_steps)
+                step_losses[name] = float(loss.detach())
+                weights_used.update(used)
+            if tcfg.max_grad_norm is not None:
+                accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], tcfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["train_seconds"] += time.perf_counter() - t0
+            for n, v in step_losses.items():
+                running[n].append(v)
+            bar.update(state["step"], {n: sum(v[-20:]) / len(v[-20:]) for n, v in running.items() if v})
+            step = state["step"]
+            if step % tcfg.log_every == 0 and accelerator.is_main_process:
+                append_jsonl(out / "metrics.jsonl", {"kind": "train", "step": step, "lr": scheduler.get_last_lr()[0],
+                                                     "loss": {n: sum(v) / len(v) for n, v in running.items() if v},
+                                                     "loss_weights": weighting.weights()})
+                running = {n: [] for n in names}
+            if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
+                results = evaluate_all("validation")
+                value = selection_value(metric_name, results, tasks)
+                improved = state["best_value"] is None or value > state["best_value"] + (es.min_delta if es else 0)
+                if improved:
+                    state.update(best_value=value, best_step=step, bad_evals=0)
+                else:
+                    state["bad_evals"] += 1
+                if accelerator.is_main_process:
+                    append_jsonl(out / "metrics.jsonl", {
+                        "kind": "eval", "step": step, "split": "validation", "metrics": results,
+                        "selection": {"metric": metric_name, "value": value, "best": state["best_value"],
+                                      "best_step": state["best_step"]},
+                        "loss_weights": weighting.weights(), "sampling": sampler.probabilities(),
+                        "epochs": {n: round(b.epochs_done, 3) for n, b in batchers.items()},
+                        "elapsed_s": round(state["train_seconds"], 2)})
+                    bar.log_eval(step, results, value, improved)
+                    rng = rng_states()  # checkpointing must not disturb the training RNG stream
+                    if improved:
+                        save_checkpoint(ckpt_best, core, weighting, optimizer, scheduler, snapshot())
+                    save_checkpoint(ckpt_last, core, weighting, optimizer, scheduler, snapshot())
+                    torch.set_rng_state(rng["torch"])
+                if es and state["bad_evals"] >= es.patience:
+                    console.print(f"early stopping at step {step}: {metric_name} has not improved for "
+                                  f"{es.patience} evaluations (best {state['best_value']:.4f} at step "
+                                  f"{state['best_step']})")
+                    stopped_early = True
+                    break
+    finally:
+        bar.stop()
+
+    accelerator.wait_for_everyone()
+    best = find_checkpoint(ckpt_best)
+    if best is not None:
+        load_checkpoint(best, core)
+    results = {"validation": evaluate_all("validation")}
+    if any("test" in p.features for p in prepared.values()):
+        results["test"] = evaluate_all("test")
+    seconds = max(state["train_seconds"], 1e-9)
+    results["train"] = {
+        "steps": state["step"], "best_step": state["best_step"], "stopped_early": stopped_early,
+        "selection_metric": metric_name, "best_value": state["best_value"],
+        "examples": state["examples"], "wall_s": round(seconds, 2),
+        "examples_per_s": round(state["examples"] / seconds, 2),
+        "real_tokens_per_s": round(state["real_tokens"] / seconds, 1),
+        "padded_tokens_per_s": round(state["padded_tokens"] / seconds, 1),
+        "precision": tcfg.precision, "device": str(accelerator.device)}
+    results["data"] = {n: p.data.report for n, p in prepared.items()}
+    if accelerator.is_main_process:
+        tmp = out / ".model.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        core.save(tmp, extra={"backbone_source": config.backbone, "trained_steps": state["step"]})
+        replace_dir(tmp, out / "model")
+        write_json_atomic(out / "results.json", results)
+        _plot(out)
+        print_results_table(console, results, tasks)
+    return results
+
+
+def _plot(out: Path) -> None:
+    from multitune.evaluation.plots import plot_learning_curves
+
+    try:
+        plot_learning_curves(read_jsonl(out / "metrics.jsonl"), out / "learning_curves.png")
+    except ImportError:  # matplotlib is a dependency, but a broken install must not lose a finished run
+        pass
