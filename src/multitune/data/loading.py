@@ -8,14 +8,26 @@ from pathlib import Path
 
 from multitune.config.schema import TaskDataConfig
 from multitune.data.cleaning import clean_examples
-from multitune.data.readers import read_split
+from multitune.data.readers import infer_format, read_split, source_name
 from multitune.data.splits import sample_examples, split_examples
-from multitune.errors import DataError
+from multitune.errors import ConfigError, DataError
+
+#: held-out fractions carved out of train when a task has no validation data and no ``split:`` section
+DEFAULT_FRACTIONS = {"validation": 0.1, "test": 0.1}
 
 
 @dataclass
 class TaskData:
-    """A task's examples per split, with the cleaning counts of each split."""
+    """A task's examples per split, with what happened to each split on the way.
+
+    Attributes:
+        splits: ``train`` and, when configured or carved out of train, ``validation`` and ``test``
+            -> examples (dicts of canonical fields plus ``_file`` and ``_line``).
+        report: split -> counts. A split read from a file has the counts of
+            :func:`~multitune.data.clean_examples` (``read``, ``empty``, ``duplicates``, ``kept``) plus
+            ``sampled`` (after ``max_examples``); when validation/test are carved out of train, train also
+            has ``after_split`` and each carved split has ``carved_from_train``.
+    """
 
     splits: dict[str, list[dict]]
     report: dict[str, dict[str, int]]
@@ -23,37 +35,67 @@ class TaskData:
 
 def load_task_data(task_name: str, data: TaskDataConfig, base_dir: Path, seed: int, fields: Sequence[str],
                    required: Sequence[str], stratify_key: str | None = None) -> TaskData:
-    """Read train (and validation/test when configured), clean each split, apply ``max_examples`` and, when
-    validation is absent, carve validation (and test) out of train with ``data.split`` fractions
-    (default validation 0.1, test 0.1).
+    """Read, clean, sample and split one task's data.
+
+    Each configured split (train, and validation/test when set) is read and cleaned, then cut to its
+    ``max_examples`` with a seeded sample. When validation is not configured, validation (and test, when
+    that is not configured either) is carved out of the sampled train data with the ``data.split``
+    fractions (default: validation 0.1, test 0.1), stratified by ``stratify_key`` when given.
+
+    Args:
+        task_name: the task's name in the config, for error messages (``tasks.NAME.data.SPLIT``).
+        data: the task's data config.
+        base_dir: directory that relative data paths resolve against.
+        seed: seed of sampling and splitting.
+        fields: canonical fields the task reads; ``required``: those every record must have.
+        stratify_key: example field to stratify the carved splits by (a classification label), or ``None``.
+
+    Returns:
+        The examples of every split and the counts of each step.
 
     Raises:
-        ConfigError, DataError: from the readers, or a split left empty after cleaning.
+        ConfigError: no data or no train split configured, a missing or unreadable file, an unknown format.
+        DataError: a bad record (see :func:`~multitune.data.read_split`), a split with no examples left
+            after cleaning, or too little train data to carve a validation split out of.
     """
-    splits, report = {}, {}
+    where = f"tasks.{task_name}.data"
+    if data is None or data.train is None:
+        raise ConfigError(f"{where}.train" if data is not None else where,
+                          "required field is missing (training data)")
+    splits: dict[str, list[dict]] = {}
+    report: dict[str, dict[str, int]] = {}
     for split in ("train", "validation", "test"):
         spec = getattr(data, split)
         if spec is None:
             continue
-        path = f"tasks.{task_name}.data.{split}"
-        raw = read_split(spec, base_dir, split, path, fields, required)
-        kept, counts = clean_examples(raw)
-        if not kept:
-            file = spec.path or spec.target_path or path
-            raise DataError(str(file), f"no examples left after cleaning (read {counts['read']}, empty "
-                                       f"{counts['empty']}, duplicates {counts['duplicates']})")
-        kept = sample_examples(kept, spec.max_examples, seed)
-        counts["sampled"] = len(kept)
-        splits[split], report[split] = kept, counts
+        field_path = f"{where}.{split}"
+        examples, counts = clean_examples(read_split(spec, base_dir, split, field_path, fields, required))
+        if not examples:
+            file = source_name(spec, infer_format(spec, field_path))
+            raise DataError(file, f"no examples left after cleaning (read {counts['read']}, empty "
+                                  f"{counts['empty']}, duplicates {counts['duplicates']})")
+        examples = sample_examples(examples, spec.max_examples, seed)
+        counts["sampled"] = len(examples)
+        splits[split], report[split] = examples, counts
     if "validation" not in splits:
-        frac = data.split
-        fractions = {"validation": frac.validation if frac else 0.1,
-                     "test": 0.0 if "test" in splits else (frac.test if frac else 0.1)}
-        carved = split_examples(splits.pop("train"), fractions, seed, stratify_key)
-        for name, examples in carved.items():
-            splits[name] = examples
+        fractions = ({"validation": data.split.validation, "test": data.split.test} if data.split is not None
+                     else dict(DEFAULT_FRACTIONS))
+        if sum(fractions.values()) >= 1:
+            raise ConfigError(f"{where}.split", f"validation + test fractions must leave some training data, "
+                                                f"got {fractions}")
+        if "test" in splits:  # a configured test file wins over carving one
+            fractions["test"] = 0.0
+        train = splits["train"]
+        if len(train) < 2 and fractions["validation"] > 0:
+            raise DataError(source_name(data.train, infer_format(data.train, f"{where}.train")),
+                            f"only {len(train)} training example after cleaning and sampling: too few to "
+                            f"carve a validation split out of (set {where}.validation)")
+        for name, examples in split_examples(train, fractions, seed, stratify_key).items():
             if name == "train":
+                splits["train"] = examples
                 report["train"]["after_split"] = len(examples)
-            else:
-                report[name] = {"kept": len(examples), "carved_from_train": 1}
-    return TaskData(splits, report)
+            elif examples:
+                splits[name] = examples
+                report[name] = {"carved_from_train": len(examples)}
+    order = [s for s in ("train", "validation", "test") if s in splits]
+    return TaskData({s: splits[s] for s in order}, {s: report[s] for s in order})

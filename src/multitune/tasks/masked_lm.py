@@ -95,20 +95,29 @@ class MaskedLMTask(Task):
         selected = labels != IGNORE_INDEX
         # Only masked positions go through the vocabulary projection: it is the costly part.
         logits = head(hidden[selected], model.input_embedding_weight()).float()
-        loss = F.cross_entropy(logits, labels[selected], reduction="sum")
-        count = selected.sum()
-        correct = (logits.argmax(-1) == labels[selected]).sum()
-        return TaskOutput(loss / count.clamp(min=1), {"loss_sum": loss.detach(), "count": count,
-                                                      "correct": correct})
+        token_loss = F.cross_entropy(logits, labels[selected], reduction="none")
+        rows = selected.nonzero()[:, 0]
+        zeros = torch.zeros(len(labels), device=labels.device)
+        row_loss = zeros.index_add(0, rows, token_loss.detach())
+        row_count = zeros.index_add(0, rows, torch.ones_like(token_loss))
+        row_correct = zeros.index_add(0, rows, (logits.argmax(-1) == labels[selected]).float())
+        loss = token_loss.sum() / selected.sum().clamp(min=1)
+        return TaskOutput(loss, {"loss_sum": row_loss, "count": row_count, "correct": row_correct})
 
     def decode(self, output, batch, examples) -> list[dict]:
-        # Perplexity is a corpus statistic: the batch totals ride on the batch's first example.
-        totals = {k: float(output.outputs[k]) for k in ("loss_sum", "count", "correct")}
-        return [totals] + [{"loss_sum": 0.0, "count": 0.0, "correct": 0.0}] * (len(examples) - 1)
+        """Per example: the summed loss, number and correct count of its masked tokens, and its
+        pseudo-perplexity (exp of the mean masked-token loss)."""
+        out = output.outputs
+        preds = []
+        for loss, count, correct in zip(out["loss_sum"].tolist(), out["count"].tolist(), out["correct"].tolist()):
+            ppl = math.exp(min(loss / count, 50.0)) if count else None
+            preds.append({"loss_sum": loss, "masked_tokens": int(count), "correct": int(correct),
+                          "perplexity": ppl})
+        return preds
 
     def compute_metrics(self, predictions, examples) -> dict[str, float]:
         loss = sum(p["loss_sum"] for p in predictions)
-        count = max(sum(p["count"] for p in predictions), 1.0)
+        count = max(sum(p["masked_tokens"] for p in predictions), 1)
         return {"perplexity": float(math.exp(min(loss / count, 50.0))),
                 "accuracy": sum(p["correct"] for p in predictions) / count,
                 "loss": loss / count}

@@ -7,6 +7,7 @@ read + check all data -> load backbone -> tokenise once -> build model/optimizer
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from multitune.config.schema import RunConfig
 from multitune.data import TaskData, load_task_data
 from multitune.errors import MultituneError
 from multitune.evaluation.evaluator import evaluate_task, selection_value
-from multitune.fileio import append_jsonl, read_jsonl, replace_dir, write_json_atomic
+from multitune.fileio import append_jsonl, read_jsonl, replace_dir, write_json_atomic, write_text_atomic
 from multitune.model import MultiTaskModel
 from multitune.optim import build_param_groups, build_scheduler, parameter_table
 from multitune.sampling import SAMPLERS
@@ -158,11 +159,16 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     table = parameter_table(groups, [core.backbone, core.heads, weighting])
     write_json_atomic(out / "parameters.json", table)
     ckpt_last, ckpt_best = out / CHECKPOINTS / "last", out / CHECKPOINTS / "best"
+    running: dict[str, list[float]] = {n: [] for n in names}  # train losses since the last log line
     if resuming:
         state = load_checkpoint(find_checkpoint(ckpt_last), core, weighting, optimizer, scheduler, restore_rng=True)
         sampler.load_state_dict(state.pop("sampler"))
+        running = state.pop("running")
         for n, b in batchers.items():
             b.load_state_dict(state["batchers"][n])
+        # lines logged after the checkpoint belong to steps that will be trained again
+        kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= state["step"]]
+        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         console.print(f"resumed from step {state['step']}")
     else:
         (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -171,7 +177,6 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     es = tcfg.early_stopping
     metric_name = es.metric if es else "mean"
     eval_bs = tcfg.eval_batch_size or 2 * tcfg.batch_size
-    running: dict[str, list[float]] = {n: [] for n in names}
 
     def evaluate_all(split: str) -> dict[str, dict[str, float]]:
         return {n: evaluate_task(core, p.task, p.features[split], p.data.splits[split], eval_bs, pad_id,
@@ -179,7 +184,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
                 for n, p in prepared.items() if split in p.features}
 
     def snapshot() -> dict:
-        return {**state, "sampler": sampler.state_dict(),
+        return {**state, "sampler": sampler.state_dict(), "running": running,
                 "batchers": {n: b.state_dict() for n, b in batchers.items()}}
 
     model.train()

@@ -1,0 +1,131 @@
+"""The training loop: determinism, exact resume, early stopping, outputs, run-directory safety."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from multitune.config import parse_config
+from multitune.errors import MultituneError
+from multitune.training import train
+from multitune.training.batching import TaskBatcher
+from tests.conftest import toy_config
+
+
+def weights(run: Path, which: str = "last") -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / which / "model.safetensors"))
+
+
+def run_cfg(toy_data, tiny_backbone, out, **training):
+    raw = toy_config(toy_data, tiny_backbone, out, **training)
+    raw["sampling"] = {"strategy": "temperature", "temperature": 2.0}
+    raw["loss_weighting"] = {"strategy": "uncertainty"}
+    return parse_config(raw)
+
+
+def test_same_seed_same_weights_and_outputs(tiny_backbone, toy_data, tmp_path):
+    a = train(run_cfg(toy_data, tiny_backbone, tmp_path / "a"), progress=False)
+    b = train(run_cfg(toy_data, tiny_backbone, tmp_path / "b"), progress=False)
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a["validation"] == b["validation"]
+    # the run directory holds what the docs promise
+    run = tmp_path / "a"
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "parameters.json", "learning_curves.png",
+                 "model/multitune.json", "model/heads.safetensors", "model/model.safetensors"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert set(evals[0]["metrics"]) == {"sentiment", "ner", "similarity", "mlm"}
+    assert set(evals[0]["loss_weights"]) == set(evals[0]["sampling"]) == set(evals[0]["metrics"])
+    assert any(w != 1.0 for w in evals[-1]["loss_weights"].values())  # uncertainty weights were learned
+    results = json.loads((run / "results.json").read_text())
+    assert set(results) >= {"validation", "test", "train"} and results["train"]["steps"] == 8
+
+
+def test_different_seed_different_weights(tiny_backbone, toy_data, tmp_path):
+    train(run_cfg(toy_data, tiny_backbone, tmp_path / "a"), progress=False)
+    cfg = run_cfg(toy_data, tiny_backbone, tmp_path / "b")
+    cfg.seed = 2
+    train(cfg, progress=False)
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert not all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_interrupted_run_resumes_bitwise(tiny_backbone, toy_data, tmp_path, monkeypatch):
+    full = run_cfg(toy_data, tiny_backbone, tmp_path / "full", max_steps=12, eval_every=4)
+    train(full, progress=False)
+
+    calls = {"n": 0}
+    original = TaskBatcher.next_batch
+
+    def crash_after_step_6(self):
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(TaskBatcher, "next_batch", crash_after_step_6)
+    cut = run_cfg(toy_data, tiny_backbone, tmp_path / "cut", max_steps=12, eval_every=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, progress=False)
+    monkeypatch.setattr(TaskBatcher, "next_batch", original)
+    assert json.loads((tmp_path / "cut/checkpoints/last/trainer_state.json").read_text())["step"] == 4
+    train(run_cfg(toy_data, tiny_backbone, tmp_path / "cut", max_steps=12, eval_every=4), resume=True,
+          progress=False)
+    wa, wb = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    full_lines = (tmp_path / "full/metrics.jsonl").read_text().splitlines()
+    cut_lines = (tmp_path / "cut/metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"} for x in lines]  # noqa: E731
+    assert strip(full_lines) == strip(cut_lines)
+
+
+def test_resume_refuses_a_different_config(tiny_backbone, toy_data, tmp_path):
+    train(run_cfg(toy_data, tiny_backbone, tmp_path / "r"), progress=False)
+    other = run_cfg(toy_data, tiny_backbone, tmp_path / "r", learning_rate=5e-4)
+    with pytest.raises(MultituneError, match=r"--resume with a different config \(differs in: training\)"):
+        train(other, resume=True, progress=False)
+
+
+def test_non_empty_output_dir_is_refused_and_kept(tiny_backbone, toy_data, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(MultituneError, match=r"is not empty; pass --overwrite"):
+        train(run_cfg(toy_data, tiny_backbone, out), progress=False)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_early_stopping_restores_best(tiny_backbone, toy_data, tmp_path):
+    cfg = run_cfg(toy_data, tiny_backbone, tmp_path / "es", max_steps=40, eval_every=2, learning_rate=0.5,
+                  early_stopping={"metric": "sentiment/accuracy", "patience": 1, "min_delta": 0.5})
+    res = train(cfg, progress=False)
+    assert res["train"]["stopped_early"] and res["train"]["steps"] == 4
+    assert res["train"]["best_step"] == 2
+    best = json.loads((tmp_path / "es/checkpoints/best/trainer_state.json").read_text())
+    assert best["step"] == 2
+
+
+def test_bf16_and_accumulation_run(tiny_backbone, toy_data, tmp_path):
+    cfg = run_cfg(toy_data, tiny_backbone, tmp_path / "bf", precision="bf16", gradient_accumulation_steps=2,
+                  scheduler="cosine", warmup_ratio=0.25)
+    res = train(cfg, progress=False)
+    assert res["train"]["precision"] == "bf16" and res["train"]["steps"] == 8
+    # 2 micro-batches per step; end-of-epoch batches of the tiny sets are smaller than 8
+    assert 8 * 2 * 4 < res["train"]["examples"] <= 8 * 2 * 8
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "bf").values())
+
+
+def test_training_learns_the_toy_sentiment(tiny_backbone, toy_data, tmp_path):
+    raw = toy_config(toy_data, tiny_backbone, tmp_path / "learn", max_steps=60, eval_every=20,
+                     learning_rate=3e-3)
+    raw["tasks"] = {"sentiment": raw["tasks"]["sentiment"]}
+    raw["tasks"]["sentiment"]["data"]["validation"] = raw["tasks"]["sentiment"]["data"]["train"]
+    res = train(parse_config(raw), progress=False)
+    assert res["validation"]["sentiment"]["accuracy"] >= 0.9
