@@ -58,10 +58,10 @@ class Task(ABC):
         self.config = config
 
     # -- data -------------------------------------------------------------------------
-    def setup(self, train_examples: Sequence[dict]) -> None:
+    def setup(self, train_examples: Sequence[dict]) -> None:  # noqa: B027 - optional hook
         """Fix what the task learns from its training data (e.g. the label set). Default: nothing."""
 
-    def check_examples(self, examples: Sequence[dict]) -> None:
+    def check_examples(self, examples: Sequence[dict]) -> None:  # noqa: B027 - optional hook
         """Raise :class:`DataError` (file:line) for an example the task cannot use. Default: accept."""
 
     @abstractmethod
@@ -103,7 +103,7 @@ class Task(ABC):
         """What must be saved with the model to decode again (e.g. label maps)."""
         return {}
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict) -> None:  # noqa: B027 - optional hook
         """Restore what :meth:`state` returned."""
 
     def selection_score(self, metrics: dict[str, float]) -> float:
