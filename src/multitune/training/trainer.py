@@ -119,6 +119,12 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         console.print(f"[bold]{name}[/] ({p.task.config.type}): {counts}")
 
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps one process-wide state; a second run in the same process (a notebook, a search)
+    # may ask for another precision. Reset it, keeping the process group (PartialState) intact.
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
     accelerator = Accelerator(mixed_precision="bf16" if tcfg.precision == "bf16" else "no",
                               cpu=tcfg.device == "cpu" or (tcfg.device == "auto" and not torch.cuda.is_available()))
