@@ -114,6 +114,18 @@ class Task(ABC):
 
 # -- helpers shared by task modules ------------------------------------------------------
 
+class LinearHead(nn.Module):
+    """Dropout then a linear layer: the classifier of sentence and token classification."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(hidden))
+
+
 def pad(rows: Sequence[Sequence[int | float]], value: int | float, dtype: torch.dtype = torch.long) -> torch.Tensor:
     """Right-pad rows to the longest one."""
     width = max((len(r) for r in rows), default=0)

@@ -17,6 +17,7 @@ from multitune.config.schema import TaskConfig
 from multitune.errors import DataError
 from multitune.tasks.base import (
     TASKS,
+    LinearHead,
     Task,
     TaskOutput,
     collate_inputs,
@@ -33,16 +34,6 @@ class ClassificationConfig(TaskConfig):
     dropout: float = field(0.1, help="dropout before the classifier", min=0.0, max=0.9)
     threshold: float = field(0.5, help="multi-label: probability above which a label is predicted",
                              gt=0.0, max=1.0)
-
-
-class ClassificationHead(nn.Module):
-    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(hidden_size, num_labels)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(pooled))
 
 
 @TASKS.register("classification")
@@ -119,7 +110,7 @@ class ClassificationTask(Task):
 
     # -- model -----------------------------------------------------------------------
     def build_head(self, hidden_size: int) -> nn.Module:
-        return ClassificationHead(hidden_size, len(self.labels), self.config.dropout)
+        return LinearHead(hidden_size, len(self.labels), self.config.dropout)
 
     def forward(self, model, head, batch) -> TaskOutput:
         hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))

@@ -18,6 +18,7 @@ from multitune.errors import DataError
 from multitune.tasks.base import (
     IGNORE_INDEX,
     TASKS,
+    LinearHead,
     Task,
     TaskOutput,
     collate_inputs,
@@ -34,16 +35,6 @@ _WORD = re.compile(r"\w+(?:[-']\w+)*|[^\w\s]")
 class TokenClassificationConfig(TaskConfig):
     dropout: float = field(0.1, help="dropout before the tagger", min=0.0, max=0.9)
     strict_bio: bool = field(True, help="reject I-X tags that do not follow B-X or I-X")
-
-
-class TokenClassificationHead(nn.Module):
-    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(hidden_size, num_labels)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(hidden))
 
 
 def bio_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
@@ -128,7 +119,7 @@ class TokenClassificationTask(Task):
         return batch
 
     def build_head(self, hidden_size: int) -> nn.Module:
-        return TokenClassificationHead(hidden_size, len(self.labels), self.config.dropout)
+        return LinearHead(hidden_size, len(self.labels), self.config.dropout)
 
     def forward(self, model, head, batch) -> TaskOutput:
         hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
