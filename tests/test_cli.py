@@ -67,7 +67,7 @@ def test_bad_inputs_are_one_line(tiny_backbone, toy_data, tmp_path, capsys, run_
         (cfg_with(lambda r: r["tasks"]["ner"]["data"]["train"].update(path="missing.conll")),
          "tasks.ner.data.train.path: file not found"),
         (cfg_with(lambda r: r["training"].update(learning_rate=-1)), "training.learning_rate: must be greater"),
-        (cfg_with(lambda r: r.update(backbone=str(tmp_path))), "backbone: "),
+        (cfg_with(lambda r: r.update(backbone=str(tmp_path))), "backbone.name: "),
         (cfg_with(lambda r: r["tasks"]["sentiment"].update(labels=["good", "bad"], data={"train": {
             "path": str(bad_label), "text": "sentence"}})), "lab.tsv:2: label 'positive' is not in the label set"),
         (cfg_with(lambda r: r["tasks"]["similarity"]["data"]["train"].update(path=str(bad_score))),

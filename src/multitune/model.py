@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from multitune.backbones.architectures import ARCHITECTURES, architecture_for
 from multitune.backbones.pooling import pool
 from multitune.config.parse import from_dict, to_dict
 from multitune.errors import ConfigError, MultituneError
@@ -24,36 +25,42 @@ FORMAT_VERSION = 1
 
 
 class MultiTaskModel(nn.Module):
-    """A transformers encoder shared by every task, plus each task's head.
+    """A transformers backbone shared by every task, plus each task's head.
 
     Args:
-        backbone: a transformers model whose output has ``last_hidden_state``.
-        tasks: task name -> task (already ``setup`` with its labels).
+        backbone: a transformers encoder, encoder-decoder (``AutoModelForSeq2SeqLM``) or causal LM.
+        tasks: task name -> task (already ``setup`` with its labels); each is bound to the backbone's family.
         tokenizer: the backbone's tokenizer (used by :meth:`predict` and :meth:`save`).
-        pooling: ``mean``, ``cls`` or ``max``.
+        pooling: ``mean``, ``cls``, ``max`` or ``last`` (default: the family's, mean or last).
         normalize_embeddings: L2-normalise the sentence embeddings of :meth:`embed`.
         max_length: truncation length used for prediction.
+        architecture: the backbone family (``encoder``, ``encoder_decoder``, ``decoder_only``); read from the
+            model when omitted.
+
+    Raises:
+        ConfigError: a task cannot run on this backbone family.
     """
 
-    def __init__(self, backbone: nn.Module, tasks: dict[str, Task], tokenizer: Any = None, pooling: str = "mean",
-                 normalize_embeddings: bool = False, max_length: int = 128):
+    def __init__(self, backbone: nn.Module, tasks: dict[str, Task], tokenizer: Any = None,
+                 pooling: str | None = None, normalize_embeddings: bool = False, max_length: int = 128,
+                 architecture: str | None = None):
         super().__init__()
         self.backbone = backbone
         self.tasks = dict(tasks)
         self.tokenizer = tokenizer
-        self.pooling = pooling
+        self.architecture = architecture_for(backbone, tokenizer, architecture)
+        self.pooling = pooling or self.architecture.default_pooling
         self.normalize_embeddings = normalize_embeddings
         self.max_length = max_length
-        hidden = backbone.config.hidden_size
-        self.heads = nn.ModuleDict({name: task.build_head(hidden) for name, task in tasks.items()})
+        for task in self.tasks.values():
+            task.bind(self.architecture, tokenizer)
+        self.hidden_size = self.architecture.hidden_size(backbone)
+        self.heads = nn.ModuleDict({name: task.build_head(self.hidden_size) for name, task in tasks.items()})
 
     # -- building blocks used by tasks -----------------------------------------------------
     def encode(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        """Token states [batch, tokens, hidden] of the shared backbone."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        return self.backbone(**kwargs).last_hidden_state
+        """Token states [batch, tokens, hidden] for head tasks (the encoder's on an encoder-decoder)."""
+        return self.architecture.hidden_states(self.backbone, input_ids, attention_mask, token_type_ids)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return pool(hidden, attention_mask, self.pooling)
@@ -81,7 +88,7 @@ class MultiTaskModel(nn.Module):
         pad_id = self.tokenizer.pad_token_id or 0
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch = task.collate([feats[i] for i in idx], pad_id)
+            batch = task.collate([feats[i] for i in idx], pad_id, torch.Generator().manual_seed(start))
             yield idx, {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.inference_mode()
@@ -90,7 +97,7 @@ class MultiTaskModel(nn.Module):
 
         Returns:
             One JSON-able dict per input: ``label``/``scores`` for classification, ``entities`` for
-            token classification, ``score`` for regression.
+            token classification, ``score`` for regression, ``text`` for text-to-text.
 
         Raises:
             MultituneError: the model has no task called ``task``.
@@ -104,7 +111,7 @@ class MultiTaskModel(nn.Module):
         out: list[Any] = [None] * len(examples)
         try:
             for idx, batch in self._batches(t, examples, batch_size):
-                preds = t.decode(t.forward(self, self.heads[task], batch), batch, [examples[i] for i in idx])
+                preds = t.decode(t.infer(self, self.heads[task], batch), batch, [examples[i] for i in idx])
                 for i, p in zip(idx, preds):
                     out[i] = p
         finally:
@@ -115,7 +122,7 @@ class MultiTaskModel(nn.Module):
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """Sentence embeddings of ``texts`` [n, hidden] (pooling and normalisation as configured)."""
         self.eval()
-        out = torch.zeros(len(texts), self.backbone.config.hidden_size)
+        out = torch.zeros(len(texts), self.hidden_size)
         enc_order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(texts), batch_size):
             idx = enc_order[start:start + batch_size]
@@ -143,7 +150,7 @@ class MultiTaskModel(nn.Module):
             cfg.pop("data", None)
             tasks[name] = {"config": cfg, "state": task.state()}
         write_json_atomic(path / MODEL_FILE, {
-            "format_version": FORMAT_VERSION, "pooling": self.pooling,
+            "format_version": FORMAT_VERSION, "backbone_type": self.architecture.type_name, "pooling": self.pooling,
             "normalize_embeddings": self.normalize_embeddings, "max_length": self.max_length,
             "tasks": tasks, **(extra or {})})
 
@@ -155,7 +162,8 @@ class MultiTaskModel(nn.Module):
         Raises:
             MultituneError: the directory is missing files or is not a multitune model.
         """
-        from transformers import AutoModel, AutoTokenizer
+        import transformers
+        from transformers import AutoTokenizer
 
         path = Path(path)
         if (path / "model" / MODEL_FILE).is_file():  # a run directory
@@ -179,8 +187,14 @@ class MultiTaskModel(nn.Module):
             task.load_state(entry["state"])
             tasks[name] = task
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        backbone = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code)
-        model = cls(backbone, tasks, tokenizer, meta["pooling"], meta["normalize_embeddings"], meta["max_length"])
+        family = meta.get("backbone_type", "encoder")
+        auto_class = getattr(transformers, ARCHITECTURES.get(family, f"{MODEL_FILE}: backbone_type").auto_class)
+        backbone = auto_class.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code)
+        try:
+            model = cls(backbone, tasks, tokenizer, meta["pooling"], meta["normalize_embeddings"],
+                        meta["max_length"], architecture=family)
+        except ConfigError as exc:
+            raise MultituneError(f"{path / MODEL_FILE}: {exc}") from None
         model.heads.load_state_dict(load_file(str(path / HEADS_FILE)), strict=True)
         model.eval()
         if device is not None:

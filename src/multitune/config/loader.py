@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from multitune.backbones.loading import PACKAGED_BACKBONES
 from multitune.config.parse import from_dict, to_dict
 from multitune.config.schema import RunConfig
 from multitune.errors import ConfigError
@@ -87,6 +88,8 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
     from multitune.tasks import TASKS
     from multitune.weighting import WEIGHTINGS
 
+    if isinstance(data.get("backbone"), str):  # `backbone: NAME` is short for `backbone: {name: NAME}`
+        data = {**data, "backbone": {"name": data["backbone"]}}
     config = from_dict(RunConfig, data)
     if not config.tasks:
         raise ConfigError("tasks", "at least one task is required")
@@ -135,9 +138,12 @@ def resolve_paths(config: RunConfig, base_dir: Path, check_files: bool) -> None:
                     if not p.is_file():
                         raise ConfigError(f"tasks.{name}.data.{split}.{attr}", f"not a file: {p}")
     config.output_dir = absolute(config.output_dir)
-    looks_local = config.backbone.startswith((".", "/", "~")) or (base_dir / config.backbone).exists()
-    if config.backbone != "default" and looks_local:
-        config.backbone = absolute(os.path.expanduser(config.backbone))
+    for attr in ("name", "encoder", "decoder"):
+        value = getattr(config.backbone, attr)
+        if value is None or value in PACKAGED_BACKBONES:
+            continue
+        if value.startswith((".", "/", "~")) or (base_dir / value).exists():
+            setattr(config.backbone, attr, absolute(os.path.expanduser(value)))
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, base_dir: str | Path | None = None,

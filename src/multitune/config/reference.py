@@ -7,6 +7,7 @@ import typing
 
 from multitune.config.parse import _describe
 from multitune.config.schema import (
+    BackboneConfig,
     EarlyStoppingConfig,
     RunConfig,
     SplitConfig,
@@ -38,12 +39,17 @@ def reference() -> str:
     from multitune.tasks import TASKS
     from multitune.weighting import WEIGHTINGS
 
-    parts = [_table(RunConfig, "top level"), _table(TrainingConfig, "training"),
+    parts = [_table(RunConfig, "top level"), _table(BackboneConfig, "backbone"), _table(TrainingConfig, "training"),
              _table(EarlyStoppingConfig, "training.early_stopping"),
              _table(SplitConfig, "tasks.NAME.data.{train,validation,test}"),
              _table(SplitFractions, "tasks.NAME.data.split")]
     for name in TASKS.names():
-        parts.append(_table(TASKS.get(name).config_class, f"tasks.NAME with type: {name}"))
+        cls = TASKS.get(name).config_class
+        parts.append(_table(cls, f"tasks.NAME with type: {name}"))
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):  # a task's own nested sections, e.g. text2text's generation
+            if dataclasses.is_dataclass(hints[f.name]) and f.name != "data":
+                parts.append(_table(hints[f.name], f"tasks.NAME.{f.name} with type: {name}"))
     for name in SAMPLERS.names():
         parts.append(_table(SAMPLERS.get(name).config_class, f"sampling with strategy: {name}"))
     for name in WEIGHTINGS.names():

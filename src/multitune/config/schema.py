@@ -117,11 +117,59 @@ class TrainingConfig:
                                                     f"training.max_steps ({self.max_steps})")
 
 
+BACKBONE_TYPES = ["auto", "encoder", "encoder_decoder", "decoder_only"]
+
+
+@dataclass
+class BackboneConfig:
+    """Which pretrained model the tasks share. ``backbone: NAME`` is short for ``backbone: {name: NAME}``."""
+
+    type: str = field("auto", help="model family; auto: read it from the model's config.json",
+                      choices=BACKBONE_TYPES)
+    name: str | None = field(None, help="'default' (packaged MiniLM), 'smollm2' (packaged SmolLM2-135M-Instruct, "
+                                        "decoder_only), a local model directory or a hub id")
+    encoder: str | None = field(None, help="encoder_decoder warm-started from encoder checkpoints: the encoder "
+                                           "('default', a directory or a hub id)")
+    decoder: str | None = field(None, help="encoder_decoder warm start: the checkpoint the decoder starts from "
+                                           "(gets causal self-attention and new cross-attention)")
+    tie_encoder_decoder: bool = field(False, help="encoder_decoder warm start: share encoder and decoder weights")
+    gguf_file: str | None = field(None, help="decoder_only: a GGUF file inside the model directory to load "
+                                             "(dequantised to float)")
+
+    def validate(self, path: str) -> None:
+        warm = self.encoder is not None or self.decoder is not None
+        if warm:
+            if self.type not in ("auto", "encoder_decoder"):
+                raise ConfigError(f"{path}.type", f"encoder/decoder checkpoints build an encoder_decoder "
+                                                  f"backbone, got type {self.type!r}")
+            if self.name is not None:
+                raise ConfigError(f"{path}.name", "give either name or encoder + decoder, not both")
+            if self.encoder is None or self.decoder is None:
+                missing = "encoder" if self.encoder is None else "decoder"
+                raise ConfigError(f"{path}.{missing}", "required with a warm-started encoder_decoder "
+                                                      "(e.g. encoder: default, decoder: default)")
+            self.type = "encoder_decoder"
+        elif self.name is None:
+            if self.type == "encoder_decoder":  # the offline text-to-text default: MiniLM warm-started twice
+                self.encoder = self.decoder = "default"
+            elif self.type == "decoder_only":
+                raise ConfigError(f"{path}.name", "required for a decoder_only backbone (a model directory, "
+                                                  "a hub id or 'smollm2')")
+            else:
+                self.name = "default"
+        if self.gguf_file is not None and self.type not in ("auto", "decoder_only"):
+            raise ConfigError(f"{path}.gguf_file", "GGUF files hold decoder_only models")
+        if self.tie_encoder_decoder and not warm and self.type != "encoder_decoder":
+            raise ConfigError(f"{path}.tie_encoder_decoder", "only for an encoder_decoder warm start")
+
+
 @dataclass
 class RunConfig:
     tasks: dict[str, Any] = field(help="task name -> task config")
-    backbone: str = field("default", help="'default' (packaged MiniLM), a local model directory or a hub id")
-    pooling: str = field("mean", help="sentence pooling", choices=["mean", "cls", "max"])
+    backbone: BackboneConfig = field(help="the shared pretrained model (a name, or a mapping for other families)",
+                                     factory=lambda: BackboneConfig(name="default"))
+    pooling: str | None = field(None, help="sentence pooling of head tasks (default: mean; last non-pad token on "
+                                           "decoder_only backbones)", choices=["mean", "cls", "max", "last"])
     normalize_embeddings: bool = field(False, help="L2-normalise pooled sentence embeddings")
     output_dir: str = field("runs/run", help="run directory")
     seed: int = field(42, help="seed of every random choice in the run")

@@ -20,6 +20,7 @@ from multitune.errors import DataError
 from multitune.registry import Registry
 
 if TYPE_CHECKING:
+    from multitune.backbones.architectures import BackboneArchitecture
     from multitune.model import MultiTaskModel
 
 TASKS: Registry[type[Task]] = Registry("task type")
@@ -56,6 +57,17 @@ class Task(ABC):
     def __init__(self, name: str, config: TaskConfig):
         self.name = name
         self.config = config
+        self.architecture: BackboneArchitecture | None = None
+        self.tokenizer: Any = None
+
+    def bind(self, architecture: BackboneArchitecture, tokenizer: Any) -> None:
+        """Learn which backbone family and tokenizer the task runs on (called before :meth:`encode`).
+
+        Raises:
+            ConfigError: the task cannot run on this backbone (e.g. text-to-text on an encoder).
+        """
+        self.architecture = architecture
+        self.tokenizer = tokenizer
 
     # -- data -------------------------------------------------------------------------
     def setup(self, train_examples: Sequence[dict]) -> None:  # noqa: B027 - optional hook
@@ -89,6 +101,11 @@ class Task(ABC):
     @abstractmethod
     def forward(self, model: MultiTaskModel, head: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
         """Run backbone + head on a batch; ``loss`` is set when the batch has labels."""
+
+    def infer(self, model: MultiTaskModel, head: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        """The forward pass used for evaluation and prediction (default: :meth:`forward`; generative tasks
+        generate here)."""
+        return self.forward(model, head, batch)
 
     # -- results ----------------------------------------------------------------------
     @abstractmethod

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from multitune.config.parse import field
 from multitune.config.schema import TaskConfig
+from multitune.errors import ConfigError
 from multitune.tasks.base import IGNORE_INDEX, TASKS, Task, TaskOutput, collate_inputs, tokenize_texts
 
 
@@ -57,12 +58,18 @@ class MaskedLMTask(Task):
         self.vocab_size: int = 0
         self.special_ids: list[int] = []
 
-    def encode(self, examples: Sequence[dict], tokenizer: Any, max_length: int) -> list[dict]:
+    def bind(self, architecture, tokenizer) -> None:
+        super().bind(architecture, tokenizer)
+        if architecture.causal:
+            raise ConfigError(f"tasks.{self.name}.type", f"masked_lm needs a bidirectional backbone (encoder or "
+                                                         f"encoder_decoder), not {architecture.type_name}")
         if tokenizer.mask_token_id is None:
-            raise ValueError(f"task {self.name!r}: the tokenizer has no mask token, so masked_lm cannot be used")
+            raise ConfigError(f"tasks.{self.name}.type", "masked_lm needs a tokenizer with a mask token")
         self.mask_token_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
         self.special_ids = sorted(set(tokenizer.all_special_ids))
+
+    def encode(self, examples: Sequence[dict], tokenizer: Any, max_length: int) -> list[dict]:
         return tokenize_texts(tokenizer, [ex["text"] for ex in examples], None, max_length)
 
     def collate(self, features, pad_token_id, generator=None):

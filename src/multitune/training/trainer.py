@@ -132,12 +132,13 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         raise MultituneError("training.device: cuda was asked for but no CUDA device is available")
     torch.manual_seed(config.seed)
     backbone, tokenizer = load_backbone(config.backbone, config.trust_remote_code)
+    family = None if config.backbone.type == "auto" else config.backbone.type
+    model = MultiTaskModel(backbone, tasks, tokenizer, config.pooling, config.normalize_embeddings, tcfg.max_length,
+                           architecture=family)
     start = time.perf_counter()
     tokenize_all(prepared, tokenizer, tcfg.max_length)
-    console.print(f"tokenised every split once in {time.perf_counter() - start:.1f}s; "
-                  f"precision {tcfg.precision}, device {accelerator.device}")
-
-    model = MultiTaskModel(backbone, tasks, tokenizer, config.pooling, config.normalize_embeddings, tcfg.max_length)
+    console.print(f"{model.architecture.type_name} backbone; tokenised every split once in "
+                  f"{time.perf_counter() - start:.1f}s; precision {tcfg.precision}, device {accelerator.device}")
     names = list(tasks)
     weighting = WEIGHTINGS.get(config.loss_weighting.strategy)(names, config.loss_weighting)
     head_lr = tcfg.head_learning_rate or tcfg.learning_rate
@@ -283,7 +284,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         tmp = out / ".model.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        core.save(tmp, extra={"backbone_source": config.backbone, "trained_steps": state["step"]})
+        core.save(tmp, extra={"backbone_source": to_dict(config.backbone), "trained_steps": state["step"]})
         replace_dir(tmp, out / "model")
         write_json_atomic(out / "results.json", results)
         _plot(out)

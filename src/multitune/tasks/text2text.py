@@ -1,0 +1,160 @@
+"""Text-to-text: text in, text out, told apart from other tasks by a prefix (the T5 recipe), on an
+encoder-decoder or a decoder-only backbone."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from multitune.config.parse import field
+from multitune.config.schema import TaskConfig
+from multitune.errors import ConfigError
+from multitune.tasks.base import TASKS, Task, TaskOutput
+
+# targets with at most this many distinct values, each seen ~10 times on average, form a label set
+MAX_INFERRED_LABELS = 32
+
+
+@dataclass
+class GenerationSettings:
+    num_beams: int = field(1, help="beam search width (1: greedy)", min=1)
+    max_new_tokens: int = field(32, help="most tokens generated per example", min=1)
+    no_repeat_ngram_size: int = field(0, help="forbid repeating n-grams of this size (0: off)", min=0)
+    length_penalty: float = field(1.0, help="beam search: >1 favours longer outputs, <1 shorter")
+
+
+@dataclass
+class Text2TextConfig(TaskConfig):
+    prefix: str = field("", help="prepended to every source, e.g. 'translate German to English: '")
+    max_target_length: int = field(64, help="target tokens kept for training (longer targets are cut)", min=1)
+    generation: GenerationSettings = field(help="how evaluation and predict generate", factory=GenerationSettings)
+    chat_template: bool = field(True, help="decoder_only: wrap the prompt in the tokenizer's chat template when "
+                                           "it has one")
+    label_smoothing: float = field(0.0, help="label smoothing of the token loss", min=0.0, max=0.5)
+    lowercase_metrics: bool | None = field(None, help="compare lowercased text in bleu/chrf/exact_match "
+                                                      "(default: when the tokenizer lowercases, e.g. uncased BERT)")
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+@TASKS.register("text2text")
+class Text2TextTask(Task):
+    """Teacher-forced LM loss on the target tokens only; evaluation generates and scores the text.
+
+    Metrics: ``exact_match`` always; ``bleu`` and ``chrf`` (sacrebleu, corpus level) for free text; and when
+    the targets form a fixed label set (``labels``, or at most 32 distinct train targets), ``accuracy``,
+    ``macro_f1`` and ``invalid`` (share of outputs outside the label set), so that sentiment-as-text is
+    scored like a classifier. Main metric: ``accuracy`` with a label set, else ``bleu``.
+    """
+
+    config_class = Text2TextConfig
+    fields = ("source", "target")
+    required = ("source", "target")
+    main_metric = "bleu"
+
+    def __init__(self, name: str, config: Text2TextConfig):
+        super().__init__(name, config)
+        self.labels: list[str] = list(config.labels) if config.labels else []
+        self.lowercase = bool(config.lowercase_metrics)
+        if self.labels:
+            self.main_metric = "accuracy"
+
+    def bind(self, architecture, tokenizer) -> None:
+        super().bind(architecture, tokenizer)
+        if not architecture.generative:
+            raise ConfigError(f"tasks.{self.name}.type", f"text2text needs a generative backbone "
+                                                         f"(backbone.type encoder_decoder or decoder_only), "
+                                                         f"not {architecture.type_name}")
+        if self.config.lowercase_metrics is None:
+            ids = tokenizer("Word", add_special_tokens=False)["input_ids"]
+            self.lowercase = ids == tokenizer("word", add_special_tokens=False)["input_ids"]
+
+    def setup(self, train_examples: Sequence[dict]) -> None:
+        if not self.labels:
+            counts = Counter(str(ex["target"]).strip() for ex in train_examples)
+            if len(counts) <= MAX_INFERRED_LABELS and len(train_examples) >= 10 * len(counts):
+                self.labels = sorted(counts)
+        self.main_metric = "accuracy" if self.labels else "bleu"
+
+    # -- data ------------------------------------------------------------------------
+    def example_from_input(self, item: Any) -> dict:
+        if isinstance(item, dict):
+            return dict(item)
+        return {"source": str(item)}
+
+    def encode(self, examples: Sequence[dict], tokenizer: Any, max_length: int) -> list[dict]:
+        arch = self.architecture
+        return [arch.text2text_features(tokenizer, self.config.prefix + str(ex["source"]),
+                                        None if ex.get("target") is None else str(ex["target"]).strip(),
+                                        max_length, self.config.max_target_length, self.config.chat_template)
+                for ex in examples]
+
+    def collate(self, features, pad_token_id, generator=None):
+        return self.architecture.text2text_collate(features)
+
+    # -- model -----------------------------------------------------------------------
+    def build_head(self, hidden_size: int) -> nn.Module:
+        return nn.Identity()  # the backbone's own LM head does the work
+
+    def forward(self, model, head, batch) -> TaskOutput:
+        loss = None
+        if "labels" in batch:
+            loss = self.architecture.text2text_loss(model.backbone, batch, self.config.label_smoothing)
+        return TaskOutput(loss, {})
+
+    def infer(self, model, head, batch) -> TaskOutput:
+        g = self.config.generation
+        ids = self.architecture.generate(model.backbone, batch, num_beams=g.num_beams,
+                                         max_new_tokens=g.max_new_tokens, length_penalty=g.length_penalty,
+                                         no_repeat_ngram_size=g.no_repeat_ngram_size)
+        return TaskOutput(None, {"generated": ids})
+
+    # -- results ---------------------------------------------------------------------
+    def decode(self, output, batch, examples) -> list[dict]:
+        texts = self.tokenizer.batch_decode(output.outputs["generated"], skip_special_tokens=True)
+        preds = []
+        for text in texts:
+            text = " ".join(text.split())
+            pred: dict[str, Any] = {"text": text}
+            if self.labels:
+                match = [lab for lab in self.labels if _norm(lab) == _norm(text)]
+                pred["label"] = match[0] if match else None
+            preds.append(pred)
+        return preds
+
+    def compute_metrics(self, predictions, examples) -> dict[str, float]:
+        import sacrebleu
+
+        hyps = [p["text"] for p in predictions]
+        refs = [" ".join(str(ex["target"]).split()) for ex in examples]
+        norm = _norm if self.lowercase else (lambda s: " ".join(s.split()))
+        metrics = {"exact_match": sum(norm(h) == norm(r) for h, r in zip(hyps, refs)) / max(len(refs), 1)}
+        if self.labels:
+            from sklearn.metrics import f1_score
+
+            index = {_norm(lab): i for i, lab in enumerate(self.labels)}
+            gold = [index.get(_norm(r), -1) for r in refs]
+            pred = [index.get(_norm(h), -1) for h in hyps]  # -1: not a label, always wrong
+            metrics["accuracy"] = sum(g == p for g, p in zip(gold, pred)) / max(len(gold), 1)
+            metrics["macro_f1"] = float(f1_score(gold, pred, labels=list(range(len(self.labels))),
+                                                 average="macro", zero_division=0))
+            metrics["invalid"] = sum(p == -1 for p in pred) / max(len(pred), 1)
+        else:
+            metrics["bleu"] = sacrebleu.corpus_bleu(hyps, [refs], lowercase=self.lowercase).score
+            metrics["chrf"] = sacrebleu.corpus_chrf([h.lower() for h in hyps] if self.lowercase else hyps,
+                                                    [[r.lower() for r in refs] if self.lowercase else refs]).score
+        return metrics
+
+    def state(self) -> dict:
+        return {"labels": self.labels, "lowercase": self.lowercase}
+
+    def load_state(self, state: dict) -> None:
+        self.labels = list(state.get("labels") or [])
+        self.lowercase = bool(state.get("lowercase", False))
+        self.main_metric = "accuracy" if self.labels else "bleu"
