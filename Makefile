@@ -41,7 +41,8 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests bench
 
 bench: $(VENV)/.installed
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/seed_mixture.py
+	$(BIN)/python bench/transfer.py
 
 clean:
 	rm -rf $(VENV) runs

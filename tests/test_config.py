@@ -98,3 +98,14 @@ def test_every_example_config_loads(path):
     cfg = load_config(path, base_dir=REPO, check_files=shared)
     assert cfg.tasks
     yaml.safe_dump({"ok": True})
+
+
+def test_overrides_reach_into_lists():
+    from multitune.config.loader import apply_overrides
+
+    data = {"stages": [{"tasks": ["a"]}, {"tasks": ["b"], "replay": 0.2}]}
+    assert apply_overrides(data, ["stages.1.replay=0.0"])["stages"][1]["replay"] == 0.0
+    with pytest.raises(ConfigError, match=r"stages: has 2 entries, cannot set 'stages.5.replay'"):
+        apply_overrides(data, ["stages.5.replay=0"])
+    with pytest.raises(ConfigError, match=r"stages.0.tasks.0: is not a mapping"):
+        apply_overrides(data, ["stages.0.tasks.0.x=1"])

@@ -90,6 +90,7 @@ def test_label_set_inferred_and_scored_like_a_classifier(bert_tok):
     perfect = free.compute_metrics([{"text": "the cat sits on the mat ."}, {"text": "a dog runs in the park ."}],
                                    refs)
     assert perfect["bleu"] == pytest.approx(100.0) and perfect["exact_match"] == 1.0
+    assert free.selection_score(perfect) == pytest.approx(1.0)  # on the 0-1 scale of other tasks' metrics
     worse = free.compute_metrics([{"text": "the cat sat ."}, {"text": "dogs run"}], refs)
     assert 0 <= worse["bleu"] < 50 and 0 < worse["chrf"] < perfect["chrf"]
 

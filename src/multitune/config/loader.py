@@ -14,6 +14,8 @@ from multitune.config.schema import RunConfig
 from multitune.errors import ConfigError
 from multitune.fileio import write_text_atomic
 
+FREEZE_SHORTHANDS = {"none": {}, "backbone": {"backbone": True}, "embeddings": {"embeddings": True}}
+
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping.
@@ -54,16 +56,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        node = data
+        node: Any = data
         parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(".".join(parts[: i + 1]), f"is not a mapping, cannot set {key!r}")
-            node = nxt
-        node[parts[-1]] = value
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):  # `stages.1.replay`: a list index
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(".".join(parts[:i]), f"has {len(node)} entries, cannot set {key!r}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(".".join(parts[:i]), f"is not a mapping, cannot set {key!r}")
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
     return data
 
 
@@ -90,6 +102,12 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
 
     if isinstance(data.get("backbone"), str):  # `backbone: NAME` is short for `backbone: {name: NAME}`
         data = {**data, "backbone": {"name": data["backbone"]}}
+    if isinstance(data.get("freeze"), str):  # `freeze: backbone` is short for `freeze: {backbone: true}`
+        short = data["freeze"]
+        if short not in FREEZE_SHORTHANDS:
+            raise ConfigError("freeze", f"got {short!r}; expected one of: {', '.join(FREEZE_SHORTHANDS)} "
+                                        f"or a mapping (backbone, embeddings, layers, heads)")
+        data = {**data, "freeze": FREEZE_SHORTHANDS[short]}
     config = from_dict(RunConfig, data)
     if not config.tasks:
         raise ConfigError("tasks", "at least one task is required")
@@ -104,6 +122,13 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
     config.tasks = tasks
     config.sampling = _typed_section(config.sampling, SAMPLERS, "strategy", "sampling")
     config.loss_weighting = _typed_section(config.loss_weighting, WEIGHTINGS, "strategy", "loss_weighting")
+    for head in config.freeze.heads or []:
+        if head not in tasks:
+            raise ConfigError("freeze.heads", f"no task {head!r} in this run (tasks: {', '.join(tasks)})")
+    if config.freeze.backbone and config.training.gradual_unfreezing is not None:
+        raise ConfigError("training.gradual_unfreezing", "cannot unfreeze a backbone that freeze.backbone keeps "
+                                                         "frozen")
+    _check_stages(config, tasks)
     es = config.training.early_stopping
     if es is not None and es.metric != "mean":
         task, _, metric = es.metric.partition("/")
@@ -113,6 +138,44 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
                               f"({', '.join(tasks)}), got {es.metric!r}")
     resolve_paths(config, Path(base_dir) if base_dir else Path.cwd(), check_files)
     return config
+
+
+def stage_training(config: RunConfig, index: int) -> Any:
+    """The typed training settings of stage ``index``: its overrides over the top-level ``training``."""
+    from multitune.config.schema import TrainingConfig
+
+    merged = to_dict(config.training)
+    for key, value in (config.stages[index].training or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = {**merged[key], **value}
+        merged[key] = value
+    return from_dict(TrainingConfig, merged, f"stages[{index}].training")
+
+
+def _check_stages(config: RunConfig, tasks: dict[str, Any]) -> None:
+    if config.stages is None:
+        return
+    if not config.stages:
+        raise ConfigError("stages", "give at least one stage, or leave stages out")
+    staged: set[str] = set()
+    names: set[str] = set()
+    for i, stage in enumerate(config.stages):
+        if not stage.tasks:
+            raise ConfigError(f"stages[{i}].tasks", "a stage trains at least one task")
+        for t in stage.tasks:
+            if t not in tasks:
+                raise ConfigError(f"stages[{i}].tasks", f"no task {t!r} in this run (tasks: {', '.join(tasks)})")
+        stage.name = stage.name or "+".join(stage.tasks)
+        if stage.name in names:
+            raise ConfigError(f"stages[{i}].name", f"stage name {stage.name!r} is used twice")
+        names.add(stage.name)
+        if stage.replay and i == 0:
+            raise ConfigError(f"stages[{i}].replay", "the first stage has no earlier tasks to replay")
+        stage_training(config, i)  # validates the merged settings now, before anything runs
+        staged.update(stage.tasks)
+    unstaged = [t for t in tasks if t not in staged]
+    if unstaged:
+        raise ConfigError("stages", f"task {unstaged[0]!r} is in no stage; list it in one")
 
 
 def resolve_paths(config: RunConfig, base_dir: Path, check_files: bool) -> None:

@@ -9,9 +9,12 @@ from multitune.config.parse import _describe
 from multitune.config.schema import (
     BackboneConfig,
     EarlyStoppingConfig,
+    FreezeConfig,
+    GradualUnfreezingConfig,
     RunConfig,
     SplitConfig,
     SplitFractions,
+    StageConfig,
     TrainingConfig,
 )
 
@@ -41,6 +44,8 @@ def reference() -> str:
 
     parts = [_table(RunConfig, "top level"), _table(BackboneConfig, "backbone"), _table(TrainingConfig, "training"),
              _table(EarlyStoppingConfig, "training.early_stopping"),
+             _table(GradualUnfreezingConfig, "training.gradual_unfreezing"),
+             _table(FreezeConfig, "freeze"), _table(StageConfig, "stages[i]"),
              _table(SplitConfig, "tasks.NAME.data.{train,validation,test}"),
              _table(SplitFractions, "tasks.NAME.data.split")]
     for name in TASKS.names():

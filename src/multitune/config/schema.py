@@ -91,6 +91,17 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class GradualUnfreezingConfig:
+    """Howard & Ruder (2018), "Universal Language Model Fine-tuning for Text Classification": train the heads
+    first, then release one layer group from the top every ``every`` steps (or epochs)."""
+
+    every: int = field(help="steps (or epochs) between two unfreezing events", min=1)
+    unit: str = field("steps", help="what `every` counts", choices=["steps", "epochs"])
+    depth: int | None = field(None, help="layer groups unfrozen in the end, counted from the top "
+                                         "(null: all, embeddings last)", min=1)
+
+
+@dataclass
 class TrainingConfig:
     max_steps: int = field(1000, help="optimizer steps", min=1)
     batch_size: int = field(32, help="examples per batch (per process)", min=1)
@@ -98,8 +109,13 @@ class TrainingConfig:
     gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step", min=1)
     max_length: int = field(128, help="tokens per input after truncation", min=8)
     learning_rate: float = field(5e-5, help="learning rate of the backbone", gt=0.0)
-    head_learning_rate: float | None = field(None, help="learning rate of task heads (default: learning_rate)",
-                                             gt=0.0)
+    head_learning_rate: float | None = field(None, help="learning rate of task heads and other new parameters "
+                                                        "(default: learning_rate)", gt=0.0)
+    layer_lr_decay: float | None = field(None, help="layer-wise LR decay: learning_rate on the top layer, times "
+                                                    "this factor per layer downwards, embeddings lowest", gt=0.0,
+                                         max=1.0)
+    gradual_unfreezing: GradualUnfreezingConfig | None = field(None, help="start with the backbone frozen and "
+                                                                          "release it layer by layer")
     weight_decay: float = field(0.01, help="AdamW weight decay (not applied to biases and LayerNorm)", min=0.0)
     warmup_ratio: float = field(0.0, help="fraction of max_steps spent warming up", min=0.0, max=1.0)
     warmup_steps: int | None = field(None, help="warmup steps (overrides warmup_ratio)", min=0)
@@ -164,6 +180,35 @@ class BackboneConfig:
 
 
 @dataclass
+class FreezeConfig:
+    """Parameters that never train. ``freeze: none | backbone | embeddings`` is short for the mapping."""
+
+    backbone: bool = field(False, help="freeze the whole backbone: feature extraction, only heads train")
+    embeddings: bool = field(False, help="freeze the embedding layer")
+    layers: list[int] | None = field(None, help="[first, last]: freeze backbone layers first..last (0-based, "
+                                                "inclusive)")
+    heads: list[str] | None = field(None, help="task names whose heads stay frozen (e.g. keep a finished task)")
+
+    def validate(self, path: str) -> None:
+        if self.layers is not None:
+            if len(self.layers) != 2 or self.layers[0] < 0 or self.layers[0] > self.layers[1]:
+                raise ConfigError(f"{path}.layers", f"expected [first, last] with 0 <= first <= last, "
+                                                    f"got {self.layers}")
+
+
+@dataclass
+class StageConfig:
+    """One stage of sequential training: its tasks train (earlier stages' tasks only through ``replay``)."""
+
+    tasks: list[str] = field(help="names of the tasks trained in this stage")
+    name: str | None = field(None, help="stage name used in the run directory and plots (default: the tasks)")
+    training: dict[str, Any] | None = field(None, help="training settings of this stage, over the top-level "
+                                                      "`training` (e.g. max_steps, learning_rate)")
+    replay: float = field(0.0, help="share of batches drawn from earlier stages' tasks (forgetting mitigation)",
+                          min=0.0, max=0.9)
+
+
+@dataclass
 class RunConfig:
     tasks: dict[str, Any] = field(help="task name -> task config")
     backbone: BackboneConfig = field(help="the shared pretrained model (a name, or a mapping for other families)",
@@ -175,5 +220,9 @@ class RunConfig:
     seed: int = field(42, help="seed of every random choice in the run")
     sampling: dict[str, Any] = field(help="task sampling strategy", factory=lambda: {"strategy": "proportional"})
     loss_weighting: dict[str, Any] = field(help="loss combination", factory=lambda: {"strategy": "sum"})
+    freeze: FreezeConfig = field(help="parameters that never train (none | backbone | embeddings | a mapping)",
+                                 factory=FreezeConfig)
     training: TrainingConfig = field(help="optimisation settings", factory=TrainingConfig)
+    stages: list[StageConfig] | None = field(None, help="sequential training: stages run in order, each with "
+                                                        "its tasks and training settings (see docs/training.md)")
     trust_remote_code: bool = field(False, help="allow model code from the backbone's repository to run")

@@ -151,6 +151,11 @@ class Text2TextTask(Task):
                                                     [[r.lower() for r in refs] if self.lowercase else refs]).score
         return metrics
 
+    def selection_score(self, metrics: dict[str, float]) -> float:
+        # BLEU is on sacrebleu's 0-100 scale; the `mean` selection metric averages tasks on a 0-1 scale
+        value = metrics[self.main_metric]
+        return value / 100.0 if self.main_metric == "bleu" else value
+
     def state(self) -> dict:
         return {"labels": self.labels, "lowercase": self.lowercase}
 

@@ -60,3 +60,18 @@ def print_results_table(console: Console, results: dict, tasks: dict) -> None:
         console.print(f"{tr['steps']} steps in {tr['wall_s']:.1f}s, {tr['examples_per_s']:.1f} examples/s, "
                       f"{tr['real_tokens_per_s']:.0f} real tokens/s ({tr['padded_tokens_per_s']:.0f} padded), "
                       f"best step {tr['best_step']}")
+
+
+def print_parameter_table(console: Console, rows: list[dict]) -> None:
+    """Trainable and frozen parameter counts per part of the model and the learning rate each part gets."""
+    table = Table(title="parameters", show_lines=False)
+    for col in ("part", "trainable", "frozen", "lr", "unfreezes at step"):
+        table.add_column(col, justify="left" if col == "part" else "right")
+    for r in rows:
+        table.add_row(r["group"], f"{r['trainable']:,}", f"{r['frozen']:,}",
+                      "-" if r["lr"] is None else f"{r['lr']:.3g}",
+                      "-" if r["unfreezes_at_step"] is None else str(r["unfreezes_at_step"]))
+    trainable = sum(r["trainable"] for r in rows)
+    total = trainable + sum(r["frozen"] for r in rows)
+    table.caption = f"{trainable:,} of {total:,} parameters train ({100 * trainable / max(total, 1):.2f}%)"
+    console.print(table)

@@ -8,6 +8,7 @@ read + check all data -> load backbone -> tokenise once -> build model/optimizer
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from safetensors.torch import load_file
 
 from multitune.backbones import load_backbone
 from multitune.config.parse import to_dict
@@ -24,13 +26,20 @@ from multitune.data import TaskData, load_task_data
 from multitune.errors import MultituneError
 from multitune.evaluation.evaluator import evaluate_task, selection_value
 from multitune.fileio import append_jsonl, read_jsonl, replace_dir, write_json_atomic, write_text_atomic
-from multitune.model import MultiTaskModel
-from multitune.optim import build_param_groups, build_scheduler, parameter_table
+from multitune.model import HEADS_FILE, MultiTaskModel
+from multitune.optim import (
+    GradualUnfreezer,
+    apply_freezing,
+    build_param_groups,
+    build_scheduler,
+    parameter_table,
+)
 from multitune.sampling import SAMPLERS
+from multitune.sampling.replay import ReplaySampler
 from multitune.tasks import TASKS, Task
 from multitune.training.batching import TaskBatcher
 from multitune.training.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint
-from multitune.training.progress import TrainingProgress, print_results_table
+from multitune.training.progress import TrainingProgress, print_parameter_table, print_results_table
 from multitune.weighting import WEIGHTINGS
 
 CHECKPOINTS = "checkpoints"
@@ -91,8 +100,25 @@ def _check_output_dir(config: RunConfig, out: Path, resume: bool, overwrite: boo
     return False
 
 
+@dataclass
+class StagePlan:
+    """What one stage of sequential training does (see :mod:`multitune.training.stages`).
+
+    Attributes:
+        active: tasks trained in the stage.
+        seen: tasks evaluated (this and earlier stages).
+        replay: share of batches from ``seen`` tasks that are not ``active``.
+        init_from: model directory of the previous stage (backbone and every head start from it).
+    """
+
+    active: list[str]
+    seen: list[str]
+    replay: float = 0.0
+    init_from: Path | None = None
+
+
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, plan: StagePlan | None = None) -> dict:
     """Train one multi-task model as ``config`` says and write the run directory.
 
     Args:
@@ -109,6 +135,10 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         ConfigError, DataError, MultituneError: bad config, data or run directory; nothing is written then.
     """
     console = console or Console(stderr=True)
+    if config.stages and plan is None:
+        from multitune.training.stages import train_stages
+
+        return train_stages(config, resume=resume, overwrite=overwrite, console=console, progress=progress)
     tcfg = config.training
     out = Path(config.output_dir)
     tasks = build_tasks(config)
@@ -135,6 +165,10 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     family = None if config.backbone.type == "auto" else config.backbone.type
     model = MultiTaskModel(backbone, tasks, tokenizer, config.pooling, config.normalize_embeddings, tcfg.max_length,
                            architecture=family)
+    if plan is not None and plan.init_from is not None:  # heads trained (or initialised) by the previous stage
+        model.heads.load_state_dict(load_file(str(plan.init_from / HEADS_FILE)), strict=True)
+    active = plan.active if plan is not None else list(tasks)
+    evaluated = plan.seen if plan is not None else list(tasks)
     start = time.perf_counter()
     tokenize_all(prepared, tokenizer, tcfg.max_length)
     console.print(f"{model.architecture.type_name} backbone; tokenised every split once in "
@@ -142,8 +176,16 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     names = list(tasks)
     weighting = WEIGHTINGS.get(config.loss_weighting.strategy)(names, config.loss_weighting)
     head_lr = tcfg.head_learning_rate or tcfg.learning_rate
-    groups = build_param_groups(model.backbone, [("heads", model.heads), ("loss_weighting", weighting)],
-                                tcfg.learning_rate, head_lr, tcfg.weight_decay)
+    apply_freezing(model.backbone, model.heads, config.freeze)
+    new_modules = [("heads", model.heads), ("loss_weighting", weighting)]
+    groups = build_param_groups(model.backbone, new_modules, tcfg.learning_rate, head_lr, tcfg.weight_decay,
+                                tcfg.layer_lr_decay)
+    if not groups:
+        raise MultituneError("freeze: nothing is left to train (every backbone and head parameter is frozen)")
+    unfreezer = None
+    if tcfg.gradual_unfreezing is not None:  # after the groups: the optimizer must hold what it releases later
+        steps_per_epoch = math.ceil(sum(len(p.features["train"]) for p in prepared.values()) / tcfg.batch_size)
+        unfreezer = GradualUnfreezer(model.backbone, tcfg.gradual_unfreezing, steps_per_epoch)
     optimizer = torch.optim.AdamW(groups, lr=tcfg.learning_rate)
     warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else int(tcfg.warmup_ratio * tcfg.max_steps)
     scheduler = build_scheduler(optimizer, tcfg.scheduler, warmup, tcfg.max_steps)
@@ -154,8 +196,13 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batchers = {n: TaskBatcher(p.task, p.features["train"], tcfg.batch_size, pad_id, config.seed + 1000 * (i + 1))
                 for i, (n, p) in enumerate(prepared.items())}
-    sampler = SAMPLERS.get(config.sampling.strategy)({n: len(p.features["train"]) for n, p in prepared.items()},
+    sampler = SAMPLERS.get(config.sampling.strategy)({n: len(prepared[n].features["train"]) for n in active},
                                                      config.sampling, config.seed)
+    replayed = [n for n in evaluated if n not in active]
+    if plan is not None and plan.replay > 0 and replayed:
+        earlier = SAMPLERS.get("proportional")({n: len(prepared[n].features["train"]) for n in replayed},
+                                                SAMPLERS.get("proportional").config_class(), config.seed + 1)
+        sampler = ReplaySampler(sampler, earlier, plan.replay, config.seed + 2)
     state: dict[str, Any] = {"step": 0, "best_value": None, "best_step": None, "bad_evals": 0,
                              "examples": 0, "real_tokens": 0, "padded_tokens": 0, "train_seconds": 0.0}
 
@@ -163,8 +210,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     from multitune.config.loader import save_config
 
     save_config(config, out / "config.yaml")
-    table = parameter_table(groups, [core.backbone, core.heads, weighting])
+    table = parameter_table(groups, core.backbone, new_modules, unfreezer.unfreeze_steps() if unfreezer else None)
     write_json_atomic(out / "parameters.json", table)
+    print_parameter_table(console, table)
     ckpt_last, ckpt_best = out / CHECKPOINTS / "last", out / CHECKPOINTS / "best"
     running: dict[str, list[float]] = {n: [] for n in names}  # train losses since the last log line
     if resuming:
@@ -176,6 +224,8 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         # lines logged after the checkpoint belong to steps that will be trained again
         kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= state["step"]]
         write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        if unfreezer is not None:
+            unfreezer.update(state["step"])
         console.print(f"resumed from step {state['step']}")
     else:
         (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -188,7 +238,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     def evaluate_all(split: str) -> dict[str, dict[str, float]]:
         return {n: evaluate_task(core, p.task, p.features[split], p.data.splits[split], eval_bs, pad_id,
                                  autocast)[0]
-                for n, p in prepared.items() if split in p.features}
+                for n, p in prepared.items() if split in p.features and n in evaluated}
 
     def snapshot() -> dict:
         return {**state, "sampler": sampler.state_dict(), "running": running,
@@ -201,6 +251,11 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     try:
         while state["step"] < tcfg.max_steps:
             t0 = time.perf_counter()
+            if unfreezer is not None:
+                opened = unfreezer.update(state["step"])
+                if opened and accelerator.is_main_process:
+                    append_jsonl(out / "metrics.jsonl", {"kind": "unfreeze", "step": state["step"],
+                                                         "groups_open": opened})
             step_losses: dict[str, float] = {}
             weights_used: dict[str, float] = {}
             for _ in range(tcfg.gradient_accumulation_steps):
@@ -234,7 +289,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
                 running = {n: [] for n in names}
             if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
                 results = evaluate_all("validation")
-                value = selection_value(metric_name, results, tasks)
+                value = selection_value(metric_name, {n: r for n, r in results.items() if n in active}, tasks)
                 improved = state["best_value"] is None or value > state["best_value"] + (es.min_delta if es else 0)
                 if improved:
                     state.update(best_value=value, best_step=step, bad_evals=0)
