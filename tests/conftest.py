@@ -31,6 +31,14 @@ def tiny_backbone(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tokenizer(tiny_backbone):
+    """The tiny backbone's tokenizer (the packaged MiniLM WordPiece vocabulary)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_backbone)
+
+
 def _save_tiny(path: Path, model, tokenizer) -> str:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

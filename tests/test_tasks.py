@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from multitune.backbones.architectures import EncoderArchitecture
 from multitune.config.parse import from_dict
@@ -36,9 +35,6 @@ def make(kind: str, tokenizer=None, **cfg):
     return task
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_backbone):
-    return AutoTokenizer.from_pretrained(tiny_backbone)
 
 
 def test_token_labels_sit_on_first_subtoken(tokenizer):

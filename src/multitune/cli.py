@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the quickstart's own)")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("vocab", help="vocabulary tools for domain adaptation")
+    vsub = p.add_subparsers(dest="vocab_command", required=True, metavar="ACTION")
+    v = vsub.add_parser("extend", help="add frequent domain words the tokenizer splits into pieces; new embedding "
+                                       "rows start as the mean of the pieces' rows")
+    v.add_argument("--corpus", required=True, help="domain text: one text per line, or .jsonl with a text field")
+    v.add_argument("--backbone", default="default", help="model to extend: 'default', a directory or a hub id")
+    v.add_argument("--output", required=True, help="directory for the extended model and tokenizer")
+    v.add_argument("--min-freq", type=int, default=5, help="keep words seen at least this often")
+    v.add_argument("--max-new", type=int, default=2000, help="add at most this many words")
+
     sub.add_parser("tasks", help="list the registered task types, samplers and loss weightings")
     return parser
 
@@ -165,7 +175,17 @@ def cmd_tasks(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "embed": cmd_embed,
+def cmd_vocab(args) -> int:
+    from multitune.backbones.vocab import extend_backbone_dir
+
+    if args.min_freq < 1 or args.max_new < 1:
+        raise MultituneError("vocab extend: --min-freq and --max-new must be at least 1")
+    report = extend_backbone_dir(args.backbone, args.corpus, args.output, args.min_freq, args.max_new)
+    print(json.dumps(report, ensure_ascii=False))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "vocab": cmd_vocab, "evaluate": cmd_evaluate, "predict": cmd_predict, "embed": cmd_embed,
             "quickstart": cmd_quickstart, "tasks": cmd_tasks}
 
 

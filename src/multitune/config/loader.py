@@ -200,6 +200,11 @@ def resolve_paths(config: RunConfig, base_dir: Path, check_files: bool) -> None:
                         raise ConfigError(f"tasks.{name}.data.{split}.{attr}", f"file not found: {p}")
                     if not p.is_file():
                         raise ConfigError(f"tasks.{name}.data.{split}.{attr}", f"not a file: {p}")
+    vocab = config.backbone.extend_vocabulary
+    if vocab is not None:
+        vocab.corpus = absolute(vocab.corpus)
+        if check_files and not Path(vocab.corpus).is_file():
+            raise ConfigError("backbone.extend_vocabulary.corpus", f"file not found: {vocab.corpus}")
     config.output_dir = absolute(config.output_dir)
     for attr in ("name", "encoder", "decoder"):
         value = getattr(config.backbone, attr)

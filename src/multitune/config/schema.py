@@ -137,6 +137,15 @@ BACKBONE_TYPES = ["auto", "encoder", "encoder_decoder", "decoder_only"]
 
 
 @dataclass
+class VocabularyExtensionConfig:
+    """Add frequent domain words that the tokenizer splits into pieces (see docs/transfer.md)."""
+
+    corpus: str = field(help="domain text: one text per line, or .jsonl with a text field")
+    min_freq: int = field(5, help="keep words seen at least this often", min=1)
+    max_new: int = field(2000, help="add at most this many words", min=1)
+
+
+@dataclass
 class BackboneConfig:
     """Which pretrained model the tasks share. ``backbone: NAME`` is short for ``backbone: {name: NAME}``."""
 
@@ -151,6 +160,9 @@ class BackboneConfig:
     tie_encoder_decoder: bool = field(False, help="encoder_decoder warm start: share encoder and decoder weights")
     gguf_file: str | None = field(None, help="decoder_only: a GGUF file inside the model directory to load "
                                              "(dequantised to float)")
+    extend_vocabulary: VocabularyExtensionConfig | None = field(
+        None, help="add domain words to the tokenizer before training; new embedding rows start as the mean of "
+                   "their old pieces")
 
     def validate(self, path: str) -> None:
         warm = self.encoder is not None or self.decoder is not None

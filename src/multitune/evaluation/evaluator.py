@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from multitune.tasks.base import Task
-from multitune.training.batching import eval_batches
 
 LOWER_IS_BETTER = {"loss", "mse", "perplexity"}
 
@@ -22,6 +21,8 @@ def evaluate_task(model: Any, task: Task, features: Sequence[dict], examples: Se
     Returns:
         (metrics, predictions in the order of ``examples``).
     """
+    from multitune.training.batching import eval_batches  # here: training imports this module
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -24,7 +24,8 @@ def plot_learning_curves(records: list[dict], path: Path) -> Path | None:
     panels = len(tasks) + 1
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        metric_names = sorted({m for r in evals for m in r["metrics"].get(task, {})} - {"mse", "loss", "perplexity"})
+        metric_names = sorted({m for r in evals for m in r["metrics"].get(task, {})
+                               if "/" not in m} - {"mse", "loss", "perplexity"})
         for m in metric_names:
             pts = [(r["step"], r["metrics"][task][m]) for r in evals if m in r["metrics"].get(task, {})]
             ax.plot(*zip(*pts), marker="o", label=m)

@@ -69,7 +69,7 @@ def parameter_table(groups: list[dict], backbone: nn.Module, new_modules: Iterab
         groups: the optimizer's param groups (from :func:`build_param_groups`).
         unfreeze_steps: ``id(param) -> step`` for parameters that gradual unfreezing releases later.
     """
-    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    lr_of = {id(p): g.get("initial_lr", g["lr"]) for g in groups for p in g["params"]}  # before warmup scaling
     unfreeze_steps = unfreeze_steps or {}
     rows: dict[str, dict] = {}
 

@@ -116,6 +116,23 @@ class Task(ABC):
     def compute_metrics(self, predictions: Sequence[Any], examples: Sequence[dict]) -> dict[str, float]:
         """Score predictions against the gold examples."""
 
+    # -- optional hooks the training loop honours ---------------------------------------
+    def balance_groups(self, features: Sequence[dict]) -> list[int] | None:
+        """A group id per training feature for oversampling (each epoch draws every group up to the largest
+        group's size), or None for plain shuffling. Default: None."""
+        return None
+
+    def calibrate(self, predictions: Sequence[Any], examples: Sequence[dict]) -> dict | None:
+        """Tune decision settings (e.g. thresholds) on validation predictions of the final model; called once
+        after training, before the final evaluation and saving. Returns what changed (logged), or None."""
+        return None
+
+    def confusion(self, predictions: Sequence[Any], examples: Sequence[dict]
+                  ) -> tuple[list[str], list[list[int]]] | None:
+        """``(labels, counts)`` with rows = gold and columns = predicted, for the confusion-matrix plot; or
+        None when the task has no such matrix. Default: None."""
+        return None
+
     def state(self) -> dict:
         """What must be saved with the model to decode again (e.g. label maps)."""
         return {}
@@ -196,3 +213,28 @@ def label_sort_key(label: str) -> tuple:
         return (0, float(label), label)
     except ValueError:
         return (1, 0.0, label)
+
+
+def class_weights(spec: str | Sequence[float] | None, counts: Sequence[int], labels: Sequence[str], path: str
+                  ) -> list[float] | None:
+    """Loss weight per class: ``balanced`` gives n / (K * n_c) (inverse frequency, scikit-learn's convention;
+    a class absent from training gets weight 0), a list is taken as given.
+
+    Raises:
+        ConfigError: an unknown string or a list whose length is not the number of labels.
+    """
+    from multitune.errors import ConfigError
+
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec != "balanced":
+            raise ConfigError(path, f"expected 'balanced' or a list of {len(labels)} numbers, got {spec!r}")
+        total, k = sum(counts), len(counts)
+        return [total / (k * c) if c else 0.0 for c in counts]
+    if len(spec) != len(labels):
+        raise ConfigError(path, f"expected {len(labels)} weights, one per label in this order: "
+                                f"{', '.join(labels)}; got {len(spec)}")
+    if any(w < 0 for w in spec):
+        raise ConfigError(path, "weights must not be negative")
+    return [float(w) for w in spec]

@@ -8,18 +8,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 from torch import nn
 from torch.nn import functional as F
 
 from multitune.config.parse import field
 from multitune.config.schema import TaskConfig
-from multitune.errors import DataError
+from multitune.errors import ConfigError, DataError
 from multitune.tasks.base import (
     TASKS,
     LinearHead,
     Task,
     TaskOutput,
+    class_weights,
     collate_inputs,
     label_sort_key,
     tokenize_texts,
@@ -34,6 +35,12 @@ class ClassificationConfig(TaskConfig):
     dropout: float = field(0.1, help="dropout before the classifier", min=0.0, max=0.9)
     threshold: float = field(0.5, help="multi-label: probability above which a label is predicted",
                              gt=0.0, max=1.0)
+    class_weights: str | list[float] | None = field(None, help="'balanced' (inverse class frequency in train) or "
+                                                              "one loss weight per label, in label order")
+    oversample: bool = field(False, help="single-label: draw minority classes up to the majority count in each "
+                                         "epoch of this task's batches")
+    tune_threshold: bool = field(False, help="binary / multi-label: pick the decision threshold(s) that maximise "
+                                             "F1 on validation after training; saved and used by predict")
 
 
 @TASKS.register("classification")
@@ -52,6 +59,10 @@ class ClassificationTask(Task):
     def __init__(self, name: str, config: ClassificationConfig):
         super().__init__(name, config)
         self.labels: list[str] = list(config.labels) if config.labels else []
+        self.weights: list[float] | None = None
+        self.thresholds: list[float] | None = None  # binary: [p(second label)]; multi-label: one per label
+        if config.oversample and config.multi_label:
+            raise ConfigError(f"tasks.{name}.oversample", "only for single-label classification")
 
     # -- labels ----------------------------------------------------------------------
     def _example_labels(self, example: dict) -> list[str]:
@@ -69,6 +80,19 @@ class ClassificationTask(Task):
             found = {lab for ex in train_examples for lab in self._example_labels(ex)}
             self.labels = sorted(found, key=label_sort_key)
         self.label_index = {lab: i for i, lab in enumerate(self.labels)}
+        if self.config.class_weights is not None:
+            self.check_examples(train_examples)
+            counts = self.class_counts(train_examples)
+            if self.config.multi_label and self.config.class_weights == "balanced":
+                # BCE pos_weight per label: negatives / positives (a label never seen positive gets 1)
+                n = len(train_examples)
+                self.weights = [(n - c) / c if c else 1.0 for c in counts]
+            else:
+                self.weights = class_weights(self.config.class_weights, counts, self.labels,
+                                             f"tasks.{self.name}.class_weights")
+        if self.config.tune_threshold and not (self.config.multi_label or len(self.labels) == 2):
+            raise ConfigError(f"tasks.{self.name}.tune_threshold", f"needs a binary or multi-label task; "
+                                                                   f"{self.name!r} has {len(self.labels)} labels")
 
     def check_examples(self, examples: Sequence[dict]) -> None:
         for ex in examples:
@@ -117,10 +141,11 @@ class ClassificationTask(Task):
         logits = head(model.pool(hidden, batch["attention_mask"])).float()
         loss = None
         if "labels" in batch:
+            weight = None if self.weights is None else torch.tensor(self.weights, device=logits.device)
             if self.config.multi_label:
-                loss = F.binary_cross_entropy_with_logits(logits, batch["labels"])
+                loss = F.binary_cross_entropy_with_logits(logits, batch["labels"], pos_weight=weight)
             else:
-                loss = F.cross_entropy(logits, batch["labels"])
+                loss = F.cross_entropy(logits, batch["labels"], weight=weight)
         return TaskOutput(loss, {"logits": logits})
 
     # -- results ---------------------------------------------------------------------
@@ -131,10 +156,14 @@ class ClassificationTask(Task):
         for row in probs.tolist():
             scores = {lab: round(p, 6) for lab, p in zip(self.labels, row)}
             if self.config.multi_label:
-                chosen = [lab for lab, p in scores.items() if p >= self.config.threshold]
+                cut = self.thresholds or [self.config.threshold] * len(self.labels)
+                chosen = [lab for lab, p, t in zip(self.labels, row, cut) if round(p, 6) >= t]
                 preds.append({"labels": chosen, "scores": scores})
             else:
-                best = int(np.argmax(row))
+                if self.thresholds is not None:  # binary with a tuned threshold on the second label
+                    best = 1 if round(row[1], 6) >= self.thresholds[0] else 0  # thresholds are 6-digit
+                else:
+                    best = int(np.argmax(row))
                 preds.append({"label": self.labels[best], "score": round(row[best], 6), "scores": scores})
         return preds
 
@@ -151,12 +180,64 @@ class ClassificationTask(Task):
                     "macro_f1": float(f1_score(gold, pred, average="macro", zero_division=0))}
         gold = [self.label_index[self._example_labels(ex)[0]] for ex in examples]
         pred = [self.label_index[p["label"]] for p in predictions]
-        return {"accuracy": float(accuracy_score(gold, pred)),
-                "macro_f1": float(f1_score(gold, pred, average="macro", labels=list(range(n)), zero_division=0))}
+        metrics = {"accuracy": float(accuracy_score(gold, pred)),
+                   "macro_f1": float(f1_score(gold, pred, average="macro", labels=list(range(n)), zero_division=0))}
+        prec, rec, f1, _ = precision_recall_fscore_support(gold, pred, labels=list(range(n)), zero_division=0)
+        for i, lab in enumerate(self.labels):
+            metrics[f"precision/{lab}"] = float(prec[i])
+            metrics[f"recall/{lab}"] = float(rec[i])
+            metrics[f"f1/{lab}"] = float(f1[i])
+        return metrics
+
+    # -- imbalance -------------------------------------------------------------------
+    def balance_groups(self, features):
+        if not self.config.oversample:
+            return None
+        return [int(f["labels"]) for f in features]
+
+    def calibrate(self, predictions, examples):
+        """Thresholds that maximise F1 on validation: for a binary task the threshold on p(second label)
+        maximising macro-F1; for multi-label one threshold per label maximising that label's F1. Candidates
+        are the predicted probabilities and 0.5; ties go to the one closest to 0.5."""
+        if not self.config.tune_threshold or not predictions:
+            return None
+        probs = np.array([[p["scores"][lab] for lab in self.labels] for p in predictions])
+        if self.config.multi_label:
+            gold = np.zeros_like(probs, dtype=int)
+            for i, ex in enumerate(examples):
+                gold[i, [self.label_index[lab] for lab in self._example_labels(ex)]] = 1
+            self.thresholds = [_best_threshold(probs[:, j], gold[:, j], "binary") for j in range(len(self.labels))]
+        else:
+            gold = np.array([self.label_index[self._example_labels(ex)[0]] for ex in examples])
+            self.thresholds = [_best_threshold(probs[:, 1], gold, "macro")]
+        return {"thresholds": dict(zip(self.labels if self.config.multi_label else self.labels[1:],
+                                       [round(t, 6) for t in self.thresholds]))}
+
+    def confusion(self, predictions, examples):
+        if self.config.multi_label:
+            return None
+        n = len(self.labels)
+        counts = [[0] * n for _ in range(n)]
+        for p, ex in zip(predictions, examples):
+            counts[self.label_index[self._example_labels(ex)[0]]][self.label_index[p["label"]]] += 1
+        return list(self.labels), counts
 
     def state(self) -> dict:
-        return {"labels": self.labels}
+        return {"labels": self.labels, "class_weights": self.weights, "thresholds": self.thresholds}
 
     def load_state(self, state: dict) -> None:
         self.labels = list(state["labels"])
         self.label_index = {lab: i for i, lab in enumerate(self.labels)}
+        self.weights = state.get("class_weights")
+        self.thresholds = state.get("thresholds")
+
+
+def _best_threshold(scores: np.ndarray, gold: np.ndarray, average: str) -> float:
+    candidates = sorted(set(np.round(scores, 6).tolist()) | {0.5})
+    best, best_f1 = 0.5, -1.0
+    for t in candidates:
+        pred = (scores >= t).astype(int)
+        f1 = f1_score(gold, pred, average=average, labels=[0, 1], zero_division=0)
+        if f1 > best_f1 + 1e-12 or (abs(f1 - best_f1) <= 1e-12 and abs(t - 0.5) < abs(best - 0.5)):
+            best, best_f1 = float(t), f1
+    return best

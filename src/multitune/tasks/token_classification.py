@@ -21,6 +21,7 @@ from multitune.tasks.base import (
     LinearHead,
     Task,
     TaskOutput,
+    class_weights,
     collate_inputs,
     label_sort_key,
     pad,
@@ -35,6 +36,8 @@ _WORD = re.compile(r"\w+(?:[-']\w+)*|[^\w\s]")
 class TokenClassificationConfig(TaskConfig):
     dropout: float = field(0.1, help="dropout before the tagger", min=0.0, max=0.9)
     strict_bio: bool = field(True, help="reject I-X tags that do not follow B-X or I-X")
+    class_weights: str | list[float] | None = field(None, help="'balanced' (inverse tag frequency over train "
+                                                              "words) or one loss weight per tag, in label order")
 
 
 def bio_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
@@ -63,12 +66,22 @@ class TokenClassificationTask(Task):
     def __init__(self, name: str, config: TokenClassificationConfig):
         super().__init__(name, config)
         self.labels: list[str] = list(config.labels) if config.labels else []
+        self.weights: list[float] | None = None
 
     def setup(self, train_examples: Sequence[dict]) -> None:
         if not self.labels:
             kinds = {t[2:] for ex in train_examples for t in ex["tags"] if t != "O"}
             self.labels = ["O"] + sorted({f"{p}-{k}" for k in kinds for p in "BI"}, key=label_sort_key)
         self.label_index = {lab: i for i, lab in enumerate(self.labels)}
+        self.weights = None
+        if self.config.class_weights is not None:
+            self.check_examples(train_examples)
+            counts = [0] * len(self.labels)
+            for ex in train_examples:
+                for tag in ex["tags"]:
+                    counts[self.label_index[tag]] += 1
+            self.weights = class_weights(self.config.class_weights, counts, self.labels,
+                                         f"tasks.{self.name}.class_weights")
 
     def check_examples(self, examples: Sequence[dict]) -> None:
         for ex in examples:
@@ -126,7 +139,8 @@ class TokenClassificationTask(Task):
         logits = head(hidden).float()
         loss = None
         if "labels" in batch:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), batch["labels"].view(-1),
+            weight = None if self.weights is None else torch.tensor(self.weights, device=logits.device)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), batch["labels"].view(-1), weight=weight,
                                    ignore_index=IGNORE_INDEX)
         return TaskOutput(loss, {"logits": logits})
 
@@ -160,8 +174,9 @@ class TokenClassificationTask(Task):
                 "f1": float(f1_score(gold, pred, zero_division=0))}
 
     def state(self) -> dict:
-        return {"labels": self.labels}
+        return {"labels": self.labels, "class_weights": self.weights}
 
     def load_state(self, state: dict) -> None:
         self.labels = list(state["labels"])
         self.label_index = {lab: i for i, lab in enumerate(self.labels)}
+        self.weights = state.get("class_weights")

@@ -37,10 +37,25 @@ class TaskBatcher:
         self.seed = seed
         self.epoch = 0
         self.position = 0
+        groups = task.balance_groups(features)
+        self._groups = None if groups is None else self._group_indices(groups)
         self._order = self._permutation(0)
 
+    @staticmethod
+    def _group_indices(groups: Sequence[int]) -> list[np.ndarray]:
+        by_group: dict[int, list[int]] = {}
+        for i, g in enumerate(groups):
+            by_group.setdefault(g, []).append(i)
+        return [np.array(by_group[g]) for g in sorted(by_group)]
+
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng(self.seed + epoch).permutation(len(self.features))
+        rng = np.random.default_rng(self.seed + epoch)
+        if self._groups is None:
+            return rng.permutation(len(self.features))
+        # oversampling: every group drawn up to the largest one (all its examples, plus random repeats)
+        top = max(len(g) for g in self._groups)
+        parts = [np.concatenate([g, rng.choice(g, top - len(g))]) for g in self._groups]
+        return rng.permutation(np.concatenate(parts))
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self.position >= len(self._order):

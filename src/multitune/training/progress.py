@@ -35,7 +35,8 @@ class TrainingProgress:
     def log_eval(self, step: int, results: dict[str, dict[str, float]], value: float, improved: bool) -> None:
         parts = []
         for task, metrics in results.items():
-            parts.append(task + " " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            # per-class metrics (precision/<label>...) stay in metrics.jsonl; the log line keeps the summary
+            parts.append(task + " " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/" not in k))
         mark = " *best*" if improved else ""
         self.console.print(f"step {step}: " + " | ".join(parts) + f" | selection={value:.4f}{mark}")
 
@@ -51,7 +52,7 @@ def print_results_table(console: Console, results: dict, tasks: dict) -> None:
     for split in ("validation", "test"):
         for name, metrics in results.get(split, {}).items():
             main = tasks[name].main_metric
-            ordered = [main] + [k for k in metrics if k != main]
+            ordered = [main] + [k for k in metrics if k != main and "/" not in k]
             table.add_row(name, tasks[name].config.type, split,
                           "  ".join(f"{k}={metrics[k]:.4f}" for k in ordered))
     console.print(table)

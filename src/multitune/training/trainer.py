@@ -162,6 +162,15 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         raise MultituneError("training.device: cuda was asked for but no CUDA device is available")
     torch.manual_seed(config.seed)
     backbone, tokenizer = load_backbone(config.backbone, config.trust_remote_code)
+    vocab_report = None
+    if config.backbone.extend_vocabulary is not None:  # before the heads and the tokenisation see the vocabulary
+        from multitune.backbones.vocab import extend_vocabulary, find_new_words, read_corpus
+
+        v = config.backbone.extend_vocabulary
+        words = find_new_words(read_corpus(v.corpus), tokenizer, v.min_freq, v.max_new)
+        vocab_report = extend_vocabulary(backbone, tokenizer, [w for w, _ in words])
+        console.print(f"vocabulary: {vocab_report['added']} domain words added "
+                      f"({vocab_report['vocab_size_before']} -> {vocab_report['vocab_size_after']} tokens)")
     family = None if config.backbone.type == "auto" else config.backbone.type
     model = MultiTaskModel(backbone, tasks, tokenizer, config.pooling, config.normalize_embeddings, tcfg.max_length,
                            architecture=family)
@@ -235,10 +244,15 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     metric_name = es.metric if es else "mean"
     eval_bs = tcfg.eval_batch_size or 2 * tcfg.batch_size
 
-    def evaluate_all(split: str) -> dict[str, dict[str, float]]:
-        return {n: evaluate_task(core, p.task, p.features[split], p.data.splits[split], eval_bs, pad_id,
-                                 autocast)[0]
-                for n, p in prepared.items() if split in p.features and n in evaluated}
+    def evaluate_all(split: str, predictions: dict[str, list] | None = None) -> dict[str, dict[str, float]]:
+        results = {}
+        for n, p in prepared.items():
+            if split in p.features and n in evaluated:
+                results[n], preds = evaluate_task(core, p.task, p.features[split], p.data.splits[split], eval_bs,
+                                                  pad_id, autocast)
+                if predictions is not None:
+                    predictions[n] = preds
+        return results
 
     def snapshot() -> dict:
         return {**state, "sampler": sampler.state_dict(), "running": running,
@@ -322,7 +336,21 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     best = find_checkpoint(ckpt_best)
     if best is not None:
         load_checkpoint(best, core)
-    results = {"validation": evaluate_all("validation")}
+    # tasks that tune decision thresholds on validation do it now, on the restored best model
+    val_predictions: dict[str, list] = {}
+    evaluate_all("validation", val_predictions)
+    calibrated = {}
+    for n, preds in val_predictions.items():
+        if n in active:
+            change = prepared[n].task.calibrate(preds, prepared[n].data.splits["validation"])
+            if change:
+                calibrated[n] = change
+    if calibrated and accelerator.is_main_process:
+        append_jsonl(out / "metrics.jsonl", {"kind": "calibrate", "step": state["step"], "tasks": calibrated})
+    val_predictions = {}
+    results = {"validation": evaluate_all("validation", val_predictions)}
+    if calibrated:
+        results["calibration"] = calibrated
     if any("test" in p.features for p in prepared.values()):
         results["test"] = evaluate_all("test")
     seconds = max(state["train_seconds"], 1e-9)
@@ -335,6 +363,8 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         "padded_tokens_per_s": round(state["padded_tokens"] / seconds, 1),
         "precision": tcfg.precision, "device": str(accelerator.device)}
     results["data"] = {n: p.data.report for n, p in prepared.items()}
+    if vocab_report is not None:
+        results["vocabulary"] = vocab_report
     if accelerator.is_main_process:
         tmp = out / ".model.tmp"
         if tmp.exists():
@@ -343,6 +373,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         replace_dir(tmp, out / "model")
         write_json_atomic(out / "results.json", results)
         _plot(out)
+        _plot_confusions(out, prepared, val_predictions)
         print_results_table(console, results, tasks)
     return results
 
@@ -354,3 +385,17 @@ def _plot(out: Path) -> None:
         plot_learning_curves(read_jsonl(out / "metrics.jsonl"), out / "learning_curves.png")
     except ImportError:  # matplotlib is a dependency, but a broken install must not lose a finished run
         pass
+
+
+def _plot_confusions(out: Path, prepared: dict[str, PreparedTask], predictions: dict[str, list]) -> None:
+    """``confusion_<task>.png`` for every task that has a confusion matrix (classification), on validation."""
+    try:
+        from multitune.evaluation.confusion import plot_confusion_matrix
+    except ImportError:
+        return
+    for name, preds in predictions.items():
+        p = prepared[name]
+        matrix = p.task.confusion(preds, p.data.splits["validation"])
+        if matrix is not None:
+            labels, counts = matrix
+            plot_confusion_matrix(labels, counts, out / f"confusion_{name}.png", f"{name}: validation")
