@@ -178,4 +178,10 @@ def load_backbone(spec: str | BackboneConfig, trust_remote_code: bool = False, f
     auto_class = {"encoder": AutoModel, "encoder_decoder": AutoModelForSeq2SeqLM,
                   "decoder_only": AutoModelForCausalLM}[kind]
     model = _from_pretrained(auto_class, source, name, name_field, trust_remote_code=trust_remote_code, **weights)
+    if gguf_file is not None:
+        # GGUF tensors are dequantised to float on load: from here on it is a plain model, trained and saved
+        # as safetensors (transformers still flags it as quantized and would refuse save_pretrained)
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
     return model, tokenizer

@@ -7,13 +7,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def plot_confusion_matrix(labels: Sequence[str], counts: Sequence[Sequence[int]], path: str | Path,
+def plot_confusion_matrix(labels: Sequence[str], matrix: Sequence[Sequence[int]], path: str | Path,
                           title: str) -> None:
-    """Write a PNG: rows are gold labels, columns predicted labels; written to a temporary file, then renamed.
+    """Write a PNG: rows are gold labels, columns predicted labels, each cell annotated with its count and
+    coloured by its share of the gold row. Written to a temporary file in the same directory, then renamed,
+    so ``path`` is always either the old file or the complete new one.
 
     Args:
         labels: label names in matrix order.
-        counts: ``counts[gold][predicted]``.
+        matrix: counts, ``matrix[gold][predicted]``.
         path: the PNG to write.
         title: plot title.
     """
@@ -23,7 +25,7 @@ def plot_confusion_matrix(labels: Sequence[str], counts: Sequence[Sequence[int]]
     import matplotlib.pyplot as plt
     import numpy as np
 
-    m = np.asarray(counts, dtype=float)
+    m = np.asarray(matrix, dtype=float)
     norm = m / np.clip(m.sum(axis=1, keepdims=True), 1, None)
     n = len(labels)
     fig, ax = plt.subplots(figsize=(1.6 + 0.7 * n, 1.4 + 0.6 * n))
@@ -39,7 +41,10 @@ def plot_confusion_matrix(labels: Sequence[str], counts: Sequence[Sequence[int]]
     ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp.png")  # same directory, so the rename is atomic
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)

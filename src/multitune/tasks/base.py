@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from multitune.config.schema import TaskConfig
-from multitune.errors import DataError
+from multitune.errors import ConfigError, DataError
 from multitune.registry import Registry
 
 if TYPE_CHECKING:
@@ -118,19 +118,47 @@ class Task(ABC):
 
     # -- optional hooks the training loop honours ---------------------------------------
     def balance_groups(self, features: Sequence[dict]) -> list[int] | None:
-        """A group id per training feature for oversampling (each epoch draws every group up to the largest
-        group's size), or None for plain shuffling. Default: None."""
+        """Group ids for oversampling, asked once by :class:`~multitune.training.batching.TaskBatcher` when it
+        is built on the training features.
+
+        Each epoch then holds every feature of every group plus random repeats drawn up to the size of the
+        largest group, shuffled (so an epoch is ``groups * largest`` features long).
+
+        Args:
+            features: the task's encoded training features, in batcher order.
+
+        Returns:
+            One integer group id (e.g. the class index) per feature, or None for plain shuffling (default).
+        """
         return None
 
     def calibrate(self, predictions: Sequence[Any], examples: Sequence[dict]) -> dict | None:
-        """Tune decision settings (e.g. thresholds) on validation predictions of the final model; called once
-        after training, before the final evaluation and saving. Returns what changed (logged), or None."""
+        """Tune decision settings (e.g. thresholds) on validation; the trainer calls it once after training,
+        with the validation predictions of the restored best model, before the final evaluation and saving.
+
+        Whatever it changes must be in :meth:`state` so that a loaded model predicts the same way.
+
+        Args:
+            predictions: :meth:`decode` output for ``examples``.
+            examples: the gold validation examples.
+
+        Returns:
+            What changed, JSON-able (logged and reported), or None when nothing did (default).
+        """
         return None
 
     def confusion(self, predictions: Sequence[Any], examples: Sequence[dict]
                   ) -> tuple[list[str], list[list[int]]] | None:
-        """``(labels, counts)`` with rows = gold and columns = predicted, for the confusion-matrix plot; or
-        None when the task has no such matrix. Default: None."""
+        """A confusion matrix of predictions against gold examples (the trainer plots it on validation).
+
+        Args:
+            predictions: :meth:`decode` output for ``examples``.
+            examples: the gold examples.
+
+        Returns:
+            ``(labels, counts)`` with ``counts[gold][predicted]`` in label order, or None when the task has no
+            such matrix (default).
+        """
         return None
 
     def state(self) -> dict:
@@ -215,26 +243,48 @@ def label_sort_key(label: str) -> tuple:
         return (1, 0.0, label)
 
 
-def class_weights(spec: str | Sequence[float] | None, counts: Sequence[int], labels: Sequence[str], path: str
-                  ) -> list[float] | None:
-    """Loss weight per class: ``balanced`` gives n / (K * n_c) (inverse frequency, scikit-learn's convention;
-    a class absent from training gets weight 0), a list is taken as given.
+def check_class_weights(spec: str | Sequence[float] | None, path: str) -> None:
+    """Check a ``class_weights`` setting as far as possible before the labels are known.
+
+    Args:
+        spec: None, ``"balanced"`` or a list of weights.
+        path: config path of the field, for the error.
 
     Raises:
-        ConfigError: an unknown string or a list whose length is not the number of labels.
+        ConfigError: an unknown string or a negative weight.
     """
-    from multitune.errors import ConfigError
+    if isinstance(spec, str) and spec != "balanced":
+        raise ConfigError(path, f"expected 'balanced' or a list of numbers (one weight per label), got {spec!r}")
+    if isinstance(spec, (list, tuple)) and any(w < 0 for w in spec):
+        raise ConfigError(path, f"weights must not be negative, got {list(spec)}")
 
+
+def class_weights(spec: str | Sequence[float] | None, counts: Sequence[int], labels: Sequence[str], path: str
+                  ) -> list[float] | None:
+    """Loss weight per class, for the ``weight=`` of a cross-entropy.
+
+    ``balanced`` gives n / (K * n_c) (inverse frequency, scikit-learn's convention; a class absent from
+    training gets weight 0); a list is taken as given, one weight per label in label order.
+
+    Args:
+        spec: None, ``"balanced"`` or a list of weights.
+        counts: training count of each label, in label order.
+        labels: the label set, in order (named in the error).
+        path: config path of the field, for errors.
+
+    Returns:
+        One float per label, or None when ``spec`` is None.
+
+    Raises:
+        ConfigError: an unknown string, a negative weight or a list whose length is not the number of labels.
+    """
     if spec is None:
         return None
+    check_class_weights(spec, path)
     if isinstance(spec, str):
-        if spec != "balanced":
-            raise ConfigError(path, f"expected 'balanced' or a list of {len(labels)} numbers, got {spec!r}")
         total, k = sum(counts), len(counts)
         return [total / (k * c) if c else 0.0 for c in counts]
     if len(spec) != len(labels):
         raise ConfigError(path, f"expected {len(labels)} weights, one per label in this order: "
                                 f"{', '.join(labels)}; got {len(spec)}")
-    if any(w < 0 for w in spec):
-        raise ConfigError(path, "weights must not be negative")
     return [float(w) for w in spec]

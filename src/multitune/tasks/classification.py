@@ -20,6 +20,7 @@ from multitune.tasks.base import (
     LinearHead,
     Task,
     TaskOutput,
+    check_class_weights,
     class_weights,
     collate_inputs,
     label_sort_key,
@@ -35,6 +36,7 @@ class ClassificationConfig(TaskConfig):
     dropout: float = field(0.1, help="dropout before the classifier", min=0.0, max=0.9)
     threshold: float = field(0.5, help="multi-label: probability above which a label is predicted",
                              gt=0.0, max=1.0)
+    # multi-label: the weights are BCE pos_weights ('balanced': negatives / positives per label)
     class_weights: str | list[float] | None = field(None, help="'balanced' (inverse class frequency in train) or "
                                                               "one loss weight per label, in label order")
     oversample: bool = field(False, help="single-label: draw minority classes up to the majority count in each "
@@ -42,12 +44,22 @@ class ClassificationConfig(TaskConfig):
     tune_threshold: bool = field(False, help="binary / multi-label: pick the decision threshold(s) that maximise "
                                              "F1 on validation after training; saved and used by predict")
 
+    def validate(self, path: str) -> None:
+        prefix = f"{path}." if path else ""
+        check_class_weights(self.class_weights, prefix + "class_weights")
+        if self.oversample and self.multi_label:
+            raise ConfigError(prefix + "oversample", "only for single-label classification (multi_label is true)")
+
 
 @TASKS.register("classification")
 class ClassificationTask(Task):
     """Pooled sentence (or pair) embedding -> linear classifier.
 
-    Metrics: ``accuracy`` (subset accuracy for multi-label), ``macro_f1``, and ``micro_f1`` for multi-label.
+    Metrics: ``accuracy`` (subset accuracy for multi-label), ``macro_f1``, ``micro_f1`` for multi-label, and
+    per label ``precision/<label>``, ``recall/<label>``, ``f1/<label>``.
+
+    Class imbalance: ``class_weights`` weight the loss, ``oversample`` balances the batches (through
+    :meth:`balance_groups`), ``tune_threshold`` picks decision thresholds on validation (:meth:`calibrate`).
     """
 
     config_class = ClassificationConfig
@@ -61,8 +73,6 @@ class ClassificationTask(Task):
         self.labels: list[str] = list(config.labels) if config.labels else []
         self.weights: list[float] | None = None
         self.thresholds: list[float] | None = None  # binary: [p(second label)]; multi-label: one per label
-        if config.oversample and config.multi_label:
-            raise ConfigError(f"tasks.{name}.oversample", "only for single-label classification")
 
     # -- labels ----------------------------------------------------------------------
     def _example_labels(self, example: dict) -> list[str]:
@@ -80,6 +90,7 @@ class ClassificationTask(Task):
             found = {lab for ex in train_examples for lab in self._example_labels(ex)}
             self.labels = sorted(found, key=label_sort_key)
         self.label_index = {lab: i for i, lab in enumerate(self.labels)}
+        self.weights = None
         if self.config.class_weights is not None:
             self.check_examples(train_examples)
             counts = self.class_counts(train_examples)
@@ -87,7 +98,7 @@ class ClassificationTask(Task):
                 # BCE pos_weight per label: negatives / positives (a label never seen positive gets 1)
                 n = len(train_examples)
                 self.weights = [(n - c) / c if c else 1.0 for c in counts]
-            else:
+            else:  # single-label: cross-entropy weight; multi-label: a given list is the BCE pos_weight
                 self.weights = class_weights(self.config.class_weights, counts, self.labels,
                                              f"tasks.{self.name}.class_weights")
         if self.config.tune_threshold and not (self.config.multi_label or len(self.labels) == 2):
@@ -175,14 +186,21 @@ class ClassificationTask(Task):
             for i, (p, ex) in enumerate(zip(predictions, examples)):
                 gold[i, [self.label_index[lab] for lab in self._example_labels(ex)]] = 1
                 pred[i, [self.label_index[lab] for lab in p["labels"]]] = 1
-            return {"accuracy": float(accuracy_score(gold, pred)),
-                    "micro_f1": float(f1_score(gold, pred, average="micro", zero_division=0)),
-                    "macro_f1": float(f1_score(gold, pred, average="macro", zero_division=0))}
+            metrics = {"accuracy": float(accuracy_score(gold, pred)),
+                       "micro_f1": float(f1_score(gold, pred, average="micro", zero_division=0)),
+                       "macro_f1": float(f1_score(gold, pred, average="macro", zero_division=0))}
+            return metrics | self._per_label(gold, pred)
         gold = [self.label_index[self._example_labels(ex)[0]] for ex in examples]
         pred = [self.label_index[p["label"]] for p in predictions]
         metrics = {"accuracy": float(accuracy_score(gold, pred)),
                    "macro_f1": float(f1_score(gold, pred, average="macro", labels=list(range(n)), zero_division=0))}
-        prec, rec, f1, _ = precision_recall_fscore_support(gold, pred, labels=list(range(n)), zero_division=0)
+        return metrics | self._per_label(gold, pred)
+
+    def _per_label(self, gold: Any, pred: Any) -> dict[str, float]:
+        """``precision/<label>``, ``recall/<label>``, ``f1/<label>`` (class indices or indicator matrices)."""
+        prec, rec, f1, _ = precision_recall_fscore_support(gold, pred, labels=list(range(len(self.labels))),
+                                                           average=None, zero_division=0)
+        metrics = {}
         for i, lab in enumerate(self.labels):
             metrics[f"precision/{lab}"] = float(prec[i])
             metrics[f"recall/{lab}"] = float(rec[i])
@@ -190,30 +208,48 @@ class ClassificationTask(Task):
         return metrics
 
     # -- imbalance -------------------------------------------------------------------
-    def balance_groups(self, features):
+    def balance_groups(self, features: Sequence[dict]) -> list[int] | None:
+        """With ``oversample``: the gold class index of each training feature (one group per class).
+
+        Raises:
+            ConfigError: ``oversample`` on a multi-label task (a config that skipped validation).
+        """
         if not self.config.oversample:
             return None
+        if self.config.multi_label:
+            raise ConfigError(f"tasks.{self.name}.oversample", "only for single-label classification")
         return [int(f["labels"]) for f in features]
 
-    def calibrate(self, predictions, examples):
-        """Thresholds that maximise F1 on validation: for a binary task the threshold on p(second label)
-        maximising macro-F1; for multi-label one threshold per label maximising that label's F1. Candidates
-        are the predicted probabilities and 0.5; ties go to the one closest to 0.5."""
+    def calibrate(self, predictions: Sequence[dict], examples: Sequence[dict]) -> dict | None:
+        """With ``tune_threshold``: pick the thresholds that maximise F1 on validation and keep them in
+        :meth:`state`, so that :meth:`decode` (and a loaded model) applies them.
+
+        Binary: the threshold on p(second label) that maximises macro-F1 (label = second iff p >= threshold).
+        Multi-label: one threshold per label, maximising that label's F1. Candidates are the predicted
+        probabilities (``scores`` of the predictions) and 0.5; ties go to the one closest to 0.5.
+
+        Returns:
+            ``{"thresholds": {label: threshold}}`` (binary: only the second label), or None without
+            ``tune_threshold`` or predictions.
+        """
         if not self.config.tune_threshold or not predictions:
             return None
-        probs = np.array([[p["scores"][lab] for lab in self.labels] for p in predictions])
+        probs = np.array([[p["scores"][lab] for lab in self.labels] for p in predictions], dtype=float)
         if self.config.multi_label:
-            gold = np.zeros_like(probs, dtype=int)
+            gold = np.zeros(probs.shape, dtype=bool)
             for i, ex in enumerate(examples):
-                gold[i, [self.label_index[lab] for lab in self._example_labels(ex)]] = 1
-            self.thresholds = [_best_threshold(probs[:, j], gold[:, j], "binary") for j in range(len(self.labels))]
+                gold[i, [self.label_index[lab] for lab in self._example_labels(ex)]] = True
+            self.thresholds = [best_threshold(probs[:, j], gold[:, j], macro=False) for j in range(len(self.labels))]
+            tuned = self.labels
         else:
-            gold = np.array([self.label_index[self._example_labels(ex)[0]] for ex in examples])
-            self.thresholds = [_best_threshold(probs[:, 1], gold, "macro")]
-        return {"thresholds": dict(zip(self.labels if self.config.multi_label else self.labels[1:],
-                                       [round(t, 6) for t in self.thresholds]))}
+            gold = np.array([self.label_index[self._example_labels(ex)[0]] == 1 for ex in examples])
+            self.thresholds = [best_threshold(probs[:, 1], gold, macro=True)]
+            tuned = self.labels[1:]
+        return {"thresholds": dict(zip(tuned, self.thresholds))}
 
-    def confusion(self, predictions, examples):
+    def confusion(self, predictions: Sequence[dict], examples: Sequence[dict]
+                  ) -> tuple[list[str], list[list[int]]] | None:
+        """Single-label: ``(labels, counts[gold][predicted])``; multi-label: None."""
         if self.config.multi_label:
             return None
         n = len(self.labels)
@@ -232,12 +268,35 @@ class ClassificationTask(Task):
         self.thresholds = state.get("thresholds")
 
 
-def _best_threshold(scores: np.ndarray, gold: np.ndarray, average: str) -> float:
-    candidates = sorted(set(np.round(scores, 6).tolist()) | {0.5})
-    best, best_f1 = 0.5, -1.0
-    for t in candidates:
-        pred = (scores >= t).astype(int)
-        f1 = f1_score(gold, pred, average=average, labels=[0, 1], zero_division=0)
-        if f1 > best_f1 + 1e-12 or (abs(f1 - best_f1) <= 1e-12 and abs(t - 0.5) < abs(best - 0.5)):
-            best, best_f1 = float(t), f1
-    return best
+def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+
+
+def best_threshold(scores: Sequence[float], gold: Sequence[bool], macro: bool) -> float:
+    """The threshold t (predict positive iff score >= t) that maximises F1 of the positive class, or with
+    ``macro`` the mean F1 of both classes. Candidates are the distinct scores (rounded to 6 digits, as
+    :meth:`ClassificationTask.decode` rounds them) and 0.5; ties go to the candidate closest to 0.5.
+
+    One sort and binary searches, so thousands of validation examples cost milliseconds.
+
+    Args:
+        scores: probability of the positive class per example.
+        gold: whether each example is positive.
+        macro: maximise the macro-F1 of positive and negative class instead of the positive F1.
+
+    Returns:
+        The threshold.
+    """
+    scores = np.round(np.asarray(scores, dtype=float), 6)
+    gold = np.asarray(gold, dtype=bool)
+    candidates = np.union1d(scores, [0.5])
+    pos, neg = np.sort(scores[gold]), np.sort(scores[~gold])
+    tp = len(pos) - np.searchsorted(pos, candidates, side="left")  # positives scoring >= t
+    fp = len(neg) - np.searchsorted(neg, candidates, side="left")
+    fn, tn = len(pos) - tp, len(neg) - fp
+    f1 = _f1(tp, fp, fn)
+    if macro:
+        f1 = (f1 + _f1(tn, fn, fp)) / 2
+    best = candidates[f1 >= f1.max() - 1e-12]
+    return float(best[np.argmin(np.abs(best - 0.5))])

@@ -21,6 +21,7 @@ from multitune.tasks.base import (
     LinearHead,
     Task,
     TaskOutput,
+    check_class_weights,
     class_weights,
     collate_inputs,
     label_sort_key,
@@ -39,6 +40,9 @@ class TokenClassificationConfig(TaskConfig):
     class_weights: str | list[float] | None = field(None, help="'balanced' (inverse tag frequency over train "
                                                               "words) or one loss weight per tag, in label order")
 
+    def validate(self, path: str) -> None:
+        check_class_weights(self.class_weights, f"{path}.class_weights" if path else "class_weights")
+
 
 def bio_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
     """Entity spans ``(type, first_word, last_word_exclusive)`` from BIO tags (a stray I-X opens a span)."""
@@ -56,6 +60,8 @@ class TokenClassificationTask(Task):
     """Per-word BIO tags; each word's label sits on its first sub-token, the other sub-tokens are ignored.
 
     Metrics: entity-level ``precision``, ``recall``, ``f1`` (seqeval, exact span and type match).
+    ``class_weights`` weight the cross-entropy per tag (``balanced``: inverse frequency of the training words'
+    tags, counted per word, not per sub-token).
     """
 
     config_class = TokenClassificationConfig

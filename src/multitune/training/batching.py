@@ -21,6 +21,11 @@ class TaskBatcher:
     each batch from (seed, epoch, position), so the stream is fully determined by ``(epoch, position)``:
     that pair is the whole resumable state.
 
+    Oversampling: when ``task.balance_groups(features)`` (asked once, here) returns a group per feature, each
+    epoch holds every feature plus ``largest - size`` random repeats of each smaller group, all drawn from the
+    same ``seed + e`` generator and shuffled together, so an epoch is ``groups * largest`` long and the
+    order is still a pure function of ``(seed, epoch)``.
+
     Args:
         task: the task (its ``collate`` pads a batch).
         features: the task's tokenised training examples.
@@ -38,6 +43,8 @@ class TaskBatcher:
         self.epoch = 0
         self.position = 0
         groups = task.balance_groups(features)
+        if groups is not None and len(groups) != len(features):
+            raise ValueError(f"balance_groups returned {len(groups)} groups for {len(features)} features")
         self._groups = None if groups is None else self._group_indices(groups)
         self._order = self._permutation(0)
 
@@ -50,7 +57,7 @@ class TaskBatcher:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng(self.seed + epoch)
-        if self._groups is None:
+        if not self._groups:  # also with no features at all
             return rng.permutation(len(self.features))
         # oversampling: every group drawn up to the largest one (all its examples, plus random repeats)
         top = max(len(g) for g in self._groups)

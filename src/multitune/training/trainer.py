@@ -363,6 +363,10 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         "padded_tokens_per_s": round(state["padded_tokens"] / seconds, 1),
         "precision": tcfg.precision, "device": str(accelerator.device)}
     results["data"] = {n: p.data.report for n, p in prepared.items()}
+    weights = {n: dict(zip(p.task.state()["labels"], p.task.state()["class_weights"]))
+               for n, p in prepared.items() if p.task.state().get("class_weights")}
+    if weights:
+        results["class_weights"] = weights
     if vocab_report is not None:
         results["vocabulary"] = vocab_report
     if accelerator.is_main_process:
