@@ -67,6 +67,11 @@ def main() -> None:
                                          "wall_s": sum(s["train"]["wall_s"] for s in r["stages"])}
         else:
             raise SystemExit(f"unknown run {key!r}; valid: {', '.join([*SST2_RUNS, *SEQ_RUNS])}")
+        # merge with what other invocations wrote meanwhile (the runs may go in parallel processes)
+        latest = json.loads(path.read_text()) if path.exists() else {"date": date, "sst2": {}, "sequential": {}}
+        for section in ("sst2", "sequential"):
+            latest[section].update(result[section])
+        result = latest
         path.write_text(json.dumps(result, indent=2))
     lines = [f"# Transfer-learning controls ({date}, 2 CPU cores, fp32)", "",
              "| SST-2, equal budget | steps | dev accuracy | best step | trainable params | wall s | examples/s |",
