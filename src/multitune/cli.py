@@ -65,7 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-freq", type=int, default=5, help="keep words seen at least this often")
     v.add_argument("--max-new", type=int, default=2000, help="add at most this many words")
 
-    sub.add_parser("tasks", help="list the registered task types, samplers and loss weightings")
+    p = sub.add_parser("export", help="write one task of an adapter model: merged into the backbone, or its "
+                                      "adapter in PEFT's layout")
+    p.add_argument("run_dir")
+    p.add_argument("--task", required=True)
+    p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--merge", action="store_true", help="fold the task's LoRA/DoRA/IA3 adapter into the backbone "
+                                                        "weights (a plain transformers model directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+    sub.add_parser("tasks", help="list the registered task types, samplers, loss weightings and adapter methods")
     return parser
 
 
@@ -164,13 +173,21 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from multitune.adapters.export import export_task
+
+    print(json.dumps(export_task(args.run_dir, args.task, args.output, merge=args.merge, overwrite=args.overwrite)))
+    return 0
+
+
 def cmd_tasks(args) -> int:
+    from multitune.adapters import METHODS
     from multitune.sampling import SAMPLERS
     from multitune.tasks import TASKS
     from multitune.weighting import WEIGHTINGS
 
     for title, reg in (("task types", TASKS), ("sampling strategies", SAMPLERS),
-                       ("loss weighting strategies", WEIGHTINGS)):
+                       ("loss weighting strategies", WEIGHTINGS), ("adapter methods", METHODS)):
         print(f"{title}: {', '.join(reg.names())}")
     return 0
 
@@ -186,7 +203,7 @@ def cmd_vocab(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "vocab": cmd_vocab, "evaluate": cmd_evaluate, "predict": cmd_predict, "embed": cmd_embed,
-            "quickstart": cmd_quickstart, "tasks": cmd_tasks}
+            "quickstart": cmd_quickstart, "tasks": cmd_tasks, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

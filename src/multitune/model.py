@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from multitune.tasks.base import TASKS, Task, TaskOutput
 
 MODEL_FILE = "multitune.json"
 HEADS_FILE = "heads.safetensors"
+ADAPTERS_FILE = "adapters.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -36,6 +38,8 @@ class MultiTaskModel(nn.Module):
         max_length: truncation length used for prediction.
         architecture: the backbone family (``encoder``, ``encoder_decoder``, ``decoder_only``); read from the
             model when omitted.
+        adapters: the ``adapters`` section: parameter-efficient adapters attached to the backbone and routed
+            per task (see :class:`multitune.adapters.AdapterSet`).
 
     Raises:
         ConfigError: a task cannot run on this backbone family.
@@ -43,7 +47,7 @@ class MultiTaskModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, tasks: dict[str, Task], tokenizer: Any = None,
                  pooling: str | None = None, normalize_embeddings: bool = False, max_length: int = 128,
-                 architecture: str | None = None):
+                 architecture: str | None = None, adapters: Any = None):
         super().__init__()
         self.backbone = backbone
         self.tasks = dict(tasks)
@@ -56,6 +60,15 @@ class MultiTaskModel(nn.Module):
             task.bind(self.architecture, tokenizer)
         self.hidden_size = self.architecture.hidden_size(backbone)
         self.heads = nn.ModuleDict({name: task.build_head(self.hidden_size) for name, task in tasks.items()})
+        self.adapters = None
+        if adapters is not None:
+            from multitune.adapters import AdapterSet
+
+            self.adapters = AdapterSet(adapters, backbone, self.architecture, list(self.tasks))
+
+    def route(self, task: str | Sequence[str] | None):
+        """Context in which the backbone runs with ``task``'s adapter (a name per row for a mixed batch)."""
+        return self.adapters.route(task) if self.adapters is not None else contextlib.nullcontext()
 
     # -- building blocks used by tasks -----------------------------------------------------
     def encode(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
@@ -74,7 +87,13 @@ class MultiTaskModel(nn.Module):
         return self.backbone.get_input_embeddings().weight
 
     def forward(self, task: str, batch: dict[str, torch.Tensor]) -> TaskOutput:
-        return self.tasks[task].forward(self, self.heads[task], batch)
+        with self.route(task):
+            return self.tasks[task].forward(self, self.heads[task], batch)
+
+    def infer(self, task: str, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        """The task's inference outputs for a batch (generation for text-to-text), through its adapter."""
+        with self.route(task):
+            return self.tasks[task].infer(self, self.heads[task], batch)
 
     @property
     def device(self) -> torch.device:
@@ -111,16 +130,24 @@ class MultiTaskModel(nn.Module):
         out: list[Any] = [None] * len(examples)
         try:
             for idx, batch in self._batches(t, examples, batch_size):
-                preds = t.decode(t.infer(self, self.heads[task], batch), batch, [examples[i] for i in idx])
+                preds = t.decode(self.infer(task, batch), batch, [examples[i] for i in idx])
                 for i, p in zip(idx, preds):
                     out[i] = p
         finally:
             self.train(was_training)
         return out
 
+    def predict_mixed(self, requests: Sequence[tuple[str, Any]]) -> list[dict]:
+        """Predict one mixed-task batch of ``(task, input)`` pairs: rows of head tasks share one backbone
+        pass, each through its own adapter and head (see :mod:`multitune.mixed`)."""
+        from multitune.mixed import predict_mixed
+
+        return predict_mixed(self, requests)
+
     @torch.inference_mode()
-    def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Sentence embeddings of ``texts`` [n, hidden] (pooling and normalisation as configured)."""
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 64, task: str | None = None) -> torch.Tensor:
+        """Sentence embeddings of ``texts`` [n, hidden] (pooling and normalisation as configured), through
+        ``task``'s adapter when the model has adapters (default: the shared adapter, else none)."""
         self.eval()
         out = torch.zeros(len(texts), self.hidden_size)
         enc_order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -129,7 +156,9 @@ class MultiTaskModel(nn.Module):
             enc = self.tokenizer([texts[i] for i in idx], truncation=True, max_length=self.max_length,
                                  padding=True, return_tensors="pt")
             enc = {k: v.to(self.device) for k, v in enc.items()}
-            out[idx] = self.embed(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")).float().cpu()
+            with self.route(task):
+                emb = self.embed(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
+            out[idx] = emb.float().cpu()
         return out
 
     # -- persistence -----------------------------------------------------------------------
@@ -144,6 +173,9 @@ class MultiTaskModel(nn.Module):
             self.tokenizer.save_pretrained(path)
         heads = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
         save_file(heads, str(path / HEADS_FILE), metadata={"format": "multitune-heads"})
+        if self.adapters is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.adapters.state_dict().items()}
+            save_file(state, str(path / ADAPTERS_FILE), metadata={"format": "multitune-adapters"})
         tasks = {}
         for name, task in self.tasks.items():
             cfg = to_dict(task.config)
@@ -152,7 +184,9 @@ class MultiTaskModel(nn.Module):
         write_json_atomic(path / MODEL_FILE, {
             "format_version": FORMAT_VERSION, "backbone_type": self.architecture.type_name, "pooling": self.pooling,
             "normalize_embeddings": self.normalize_embeddings, "max_length": self.max_length,
-            "tasks": tasks, **(extra or {})})
+            "tasks": tasks, **({"adapters": {**to_dict(self.adapters.config), "sites": self.adapters.site_paths}}
+                               if self.adapters is not None else {}),
+            **(extra or {})})
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None,
@@ -190,12 +224,24 @@ class MultiTaskModel(nn.Module):
         family = meta.get("backbone_type", "encoder")
         auto_class = getattr(transformers, ARCHITECTURES.get(family, f"{MODEL_FILE}: backbone_type").auto_class)
         backbone = auto_class.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code)
+        adapters = None
         try:
+            if meta.get("adapters"):
+                from multitune.adapters import AdapterConfig
+
+                entry = dict(meta["adapters"])
+                sites = entry.pop("sites")
+                adapters = from_dict(AdapterConfig, entry, "adapters")
             model = cls(backbone, tasks, tokenizer, meta["pooling"], meta["normalize_embeddings"],
-                        meta["max_length"], architecture=family)
+                        meta["max_length"], architecture=family, adapters=adapters)
         except ConfigError as exc:
             raise MultituneError(f"{path / MODEL_FILE}: {exc}") from None
         model.heads.load_state_dict(load_file(str(path / HEADS_FILE)), strict=True)
+        if adapters is not None:
+            if model.adapters.site_paths != sites or not (path / ADAPTERS_FILE).is_file():
+                raise MultituneError(f"{path}: the adapters do not match this backbone (or {ADAPTERS_FILE} "
+                                     f"is missing)")
+            model.adapters.load_state_dict(load_file(str(path / ADAPTERS_FILE)), strict=True)
         model.eval()
         if device is not None:
             model.to(device)

@@ -129,6 +129,8 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
         raise ConfigError("training.gradual_unfreezing", "cannot unfreeze a backbone that freeze.backbone keeps "
                                                          "frozen")
     _check_stages(config, tasks)
+    if config.adapters is not None:
+        _check_adapters(config, tasks)
     es = config.training.early_stopping
     if es is not None and es.metric != "mean":
         task, _, metric = es.metric.partition("/")
@@ -150,6 +152,20 @@ def stage_training(config: RunConfig, index: int) -> Any:
             value = {**merged[key], **value}
         merged[key] = value
     return from_dict(TrainingConfig, merged, f"stages[{index}].training")
+
+
+def _check_adapters(config: RunConfig, tasks: dict[str, Any]) -> None:
+    from multitune.adapters.model import check_adapter_config
+
+    check_adapter_config(config.adapters, list(tasks))
+    # adapters train on a frozen backbone: settings that train backbone layers contradict them
+    if config.training.gradual_unfreezing is not None:
+        raise ConfigError("training.gradual_unfreezing", "not with adapters: the backbone stays frozen")
+    if config.training.layer_lr_decay is not None:
+        raise ConfigError("training.layer_lr_decay", "not with adapters: the backbone stays frozen")
+    if config.backbone.extend_vocabulary is not None:
+        raise ConfigError("backbone.extend_vocabulary", "not with adapters: new embedding rows could not train "
+                                                        "on a frozen backbone")
 
 
 def _check_stages(config: RunConfig, tasks: dict[str, Any]) -> None:

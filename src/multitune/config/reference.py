@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
+from multitune.config.adapters import AdapterConfig
 from multitune.config.parse import _describe
 from multitune.config.schema import (
     BackboneConfig,
@@ -45,7 +46,7 @@ def reference() -> str:
     parts = [_table(RunConfig, "top level"), _table(BackboneConfig, "backbone"), _table(TrainingConfig, "training"),
              _table(EarlyStoppingConfig, "training.early_stopping"),
              _table(GradualUnfreezingConfig, "training.gradual_unfreezing"),
-             _table(FreezeConfig, "freeze"), _table(StageConfig, "stages[i]"),
+             _table(FreezeConfig, "freeze"), _table(StageConfig, "stages[i]"), _table(AdapterConfig, "adapters"),
              _table(SplitConfig, "tasks.NAME.data.{train,validation,test}"),
              _table(SplitFractions, "tasks.NAME.data.split")]
     for name in TASKS.names():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from multitune.config.adapters import AdapterConfig
 from multitune.config.parse import field
 from multitune.errors import ConfigError
 
@@ -235,6 +236,9 @@ class RunConfig:
     freeze: FreezeConfig = field(help="parameters that never train (none | backbone | embeddings | a mapping)",
                                  factory=FreezeConfig)
     training: TrainingConfig = field(help="optimisation settings", factory=TrainingConfig)
+    adapters: AdapterConfig | None = field(None, help="parameter-efficient fine-tuning: adapters on a frozen "
+                                                     "backbone (lora, dora, ia3, prefix, prompt, bottleneck; "
+                                                     "see docs/adapters.md)")
     stages: list[StageConfig] | None = field(None, help="sequential training: stages run in order, each with "
                                                         "its tasks and training settings (see docs/training.md)")
     trust_remote_code: bool = field(False, help="allow model code from the backbone's repository to run")

@@ -31,7 +31,7 @@ def evaluate_task(model: Any, task: Task, features: Sequence[dict], examples: Se
         for idx, batch in eval_batches(task, features, batch_size, pad_token_id):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast() if autocast else contextlib.nullcontext():
-                out = task.infer(model, model.heads[task.name], batch)
+                out = model.infer(task.name, batch)
             for i, p in zip(idx, task.decode(out, batch, [examples[i] for i in idx])):
                 predictions[i] = p
     finally:

@@ -29,7 +29,7 @@ def build_param_groups(backbone: nn.Module, new_modules: Iterable[tuple[str, nn.
                        ) -> list[dict]:
     """AdamW groups: backbone parameters at ``learning_rate`` (one group per layer, each with its decayed
     rate, when ``layer_lr_decay`` is set) and new parameters (task heads, learned loss weights) at
-    ``head_learning_rate``; each split into weight decay / no weight decay (biases, norms). Frozen
+    ``head_learning_rate`` (or the rate given as a third item, e.g. for adapters); each split into weight decay / no weight decay (biases, norms). Frozen
     parameters (``requires_grad=False`` now) are left out.
 
     Returns:
@@ -50,12 +50,13 @@ def build_param_groups(backbone: nn.Module, new_modules: Iterable[tuple[str, nn.
             lr = layer_learning_rate(learning_rate, layer_lr_decay, depths[name], num_layers)
             add(group + ("/no_decay" if nd else ""), lr, 0.0 if nd else weight_decay, p)
     seen = set()
-    for prefix, module in new_modules:
+    for prefix, module, *lr in new_modules:  # (prefix, module) or (prefix, module, its own learning rate)
         for name, p in module.named_parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 nd = _no_decay(name, p)
-                add(prefix + ("/no_decay" if nd else ""), head_learning_rate, 0.0 if nd else weight_decay, p)
+                add(prefix + ("/no_decay" if nd else ""), lr[0] if lr else head_learning_rate,
+                    0.0 if nd else weight_decay, p)
     return list(groups.values())
 
 
@@ -89,7 +90,7 @@ def parameter_table(groups: list[dict], backbone: nn.Module, new_modules: Iterab
     for name, p in named:
         count(f"backbone/{depth_label(depths[name], num_layers)}", p)
     seen: set[int] = set()
-    for prefix, module in new_modules:
+    for prefix, module, *_ in new_modules:
         children = dict(module.named_children()) if isinstance(module, nn.ModuleDict) else {"": module}
         for child, sub in children.items():
             for p in sub.parameters():

@@ -45,6 +45,9 @@ class Task(ABC):
         stratify_key: example field used to stratify automatic splits (None: no stratification).
         main_metric: the metric that represents the task (early stopping ``mean``, tables).
         greater_is_better: direction of ``main_metric``.
+        reads_token_states: inference only reads backbone token states through ``model.encode`` /
+            ``model.embed`` (so rows of several such tasks can share one backbone pass); False for tasks
+            that drive the backbone themselves (generation).
     """
 
     config_class: type[TaskConfig] = TaskConfig
@@ -53,6 +56,7 @@ class Task(ABC):
     stratify_key: str | None = None
     main_metric: str = ""
     greater_is_better: bool = True
+    reads_token_states: bool = True
 
     def __init__(self, name: str, config: TaskConfig):
         self.name = name

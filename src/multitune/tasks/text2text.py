@@ -53,6 +53,8 @@ class Text2TextTask(Task):
     scored like a classifier. Main metric: ``accuracy`` with a label set, else ``bleu``.
     """
 
+    reads_token_states = False
+
     config_class = Text2TextConfig
     fields = ("source", "target")
     required = ("source", "target")

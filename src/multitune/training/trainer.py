@@ -26,7 +26,7 @@ from multitune.data import TaskData, load_task_data
 from multitune.errors import MultituneError
 from multitune.evaluation.evaluator import evaluate_task, selection_value
 from multitune.fileio import append_jsonl, read_jsonl, replace_dir, write_json_atomic, write_text_atomic
-from multitune.model import HEADS_FILE, MultiTaskModel
+from multitune.model import ADAPTERS_FILE, HEADS_FILE, MultiTaskModel
 from multitune.optim import (
     GradualUnfreezer,
     apply_freezing,
@@ -173,9 +173,11 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
                       f"({vocab_report['vocab_size_before']} -> {vocab_report['vocab_size_after']} tokens)")
     family = None if config.backbone.type == "auto" else config.backbone.type
     model = MultiTaskModel(backbone, tasks, tokenizer, config.pooling, config.normalize_embeddings, tcfg.max_length,
-                           architecture=family)
-    if plan is not None and plan.init_from is not None:  # heads trained (or initialised) by the previous stage
+                           architecture=family, adapters=config.adapters)
+    if plan is not None and plan.init_from is not None:  # heads (and adapters) trained by the previous stage
         model.heads.load_state_dict(load_file(str(plan.init_from / HEADS_FILE)), strict=True)
+        if model.adapters is not None and (plan.init_from / ADAPTERS_FILE).is_file():
+            model.adapters.load_state_dict(load_file(str(plan.init_from / ADAPTERS_FILE)), strict=True)
     active = plan.active if plan is not None else list(tasks)
     evaluated = plan.seen if plan is not None else list(tasks)
     start = time.perf_counter()
@@ -186,7 +188,11 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     weighting = WEIGHTINGS.get(config.loss_weighting.strategy)(names, config.loss_weighting)
     head_lr = tcfg.head_learning_rate or tcfg.learning_rate
     apply_freezing(model.backbone, model.heads, config.freeze)
-    new_modules = [("heads", model.heads), ("loss_weighting", weighting)]
+    new_modules: list[tuple] = [("heads", model.heads), ("loss_weighting", weighting)]
+    if model.adapters is not None:  # parameter-efficient: the backbone stays frozen, adapters train
+        model.backbone.requires_grad_(False)
+        adapter_lr = config.adapters.learning_rate or tcfg.learning_rate
+        new_modules += [("adapters", model.adapters.adapters, adapter_lr), ("adapters", model.adapters, adapter_lr)]
     groups = build_param_groups(model.backbone, new_modules, tcfg.learning_rate, head_lr, tcfg.weight_decay,
                                 tcfg.layer_lr_decay)
     if not groups:
@@ -369,6 +375,10 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         results["class_weights"] = weights
     if vocab_report is not None:
         results["vocabulary"] = vocab_report
+    if core.adapters is not None:
+        results["adapters"] = {"method": config.adapters.method, "arrangement": config.adapters.arrangement,
+                               "trainable": sum(p.numel() for p in core.adapters.parameters()),
+                               "bytes_per_task": core.adapters.bytes_per_task()}
     if accelerator.is_main_process:
         tmp = out / ".model.tmp"
         if tmp.exists():

@@ -1,0 +1,166 @@
+"""Every adapter of a run, attached to one backbone: building, routing, counting, merging and export."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from multitune.adapters.base import METHODS, Router
+from multitune.config.adapters import AdapterConfig
+from multitune.errors import ConfigError, MultituneError
+
+SHARED = "shared"
+
+
+class AdapterSet(nn.Module):
+    """The adapters of all tasks on a (frozen) backbone, with hooks that route each row to its adapter.
+
+    ``per_task`` (and ``fusion``) give each task its own adapter; ``shared`` one adapter for every task;
+    ``shared_conditioned`` one shared adapter plus a learned task embedding (zero at the start) added to
+    every input token embedding, so that the shared adapter knows which task a row belongs to.
+
+    Args:
+        config: the validated ``adapters`` section.
+        backbone: the backbone; hooks are registered on its modules, its parameters are not touched.
+        architecture: the backbone family.
+        tasks: the run's task names, in order.
+
+    Raises:
+        ConfigError: the method does not fit the backbone (family, target modules).
+    """
+
+    def __init__(self, config: AdapterConfig, backbone: nn.Module, architecture: Any, tasks: Sequence[str]):
+        super().__init__()
+        self.config = config
+        self.task_names = list(tasks)
+        self.method = METHODS.get(config.method, "adapters.method")(config, backbone, architecture)
+        per_task = config.arrangement in ("per_task", "fusion")
+        self.names = self.task_names if per_task else [SHARED]
+        self.assignment = {t: (t if per_task else SHARED) for t in self.task_names}
+        self.site_paths = self.method.sites(backbone)
+        self.adapters = nn.ModuleDict({
+            name: nn.ModuleDict({f"s{i}": self.method.new_adapter(backbone, p, backbone.get_submodule(p))
+                                 for i, p in enumerate(self.site_paths)})
+            for name in self.names})
+        self.router = Router(self.names)
+        self._handles = []
+        for i, path in enumerate(self.site_paths):
+            def of_site(i=i):
+                return [self.adapters[n][f"s{i}"] for n in self.names]
+            self._handles += self.method.attach(backbone, path, backbone.get_submodule(path), of_site, self.router)
+        self.task_router = Router(self.task_names)
+        self.task_embeddings = None
+        if config.arrangement == "shared_conditioned":
+            emb = architecture.token_model(backbone).get_input_embeddings()
+            self.task_embeddings = nn.Parameter(torch.zeros(len(self.task_names), emb.embedding_dim,
+                                                            device=emb.weight.device))
+
+            def condition(mod, args, output):
+                if self.task_router.index is None:
+                    return None
+                e = self.task_router.select(self.task_embeddings)
+                return output + (e.unsqueeze(1) if self.task_router.per_row else e).to(output.dtype)
+
+            self._handles.append(emb.register_forward_hook(condition))
+
+    # -- routing ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def route(self, tasks: str | Sequence[str] | None) -> Iterator[None]:
+        """Within the block, the backbone runs with the adapter of ``tasks``: one task name for the whole
+        batch, one name per row (mixed-task batch), or None (the shared adapter if there is one, else the
+        plain backbone)."""
+        saved = self.router.index, self.task_router.index
+        if tasks is None:
+            self.router.index = 0 if self.names == [SHARED] else None
+            self.task_router.index = None
+        elif isinstance(tasks, str):
+            self.router.index = self.names.index(self.assignment[tasks])
+            self.task_router.index = self.task_names.index(tasks)
+        else:
+            self.router.index = torch.tensor([self.names.index(self.assignment[t]) for t in tasks])
+            self.task_router.index = torch.tensor([self.task_names.index(t) for t in tasks])
+        try:
+            yield
+        finally:
+            self.router.index, self.task_router.index = saved
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # -- reporting -------------------------------------------------------------------------------
+    def parameters_of(self, task: str) -> list[nn.Parameter]:
+        """The adapter parameters a task's rows go through (its adapter, and its task embedding row)."""
+        return list(self.adapters[self.assignment[task]].parameters())
+
+    def bytes_per_task(self) -> dict[str, int]:
+        """Bytes stored for each task's adapter (shared adapters are counted once per task that uses them,
+        plus the task's embedding row)."""
+        out = {}
+        for t in self.task_names:
+            n = sum(p.numel() * p.element_size() for p in self.parameters_of(t))
+            if self.task_embeddings is not None:
+                n += self.task_embeddings.shape[1] * self.task_embeddings.element_size()
+            out[t] = n
+        return out
+
+    def modules_by_site(self, task: str) -> dict[str, nn.Module]:
+        ad = self.adapters[self.assignment[task]]
+        return {p: ad[f"s{i}"] for i, p in enumerate(self.site_paths)}
+
+    # -- export ----------------------------------------------------------------------------------
+    def merge_into(self, backbone: nn.Module, task: str) -> None:
+        """Fold ``task``'s adapter into ``backbone``'s weights (a backbone without these hooks).
+
+        Raises:
+            MultituneError: the method does not merge, or the task's rows also need a task embedding.
+        """
+        if not self.method.mergeable:
+            raise MultituneError(f"{self.config.method} adapters cannot be merged into the backbone "
+                                 f"(only lora, dora and ia3 are linear in the weights)")
+        if self.task_embeddings is not None:
+            raise MultituneError("shared_conditioned adapters add a task embedding to the inputs; "
+                                 "they cannot be merged into plain backbone weights")
+        for path, ad in self.modules_by_site(task).items():
+            self.method.merge(backbone.get_submodule(path), ad)
+
+    def export_peft(self, backbone: nn.Module, task: str, directory: str | Path) -> Path:
+        """Write ``task``'s adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's
+        layout (``peft.PeftModel.from_pretrained(base_model, directory)`` loads it).
+
+        Raises:
+            MultituneError: the method has no PEFT equivalent (bottleneck) or needs a task embedding.
+        """
+        from safetensors.torch import save_file
+
+        if self.method.peft_type is None or self.task_embeddings is not None:
+            raise MultituneError(f"{self.config.method} ({self.config.arrangement}) has no PEFT equivalent; "
+                                 f"use the multitune model directory")
+        try:
+            config, state = self.method.peft_export(backbone, self.modules_by_site(task))
+        except NotImplementedError as exc:
+            raise MultituneError(str(exc)) from None
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config.base_model_name_or_path = None
+        config.inference_mode = True
+        config.save_pretrained(str(directory))
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()},
+                  str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return directory
+
+
+def check_adapter_config(config: AdapterConfig, tasks: Sequence[str]) -> None:
+    """Run-level checks of the ``adapters`` section (the fusion target is a task of the run)."""
+    if config.arrangement == "fusion":  # AdapterFusion is specified (issue 5) but not built yet: refuse it
+        raise ConfigError("adapters.arrangement", "fusion is not available yet; use per_task, shared or "
+                                                  "shared_conditioned")
+    if config.arrangement == "fusion" and config.fusion_target not in tasks:
+        raise ConfigError("adapters.fusion_target", f"no task {config.fusion_target!r} in this run "
+                                                    f"(tasks: {', '.join(tasks)})")

@@ -1,0 +1,238 @@
+"""Parameter-efficient methods: every method x arrangement trains exactly its adapters (and the heads),
+saves, reloads and predicts; merge equivalence; PEFT-format round trip; mixed-task batches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from multitune.adapters import METHODS, AdapterConfig
+from multitune.backbones import load_backbone
+from multitune.cli import main
+from multitune.config import parse_config
+from multitune.config.parse import from_dict
+from multitune.errors import ConfigError
+from multitune.model import MultiTaskModel
+from multitune.tasks import TASKS
+from multitune.training import train
+from tests.conftest import text2text_config, toy_config
+
+ARRANGEMENTS = ["per_task", "shared", "shared_conditioned"]
+TEXTS = ["anna visited oslo", "a fine film", "boris left lima", "a dull film"]
+
+
+def _model(backbone_dir, method, arrangement, **extra):
+    backbone, tok = load_backbone(backbone_dir)
+    tasks = {}
+    for name, kind, labels in (("sentiment", "classification", ["neg", "pos"]),
+                               ("ner", "token_classification", ["O", "B-PER", "I-PER"])):
+        impl = TASKS.get(kind)
+        tasks[name] = impl(name, from_dict(impl.config_class, {"type": kind, "labels": labels}))
+        tasks[name].setup([])
+    cfg = from_dict(AdapterConfig, {"method": method, "arrangement": arrangement, "num_virtual_tokens": 4,
+                                    **extra} if method in ("prefix", "prompt")
+                    else {"method": method, "arrangement": arrangement, **extra}, "adapters")
+    torch.manual_seed(0)
+    return MultiTaskModel(backbone, tasks, tok, adapters=cfg), tok
+
+
+def _batches(model, tok):
+    sent, ner = model.tasks["sentiment"], model.tasks["ner"]
+    s = sent.collate(sent.encode([{"text": t, "label": "pos" if i % 2 else "neg"} for i, t in enumerate(TEXTS)],
+                                 tok, 16), tok.pad_token_id)
+    n = ner.collate(ner.encode([{"tokens": t.split(), "tags": ["B-PER"] + ["O"] * (len(t.split()) - 1)}
+                                for t in TEXTS], tok, 16), tok.pad_token_id)
+    return {"sentiment": s, "ner": n}
+
+
+@pytest.mark.parametrize("arrangement", ARRANGEMENTS)
+@pytest.mark.parametrize("method", sorted(METHODS.names()))
+def test_only_the_intended_parameters_train(tiny_backbone, method, arrangement):
+    model, tok = _model(tiny_backbone, method, arrangement)
+    model.backbone.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batches = _batches(model, tok)
+    for step in range(4):
+        name = ["sentiment", "ner"][step % 2]
+        model(name, batches[name]).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert not {n for n in changed if n.startswith("backbone.")}, "the frozen backbone moved"
+    assert {n.split(".")[1] for n in changed if n.startswith("heads.")} == {"sentiment", "ner"}
+    names = ["sentiment", "ner"] if arrangement == "per_task" else ["shared"]
+    for name in names:  # every adapter of the run really trains
+        assert any(n.startswith(f"adapters.adapters.{name}.") for n in changed), f"adapter {name} did not train"
+    assert all(n.startswith(("heads.", "adapters.")) for n in changed)
+    if arrangement == "shared_conditioned":
+        assert "adapters.task_embeddings" in changed
+
+
+@pytest.mark.parametrize("method", sorted(METHODS.names()))
+def test_mixed_task_batch_equals_one_task_at_a_time(tiny_backbone, method):
+    model, tok = _model(tiny_backbone, method, "per_task")
+    with torch.no_grad():  # trained-looking adapters, so that routing to the wrong one would show
+        for p in model.adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    model.eval()
+    requests = [("sentiment", "a fine film"), ("ner", "anna visited oslo"), ("sentiment", "a dull film indeed"),
+                ("ner", "boris left")]
+    mixed = model.predict_mixed(requests)
+    alone = [model.predict(t, [x])[0] for t, x in requests]
+    for m, a in zip(mixed, alone):
+        if "scores" in a:
+            assert m["label"] == a["label"]
+            assert m["scores"] == pytest.approx(a["scores"], abs=1e-5)
+        else:
+            assert m == a
+    # the adapters matter: the plain backbone gives other scores
+    with model.adapters.route(None):
+        plain = model.tasks["sentiment"].infer(model, model.heads["sentiment"], _batches(model, tok)["sentiment"])
+    routed = model.infer("sentiment", _batches(model, tok)["sentiment"])
+    assert not torch.allclose(plain.outputs["logits"], routed.outputs["logits"])
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt", "prefix"])
+def test_peft_format_round_trip(tiny_backbone, method, tmp_path):
+    import peft
+    from transformers import AutoModel
+
+    model, tok = _model(tiny_backbone, method, "per_task")
+    with torch.no_grad():
+        for p in model.adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    model.eval()
+    model.adapters.export_peft(model.backbone, "ner", tmp_path / "peft")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {f.name for f in (tmp_path / "peft").iterdir()}
+    loaded = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_backbone), tmp_path / "peft").eval()
+    batch = _batches(model, tok)["ner"]
+    with torch.no_grad(), model.route("ner"):
+        ours = model.encode(batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        theirs = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    if method == "prompt":  # PEFT keeps the virtual positions in its output
+        theirs = theirs[:, 4:]
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+
+
+def test_config_errors():
+    def cfg(**kw):
+        return from_dict(AdapterConfig, kw, "adapters")
+
+    with pytest.raises(ConfigError, match=r"adapters.num_virtual_tokens: only for method prefix / prompt"):
+        cfg(method="lora", num_virtual_tokens=8)
+    with pytest.raises(ConfigError, match=r"adapters.r: only for method dora / lora"):
+        cfg(method="bottleneck", r=4)
+    with pytest.raises(ConfigError, match="adapters.method: unknown|adapters.method"):
+        cfg(method="lorra")
+    assert cfg(method="bottleneck").reduction_factor == 16 and cfg(method="lora").r == 8
+
+
+def test_run_config_errors(toy_data, tiny_backbone, tmp_path):
+    raw = toy_config(toy_data, tiny_backbone, tmp_path / "run")
+    raw["adapters"] = {"method": "lora"}
+    raw["training"]["layer_lr_decay"] = 0.9
+    with pytest.raises(ConfigError, match="training.layer_lr_decay: not with adapters"):
+        parse_config(raw)
+    raw["training"].pop("layer_lr_decay")
+    raw["adapters"] = {"method": "lora", "target_modules": ["nothing_like_this"]}
+    parse_config(raw)  # target modules are checked against the backbone when the model is built
+    with pytest.raises(ConfigError, match="adapters.target_modules: no linear layer .* matches"):
+        train(parse_config(raw), progress=False)
+    raw["adapters"] = {"method": "bottleneck", "arrangement": "fusion", "fusion_target": "sentiment"}
+    with pytest.raises(ConfigError, match="adapters.arrangement: fusion is not available yet"):
+        parse_config(raw)
+
+
+@pytest.mark.parametrize("method,arrangement", [("lora", "per_task"), ("bottleneck", "shared_conditioned"),
+                                                ("prompt", "shared")])
+def test_train_save_reload_predict(toy_data, tiny_backbone, tmp_path, method, arrangement):
+    raw = toy_config(toy_data, tiny_backbone, tmp_path / "run", learning_rate=5e-3)
+    raw["tasks"].pop("mlm")
+    raw["adapters"] = {"method": method, "arrangement": arrangement}
+    results = train(parse_config(raw), progress=False)
+    assert set(results["adapters"]["bytes_per_task"]) == {"sentiment", "ner", "similarity"}
+    table = json.loads((tmp_path / "run" / "parameters.json").read_text())
+    backbone_rows = [r for r in table if r["group"].startswith("backbone/")]
+    assert backbone_rows and all(r["trainable"] == 0 for r in backbone_rows)
+    assert any(r["group"].startswith("adapters") and r["trainable"] > 0 for r in table)
+    # the saved backbone is the untouched pretrained one; adapters sit in their own file
+    saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    original = load_file(f"{tiny_backbone}/model.safetensors")
+    assert all(torch.equal(saved[k], original[k]) for k in original)
+    model = MultiTaskModel.load(tmp_path / "run")
+    again = MultiTaskModel.load(tmp_path / "run")
+    texts = ["the film was great", "the meal was awful"]
+    assert model.predict("sentiment", texts) == again.predict("sentiment", texts)
+    with torch.no_grad():
+        for p in again.adapters.parameters():
+            p.zero_()
+    assert model.predict("similarity", [("a", "b")]) != again.predict("similarity", [("a", "b")])
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_export_merge_matches_the_unmerged_model(toy_data, tiny_backbone, tmp_path, method, capsys):
+    from transformers import AutoModel
+
+    raw = toy_config(toy_data, tiny_backbone, tmp_path / "run", learning_rate=1e-2, max_steps=4)
+    raw["tasks"] = {k: raw["tasks"][k] for k in ("sentiment", "ner")}
+    raw["adapters"] = {"method": method}
+    train(parse_config(raw), progress=False)
+    assert main(["export", str(tmp_path / "run"), "--task", "ner", "--merge", "--output", str(tmp_path / "m")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--task", "ner", "--output", str(tmp_path / "a")]) == 0
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert reports[1]["bytes"] > 0 and "adapter_model.safetensors" in reports[1]["files"]
+    model = MultiTaskModel.load(tmp_path / "run")
+    merged = MultiTaskModel.load(tmp_path / "m")
+    assert merged.adapters is None and list(merged.tasks) == ["ner"]
+    texts = ["anna visited oslo today", "yesterday boris left"]
+    assert merged.predict("ner", texts) == model.predict("ner", texts)
+    enc = model.tokenizer(texts, padding=True, return_tensors="pt")
+    plain = AutoModel.from_pretrained(tmp_path / "m").eval()  # a plain transformers directory
+    with torch.no_grad(), model.route("ner"):
+        ours = model.encode(enc["input_ids"], enc["attention_mask"])
+    with torch.no_grad():
+        theirs = plain(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+    # an existing export is not replaced without --overwrite
+    assert main(["export", str(tmp_path / "run"), "--task", "ner", "--merge", "--output", str(tmp_path / "m")]) == 2
+
+
+def test_bottleneck_does_not_merge(toy_data, tiny_backbone, tmp_path, capsys):
+    raw = toy_config(toy_data, tiny_backbone, tmp_path / "run", max_steps=2, eval_every=2)
+    raw["tasks"] = {"sentiment": raw["tasks"]["sentiment"]}
+    raw["adapters"] = {"method": "bottleneck", "placement": "houlsby"}
+    train(parse_config(raw), progress=False)
+    assert main(["export", str(tmp_path / "run"), "--task", "sentiment", "--merge", "--output",
+                 str(tmp_path / "m")]) == 2
+    assert "cannot be merged" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    assert main(["export", str(tmp_path / "run"), "--task", "sentiment", "--output", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.parametrize("family,method", [("tiny_t5", "lora"), ("tiny_llama", "lora"), ("tiny_t5", "prompt"),
+                                           ("tiny_llama", "bottleneck")])
+def test_adapters_on_generative_families(family, method, request, toy_data, tmp_path):
+    backbone = request.getfixturevalue(family)
+    raw = text2text_config(toy_data, backbone, tmp_path / "run", tasks=("sentiment", "sentiment_text"),
+                           max_steps=4, eval_every=4)
+    raw["adapters"] = {"method": method, **({"num_virtual_tokens": 4} if method == "prompt" else {})}
+    train(parse_config(raw), progress=False)
+    model = MultiTaskModel.load(tmp_path / "run")
+    out = model.predict("sentiment_text", ["the film was great"])
+    assert isinstance(out[0]["text"], str)
+    mixed = model.predict_mixed([("sentiment", "the film was great"), ("sentiment_text", "the film was great")])
+    assert mixed[0]["label"] == model.predict("sentiment", ["the film was great"])[0]["label"]
+    assert mixed[1] == out[0]
+
+
+def test_prefix_refuses_a_decoder(tiny_llama, toy_data, tmp_path):
+    raw = text2text_config(toy_data, tiny_llama, tmp_path / "run", tasks=("sentiment_text",))
+    raw["adapters"] = {"method": "prefix"}
+    with pytest.raises(ConfigError, match="adapters.method: prefix supports encoder backbones, not decoder_only"):
+        train(parse_config(raw), progress=False)
