@@ -143,7 +143,7 @@ def test_run_config_errors(toy_data, tiny_backbone, tmp_path):
     parse_config(raw)  # target modules are checked against the backbone when the model is built
     with pytest.raises(ConfigError, match="adapters.target_modules: no linear layer .* matches"):
         train(parse_config(raw), progress=False)
-    raw["adapters"] = {"method": "bottleneck", "arrangement": "fusion", "fusion_target": "sentiment"}
+    raw["adapters"] = {"method": "bottleneck", "arrangement": "fusion"}
     with pytest.raises(ConfigError, match="adapters.arrangement: fusion is not available yet"):
         parse_config(raw)
 

@@ -12,6 +12,7 @@ their own adapters in one forward pass.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from multitune.config.adapters import AdapterConfig
-from multitune.errors import ConfigError
+from multitune.errors import ConfigError, MultituneError
 from multitune.registry import Registry
 
 METHODS: Registry[type[AdapterMethod]] = Registry("adapter method")
@@ -87,7 +88,7 @@ def first_matching(backbone: nn.Module, candidates: Sequence[Sequence[str] | str
     return candidates[0]
 
 
-class AdapterMethod:
+class AdapterMethod(ABC):
     """One parameter-efficient method. Subclasses register with ``@METHODS.register(name)``.
 
     Class attributes:
@@ -112,19 +113,19 @@ class AdapterMethod:
             raise ConfigError("adapters.method", f"{config.method} supports {', '.join(self.families)} "
                                                  f"backbones, not {architecture.type_name}")
 
+    @abstractmethod
     def sites(self, backbone: nn.Module) -> list[str]:
         """Paths of the backbone modules that get an adapter ("" is the whole token model)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def new_adapter(self, backbone: nn.Module, path: str, module: nn.Module) -> nn.Module:
         """A fresh adapter for the module at ``path``: a small ``nn.Module`` holding its parameters."""
-        raise NotImplementedError
 
+    @abstractmethod
     def attach(self, backbone: nn.Module, path: str, module: nn.Module, adapters: Callable[[], list[nn.Module]],
                router: Router) -> list[Any]:
         """Register the hooks that apply ``adapters()[i]`` to the rows routed to adapter ``i``; return the
         hook handles."""
-        raise NotImplementedError
 
     def merge(self, module: nn.Module, adapter: nn.Module) -> None:
         """Fold ``adapter`` into ``module``'s weights in place (only if ``mergeable``)."""
@@ -133,5 +134,9 @@ class AdapterMethod:
 
     def peft_export(self, backbone: nn.Module, adapters: dict[str, nn.Module]) -> tuple[Any, dict[str, torch.Tensor]]:
         """A PEFT config object and the adapter state dict in PEFT's key layout, for one adapter given as
-        ``{site path: adapter module}``."""
-        raise NotImplementedError
+        ``{site path: adapter module}`` (only methods that declare a ``peft_type``).
+
+        Raises:
+            MultituneError: this backbone family has no PEFT layout for the method.
+        """
+        raise MultituneError(f"{self.config.method} adapters have no PEFT layout")

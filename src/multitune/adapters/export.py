@@ -60,11 +60,9 @@ def export_task(run: str | Path, task: str, output: str | Path, merge: bool = Fa
             report_bytes = _size(tmp)
         else:
             tmp.mkdir(parents=True)
-            try:
+            if model.adapters.method.peft_type is not None:
                 model.adapters.export_peft(model.backbone, task, tmp)
-            except MultituneError:
-                if model.adapters.method.peft_type is not None:
-                    raise
+            else:  # no PEFT equivalent (bottleneck): multitune's own layout
                 state = {f"{p}.{k}": v.detach().cpu().contiguous()
                          for p, ad in model.adapters.modules_by_site(task).items() for k, v in ad.state_dict().items()}
                 save_file(state, str(tmp / "adapter.safetensors"), metadata={"format": "multitune-adapter"})

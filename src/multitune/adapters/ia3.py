@@ -35,7 +35,14 @@ class IA3Method(AdapterMethod):
     mergeable = True
     peft_type = "IA3"
 
+    def __init__(self, config, backbone, architecture):
+        super().__init__(config, backbone, architecture)
+        self._resolved = self._find_targets(backbone)  # scan the backbone once, not once per site
+
     def _targets(self, backbone):
+        return self._resolved
+
+    def _find_targets(self, backbone):
         if self.config.target_modules is not None:
             return self.config.target_modules, self.config.feedforward_modules or []
         for targets, ff in DEFAULTS:

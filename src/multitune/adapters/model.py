@@ -12,7 +12,7 @@ from torch import nn
 
 from multitune.adapters.base import METHODS, Router
 from multitune.config.adapters import AdapterConfig
-from multitune.errors import ConfigError, MultituneError
+from multitune.errors import MultituneError
 
 SHARED = "shared"
 
@@ -20,7 +20,7 @@ SHARED = "shared"
 class AdapterSet(nn.Module):
     """The adapters of all tasks on a (frozen) backbone, with hooks that route each row to its adapter.
 
-    ``per_task`` (and ``fusion``) give each task its own adapter; ``shared`` one adapter for every task;
+    ``per_task`` gives each task its own adapter; ``shared`` one adapter for every task;
     ``shared_conditioned`` one shared adapter plus a learned task embedding (zero at the start) added to
     every input token embedding, so that the shared adapter knows which task a row belongs to.
 
@@ -39,7 +39,7 @@ class AdapterSet(nn.Module):
         self.config = config
         self.task_names = list(tasks)
         self.method = METHODS.get(config.method, "adapters.method")(config, backbone, architecture)
-        per_task = config.arrangement in ("per_task", "fusion")
+        per_task = config.arrangement == "per_task"
         self.names = self.task_names if per_task else [SHARED]
         self.assignment = {t: (t if per_task else SHARED) for t in self.task_names}
         self.site_paths = self.method.sites(backbone)
@@ -142,10 +142,7 @@ class AdapterSet(nn.Module):
         if self.method.peft_type is None or self.task_embeddings is not None:
             raise MultituneError(f"{self.config.method} ({self.config.arrangement}) has no PEFT equivalent; "
                                  f"use the multitune model directory")
-        try:
-            config, state = self.method.peft_export(backbone, self.modules_by_site(task))
-        except NotImplementedError as exc:
-            raise MultituneError(str(exc)) from None
+        config, state = self.method.peft_export(backbone, self.modules_by_site(task))
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config.base_model_name_or_path = None
@@ -156,11 +153,3 @@ class AdapterSet(nn.Module):
         return directory
 
 
-def check_adapter_config(config: AdapterConfig, tasks: Sequence[str]) -> None:
-    """Run-level checks of the ``adapters`` section (the fusion target is a task of the run)."""
-    if config.arrangement == "fusion":  # AdapterFusion is specified (issue 5) but not built yet: refuse it
-        raise ConfigError("adapters.arrangement", "fusion is not available yet; use per_task, shared or "
-                                                  "shared_conditioned")
-    if config.arrangement == "fusion" and config.fusion_target not in tasks:
-        raise ConfigError("adapters.fusion_target", f"no task {config.fusion_target!r} in this run "
-                                                    f"(tasks: {', '.join(tasks)})")

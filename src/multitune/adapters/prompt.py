@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from multitune.adapters.base import METHODS, AdapterMethod
+from multitune.errors import MultituneError
 
 
 class SoftPromptAdapter(nn.Module):
@@ -97,7 +98,7 @@ class PromptTuningMethod(_SoftPromptMethod):
         import peft
 
         if self.architecture.type_name != "encoder":
-            raise NotImplementedError("PEFT layout for prompt tuning is written for encoder backbones only")
+            raise MultituneError("the PEFT layout of prompt tuning is written for encoder backbones only")
         (ad,) = adapters.values()
         cfg = backbone.config
         config = peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=ad.prompt_embeddings.shape[0],

@@ -31,8 +31,8 @@ class AdapterConfig:
                         choices=list(METHOD_KEYS))
     arrangement: str = field("per_task", help="per_task: one adapter per task; shared: one for all tasks; "
                                               "shared_conditioned: one shared adapter plus a learned task "
-                                              "embedding; fusion: frozen per-task adapters fused for "
-                                              "`fusion_target`", choices=ARRANGEMENTS)
+                                              "embedding; fusion (AdapterFusion): not available yet",
+                        choices=ARRANGEMENTS)
     learning_rate: float | None = field(None, help="learning rate of adapter parameters (default: "
                                                    "training.learning_rate)", gt=0.0)
     r: int | None = field(None, help="lora/dora: rank of the update (default 8)", min=1)
@@ -55,10 +55,6 @@ class AdapterConfig:
                                   choices=["houlsby", "pfeiffer"])
     non_linearity: str | None = field(None, help="bottleneck: activation inside the bottleneck (default relu)",
                                       choices=["relu", "gelu", "swish", "tanh"])
-    fusion_target: str | None = field(None, help="fusion: the task whose head and fusion layers train on top "
-                                                 "of the frozen task adapters")
-    fusion_from: str | None = field(None, help="fusion: a finished per_task adapter run (its model directory) "
-                                               "whose adapters are fused; default: train them in this run first")
 
     def validate(self, path: str) -> None:
         allowed = METHOD_KEYS[self.method]
@@ -69,11 +65,6 @@ class AdapterConfig:
         for key in allowed:
             if getattr(self, key) is None and key in _DEFAULTS:
                 setattr(self, key, _DEFAULTS[key])
-        if self.arrangement == "fusion":
-            if self.method != "bottleneck":
-                raise ConfigError(f"{path}.arrangement", "fusion combines bottleneck adapters "
-                                                         "(Pfeiffer et al. 2021); set method: bottleneck")
-            if not self.fusion_target:
-                raise ConfigError(f"{path}.fusion_target", "required with arrangement: fusion (the target task)")
-        elif self.fusion_target is not None or self.fusion_from is not None:
-            raise ConfigError(f"{path}.fusion_target", "only with arrangement: fusion")
+        if self.arrangement == "fusion":  # AdapterFusion (Pfeiffer et al. 2021) is planned, not built: refuse it
+            raise ConfigError(f"{path}.arrangement", "fusion is not available yet; use per_task, shared or "
+                                                     "shared_conditioned")

@@ -155,9 +155,6 @@ def stage_training(config: RunConfig, index: int) -> Any:
 
 
 def _check_adapters(config: RunConfig, tasks: dict[str, Any]) -> None:
-    from multitune.adapters.model import check_adapter_config
-
-    check_adapter_config(config.adapters, list(tasks))
     # adapters train on a frozen backbone: settings that train backbone layers contradict them
     if config.training.gradual_unfreezing is not None:
         raise ConfigError("training.gradual_unfreezing", "not with adapters: the backbone stays frozen")

@@ -192,6 +192,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     if model.adapters is not None:  # parameter-efficient: the backbone stays frozen, adapters train
         model.backbone.requires_grad_(False)
         adapter_lr = config.adapters.learning_rate or tcfg.learning_rate
+        # the ModuleDict gives one table row per adapter; the set itself adds what is left (task embeddings)
         new_modules += [("adapters", model.adapters.adapters, adapter_lr), ("adapters", model.adapters, adapter_lr)]
     groups = build_param_groups(model.backbone, new_modules, tcfg.learning_rate, head_lr, tcfg.weight_decay,
                                 tcfg.layer_lr_decay)
