@@ -143,8 +143,14 @@ def test_run_config_errors(toy_data, tiny_backbone, tmp_path):
     parse_config(raw)  # target modules are checked against the backbone when the model is built
     with pytest.raises(ConfigError, match="adapters.target_modules: no linear layer .* matches"):
         train(parse_config(raw), progress=False)
-    raw["adapters"] = {"method": "bottleneck", "arrangement": "fusion"}
-    with pytest.raises(ConfigError, match="adapters.arrangement: fusion is not available yet"):
+    raw["adapters"] = {"method": "lora", "arrangement": "fusion"}
+    with pytest.raises(ConfigError, match="adapters.arrangement: fusion attends over .* set method: bottleneck"):
+        parse_config(raw)
+    raw["adapters"] = {"method": "bottleneck", "arrangement": "fusion", "fusion_targets": ["sentimnt"]}
+    with pytest.raises(ConfigError, match="adapters.fusion_targets: no task 'sentimnt'"):
+        parse_config(raw)
+    raw["adapters"] = {"method": "bottleneck", "fusion_steps": 4}
+    with pytest.raises(ConfigError, match="adapters.fusion_steps: only for arrangement fusion"):
         parse_config(raw)
 
 
@@ -236,3 +242,114 @@ def test_prefix_refuses_a_decoder(tiny_llama, toy_data, tmp_path):
     raw["adapters"] = {"method": "prefix"}
     with pytest.raises(ConfigError, match="adapters.method: prefix supports encoder backbones, not decoder_only"):
         train(parse_config(raw), progress=False)
+
+
+def test_fusion_layer_starts_as_the_mean_of_adapter_outputs_and_attends():
+    from multitune.adapters.fusion import AdapterFusionLayer
+
+    torch.manual_seed(0)
+    layer = AdapterFusionLayer(8)
+    h = torch.randn(2, 3, 8)
+    outputs = torch.stack([h + 1.0, h - 1.0, h + 3.0])  # three adapters' outputs
+    with torch.no_grad():
+        layer.query.weight.zero_()  # no query: uniform attention
+        fused, attention = layer(h, outputs)
+    torch.testing.assert_close(attention, torch.full((2, 3, 3), 1 / 3))
+    torch.testing.assert_close(fused, h + 1.0)  # identity values: the mean of the outputs
+    with torch.no_grad():  # a query/key pair that prefers the third adapter's direction
+        layer.query.weight.copy_(torch.eye(8) * 10)
+        layer.key.weight.copy_(torch.eye(8))
+        layer.key.bias.copy_(torch.tensor([0.0] * 7 + [0.0]))
+        fused, attention = layer(torch.ones(1, 1, 8), torch.stack([torch.full((1, 1, 8), v) for v in (1.0, -1.0, 3.0)]))
+    assert attention[0, 0].argmax() == 2 and attention[0, 0, 2] > 0.99
+    torch.testing.assert_close(fused, torch.full((1, 1, 8), 3.0), atol=1e-3, rtol=0)
+
+
+def _fusion_model(backbone_dir, targets=None):
+    model, tok = _model(backbone_dir, "bottleneck", "fusion", **({"fusion_targets": targets} if targets else {}))
+    with torch.no_grad():  # trained-looking adapters
+        for p in model.adapters.adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model, tok
+
+
+def test_fusion_trains_only_fusion_layers_and_target_heads(tiny_backbone):
+    model, tok = _fusion_model(tiny_backbone, ["sentiment"])
+    model.backbone.requires_grad_(False)
+    model.adapters.adapters.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = _batches(model, tok)["sentiment"]
+    for _ in range(3):
+        model("sentiment", batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert any(n.startswith("adapters.fusion.sentiment.") for n in changed)
+    assert all(n.startswith(("adapters.fusion.sentiment.", "heads.sentiment.")) for n in changed), changed
+    # a non-target task runs through its own adapter only, exactly as before fusion
+    ner = _batches(model, tok)["ner"]
+    with torch.no_grad(), model.route("ner"):
+        fused_run = model.encode(ner["input_ids"], ner["attention_mask"])
+    plain = MultiTaskModel(model.backbone, model.tasks, tok, adapters=from_dict(
+        AdapterConfig, {"method": "bottleneck", "arrangement": "per_task"}, "adapters"))
+    model.adapters.remove_hooks()
+    plain.adapters.adapters.load_state_dict(model.adapters.adapters.state_dict())
+    with torch.no_grad(), plain.route("ner"):
+        own = plain.encode(ner["input_ids"], ner["attention_mask"])
+    torch.testing.assert_close(fused_run, own)
+
+
+def test_fusion_mixed_batch_equals_one_task_at_a_time(tiny_backbone):
+    model, _ = _fusion_model(tiny_backbone, ["sentiment"])
+    with torch.no_grad():
+        for p in model.adapters.fusion.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    requests = [("sentiment", "a fine film"), ("ner", "anna visited oslo"), ("sentiment", "a dull film indeed")]
+    mixed = model.predict_mixed(requests)
+    alone = [model.predict(t, [x])[0] for t, x in requests]
+    for m, a in zip(mixed, alone):
+        if "scores" in a:
+            assert m["scores"] == pytest.approx(a["scores"], abs=1e-5)
+        else:
+            assert m == a
+    attention = model.adapters.fusion_attention()
+    assert set(attention) == {"sentiment"} and set(attention["sentiment"]) == {"sentiment", "ner"}
+    assert sum(attention["sentiment"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_fusion_run_trains_adapters_then_fusion(toy_data, tiny_backbone, tmp_path, capsys):
+    raw = toy_config(toy_data, tiny_backbone, tmp_path / "run", learning_rate=5e-3, max_steps=4, eval_every=4)
+    raw["tasks"] = {k: raw["tasks"][k] for k in ("sentiment", "ner", "similarity")}
+    raw["adapters"] = {"method": "bottleneck", "arrangement": "fusion", "fusion_targets": ["sentiment"],
+                       "fusion_steps": 3, "fusion_learning_rate": 1e-2}
+    results = train(parse_config(raw), progress=False)
+    run = tmp_path / "run"
+    assert [s["stage"] for s in results["stages"]] == ["adapters", "fusion"]
+    assert results["stages"][1]["train"]["steps"] == 3
+    assert set(results["forgetting"]["matrix"]["sentiment"]) == {"adapters", "fusion"}
+    # stage 2 moved only the fusion layers and the target's head; every task adapter is as stage 1 left it
+    first = load_file(str(run / "stages/01-adapters/model/adapters.safetensors"))
+    second = load_file(str(run / "model/adapters.safetensors"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(k.startswith("fusion.sentiment.") for k in second)
+    h1 = load_file(str(run / "stages/01-adapters/model/heads.safetensors"))
+    h2 = load_file(str(run / "model/heads.safetensors"))
+    assert not all(torch.equal(h1[k], h2[k]) for k in h1 if k.startswith("sentiment."))
+    assert all(torch.equal(h1[k], h2[k]) for k in h1 if not k.startswith("sentiment."))
+    table = json.loads((run / "stages/02-fusion/parameters.json").read_text())
+    assert any(r["group"].startswith("fusion") and r["trainable"] > 0 for r in table)
+    assert all(r["trainable"] == 0 for r in table if r["group"].startswith("adapters/"))
+    assert set(results["adapters"]["fusion_attention"]["sentiment"]) == {"sentiment", "ner", "similarity"}
+    bytes_ = results["adapters"]["bytes_per_task"]
+    assert bytes_["sentiment"] > bytes_["ner"] == bytes_["similarity"]
+    # the run reloads as one model; a fusion target has no single-adapter export
+    model = MultiTaskModel.load(run)
+    assert model.adapters.fusion_targets == ["sentiment"]
+    assert model.predict("sentiment", ["a fine film"]) == MultiTaskModel.load(run).predict("sentiment", ["a fine film"])
+    assert main(["export", str(run), "--task", "sentiment", "--output", str(tmp_path / "e")]) == 2
+    assert "AdapterFusion" in capsys.readouterr().err
+    # --resume of a finished fusion run skips both stages
+    again = train(parse_config(raw), resume=True, progress=False)
+    assert again["validation"] == results["validation"]

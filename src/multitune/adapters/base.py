@@ -93,6 +93,8 @@ class AdapterMethod(ABC):
 
     Class attributes:
         mergeable: the adapter can be folded into the backbone weights (``export --merge``).
+        fusable: the adapter adds a change to a sub-layer's output, so AdapterFusion can attend over the
+            outputs of several adapters (implements :meth:`delta`).
         peft_type: the PEFT type whose on-disk layout :meth:`peft_export` writes (None: multitune's own).
         families: backbone families the method supports.
 
@@ -103,6 +105,7 @@ class AdapterMethod(ABC):
     """
 
     mergeable: ClassVar[bool] = False
+    fusable: ClassVar[bool] = False
     peft_type: ClassVar[str | None] = None
     families: ClassVar[tuple[str, ...]] = ("encoder", "encoder_decoder", "decoder_only")
 
@@ -126,6 +129,10 @@ class AdapterMethod(ABC):
                router: Router) -> list[Any]:
         """Register the hooks that apply ``adapters()[i]`` to the rows routed to adapter ``i``; return the
         hook handles."""
+
+    def delta(self, adapter: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """The change ``adapter`` makes to its site's output ``h`` (only if ``fusable``)."""
+        raise MultituneError(f"{self.config.method} adapters cannot be fused")
 
     def merge(self, module: nn.Module, adapter: nn.Module) -> None:
         """Fold ``adapter`` into ``module``'s weights in place (only if ``mergeable``)."""

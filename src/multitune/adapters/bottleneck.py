@@ -50,6 +50,8 @@ def bottleneck_delta(h: torch.Tensor, ads: list[BottleneckAdapter], router, act)
 
 @METHODS.register("bottleneck")
 class BottleneckMethod(AdapterMethod):
+    fusable = True
+
     def sites(self, backbone):
         pattern = FEEDFORWARD_OUTPUT if self.config.placement == "pfeiffer" else \
             f"{ATTENTION_OUTPUT}|{FEEDFORWARD_OUTPUT}"
@@ -57,6 +59,10 @@ class BottleneckMethod(AdapterMethod):
 
     def new_adapter(self, backbone, path, module):
         return BottleneckAdapter(module, self.config.reduction_factor)
+
+    def delta(self, adapter, h):
+        act = ACTIVATIONS[self.config.non_linearity]
+        return adapter.up(act(adapter.down(h.to(adapter.down.weight.dtype))))
 
     def attach(self, backbone, path, module, adapters, router):
         act = ACTIVATIONS[self.config.non_linearity]

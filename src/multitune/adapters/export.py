@@ -45,6 +45,9 @@ def export_task(run: str | Path, task: str, output: str | Path, merge: bool = Fa
         raise MultituneError(f"the model has no task {task!r}; its tasks: {', '.join(model.tasks)}")
     if model.adapters is None:
         raise MultituneError(f"{run}: the model has no adapters; its model directory already is the export")
+    if task in model.adapters.fusion_targets:
+        raise MultituneError(f"task {task!r} uses AdapterFusion over every task's adapter; it has no "
+                             f"single-adapter export, deploy the run's model directory")
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from multitune.adapters.base import METHODS, Router
+from multitune.adapters.fusion import AdapterFusionLayer, fusion_hook
 from multitune.config.adapters import AdapterConfig
-from multitune.errors import MultituneError
+from multitune.errors import ConfigError, MultituneError
 
 SHARED = "shared"
 
@@ -22,7 +23,9 @@ class AdapterSet(nn.Module):
 
     ``per_task`` gives each task its own adapter; ``shared`` one adapter for every task;
     ``shared_conditioned`` one shared adapter plus a learned task embedding (zero at the start) added to
-    every input token embedding, so that the shared adapter knows which task a row belongs to.
+    every input token embedding, so that the shared adapter knows which task a row belongs to; ``fusion``
+    one adapter per task plus, for each target task, AdapterFusion layers that attend over every task's
+    adapter output (see :mod:`multitune.adapters.fusion`).
 
     Args:
         config: the validated ``adapters`` section.
@@ -39,7 +42,7 @@ class AdapterSet(nn.Module):
         self.config = config
         self.task_names = list(tasks)
         self.method = METHODS.get(config.method, "adapters.method")(config, backbone, architecture)
-        per_task = config.arrangement == "per_task"
+        per_task = config.arrangement in ("per_task", "fusion")
         self.names = self.task_names if per_task else [SHARED]
         self.assignment = {t: (t if per_task else SHARED) for t in self.task_names}
         self.site_paths = self.method.sites(backbone)
@@ -48,11 +51,23 @@ class AdapterSet(nn.Module):
                                  for i, p in enumerate(self.site_paths)})
             for name in self.names})
         self.router = Router(self.names)
+        self.fusion = None
+        self.fusion_targets: list[str] = []
+        if config.arrangement == "fusion":
+            self._build_fusion(backbone)
         self._handles = []
         for i, path in enumerate(self.site_paths):
             def of_site(i=i):
                 return [self.adapters[n][f"s{i}"] for n in self.names]
-            self._handles += self.method.attach(backbone, path, backbone.get_submodule(path), of_site, self.router)
+            module = backbone.get_submodule(path)
+            if self.fusion is not None:
+                def fusion_of_site(i=i):
+                    return [self.fusion[t][f"s{i}"] for t in self.fusion_targets]
+                self._handles.append(module.register_forward_hook(fusion_hook(
+                    of_site, self.method.delta, fusion_of_site, self.router, self.fusion_router,
+                    self._record_attention)))
+            else:
+                self._handles += self.method.attach(backbone, path, module, of_site, self.router)
         self.task_router = Router(self.task_names)
         self.task_embeddings = None
         if config.arrangement == "shared_conditioned":
@@ -68,26 +83,70 @@ class AdapterSet(nn.Module):
 
             self._handles.append(emb.register_forward_hook(condition))
 
+    def _build_fusion(self, backbone: nn.Module) -> None:
+        """AdapterFusion layers for the target tasks (see :mod:`multitune.adapters.fusion`)."""
+        if not self.method.fusable:
+            raise ConfigError("adapters.arrangement", f"fusion attends over adapter outputs; method "
+                                                      f"{self.config.method!r} cannot be fused (use bottleneck)")
+        self.fusion_targets = list(self.config.fusion_targets or self.task_names)
+        for t in self.fusion_targets:
+            if t not in self.task_names:
+                raise ConfigError("adapters.fusion_targets", f"no task {t!r} in this model (tasks: "
+                                                             f"{', '.join(self.task_names)})")
+        self.fusion = nn.ModuleDict({
+            t: nn.ModuleDict({f"s{i}": AdapterFusionLayer(backbone.get_submodule(p).out_features,
+                                                          backbone.get_submodule(p).weight.device)
+                              for i, p in enumerate(self.site_paths)})
+            for t in self.fusion_targets})
+        self.fusion_router = Router(self.fusion_targets)
+        self._attention_sum = torch.zeros(len(self.fusion_targets), len(self.names), dtype=torch.float64)
+        self._attention_count = torch.zeros(len(self.fusion_targets), dtype=torch.float64)
+
+    def _record_attention(self, target: int, attention: torch.Tensor, rows: torch.Tensor | None) -> None:
+        if self.training:  # bookkeeping of inference only; training steps must stay cheap
+            return
+        self._attention_sum[target] += attention.detach().float().mean(dim=(0, 1)).double().cpu()
+        self._attention_count[target] += 1
+
+    def fusion_attention(self, reset: bool = True) -> dict[str, dict[str, float]]:
+        """Mean fusion attention of each target task over the adapters, averaged over sites and the
+        inference batches since the last reset: which tasks' adapters a target draws on."""
+        if self.fusion is None:
+            return {}
+        out = {}
+        for j, t in enumerate(self.fusion_targets):
+            if self._attention_count[j] > 0:
+                mean = self._attention_sum[j] / self._attention_count[j]
+                out[t] = {n: round(float(v), 4) for n, v in zip(self.names, mean)}
+        if reset:
+            self._attention_sum.zero_()
+            self._attention_count.zero_()
+        return out
+
     # -- routing ---------------------------------------------------------------------------------
     @contextlib.contextmanager
     def route(self, tasks: str | Sequence[str] | None) -> Iterator[None]:
         """Within the block, the backbone runs with the adapter of ``tasks``: one task name for the whole
         batch, one name per row (mixed-task batch), or None (the shared adapter if there is one, else the
         plain backbone)."""
-        saved = self.router.index, self.task_router.index
+        fusion = self.fusion_router if self.fusion is not None else Router([])
+        saved = self.router.index, self.task_router.index, fusion.index
         if tasks is None:
             self.router.index = 0 if self.names == [SHARED] else None
-            self.task_router.index = None
+            self.task_router.index = fusion.index = None
         elif isinstance(tasks, str):
             self.router.index = self.names.index(self.assignment[tasks])
             self.task_router.index = self.task_names.index(tasks)
+            fusion.index = self.fusion_targets.index(tasks) if tasks in self.fusion_targets else None
         else:
             self.router.index = torch.tensor([self.names.index(self.assignment[t]) for t in tasks])
             self.task_router.index = torch.tensor([self.task_names.index(t) for t in tasks])
+            fusion.index = torch.tensor([self.fusion_targets.index(t) if t in self.fusion_targets else -1
+                                         for t in tasks])
         try:
             yield
         finally:
-            self.router.index, self.task_router.index = saved
+            self.router.index, self.task_router.index, fusion.index = saved
 
     def remove_hooks(self) -> None:
         for h in self._handles:
@@ -96,7 +155,10 @@ class AdapterSet(nn.Module):
 
     # -- reporting -------------------------------------------------------------------------------
     def parameters_of(self, task: str) -> list[nn.Parameter]:
-        """The adapter parameters a task's rows go through (its adapter, and its task embedding row)."""
+        """The adapter parameters a task's rows go through: its adapter (every task's adapter and its fusion
+        layers for an AdapterFusion target); its task embedding row is counted by :meth:`bytes_per_task`."""
+        if task in self.fusion_targets:
+            return list(self.adapters.parameters()) + list(self.fusion[task].parameters())
         return list(self.adapters[self.assignment[task]].parameters())
 
     def bytes_per_task(self) -> dict[str, int]:

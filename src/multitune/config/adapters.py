@@ -19,6 +19,8 @@ METHOD_KEYS: dict[str, set[str]] = {
     "prompt": {"num_virtual_tokens"},
     "bottleneck": {"reduction_factor", "placement", "non_linearity"},
 }
+FUSION_KEYS = ("fusion_targets", "fusion_steps", "fusion_learning_rate")
+FUSABLE_METHODS = ["bottleneck"]  # methods that change a sub-layer's output, which fusion attends over
 _DEFAULTS = {"r": 8, "alpha": 16.0, "dropout": 0.1, "num_virtual_tokens": 20, "reduction_factor": 16,
              "placement": "pfeiffer", "non_linearity": "relu"}
 
@@ -31,7 +33,8 @@ class AdapterConfig:
                         choices=list(METHOD_KEYS))
     arrangement: str = field("per_task", help="per_task: one adapter per task; shared: one for all tasks; "
                                               "shared_conditioned: one shared adapter plus a learned task "
-                                              "embedding; fusion (AdapterFusion): not available yet",
+                                              "embedding; fusion: per-task adapters, then AdapterFusion "
+                                              "layers for the target tasks (a second stage)",
                         choices=ARRANGEMENTS)
     learning_rate: float | None = field(None, help="learning rate of adapter parameters (default: "
                                                    "training.learning_rate)", gt=0.0)
@@ -56,6 +59,13 @@ class AdapterConfig:
     non_linearity: str | None = field(None, help="bottleneck: activation inside the bottleneck (default relu)",
                                       choices=["relu", "gelu", "swish", "tanh"])
 
+    fusion_targets: list[str] | None = field(None, help="fusion: tasks that get AdapterFusion layers in the "
+                                                        "second stage (default: every task)")
+    fusion_steps: int | None = field(None, help="fusion: optimizer steps of the fusion stage (default: "
+                                                "training.max_steps)", min=1)
+    fusion_learning_rate: float | None = field(None, help="fusion: learning rate of the fusion layers "
+                                                          "(default 5e-5, as in Pfeiffer et al. 2021)", gt=0.0)
+
     def validate(self, path: str) -> None:
         allowed = METHOD_KEYS[self.method]
         for key in set().union(*METHOD_KEYS.values()) - allowed:
@@ -65,6 +75,14 @@ class AdapterConfig:
         for key in allowed:
             if getattr(self, key) is None and key in _DEFAULTS:
                 setattr(self, key, _DEFAULTS[key])
-        if self.arrangement == "fusion":  # AdapterFusion (Pfeiffer et al. 2021) is planned, not built: refuse it
-            raise ConfigError(f"{path}.arrangement", "fusion is not available yet; use per_task, shared or "
-                                                     "shared_conditioned")
+        if self.arrangement == "fusion":
+            if self.method not in FUSABLE_METHODS:
+                raise ConfigError(f"{path}.arrangement", f"fusion attends over the outputs of bottleneck adapters "
+                                                         f"(Pfeiffer et al. 2021); method {self.method!r} cannot "
+                                                         f"be fused, set method: bottleneck")
+            if self.fusion_learning_rate is None:
+                self.fusion_learning_rate = 5e-5
+        else:
+            for key in FUSION_KEYS:
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"{path}.{key}", f"only for arrangement fusion, not {self.arrangement!r}")

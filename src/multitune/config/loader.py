@@ -163,6 +163,17 @@ def _check_adapters(config: RunConfig, tasks: dict[str, Any]) -> None:
     if config.backbone.extend_vocabulary is not None:
         raise ConfigError("backbone.extend_vocabulary", "not with adapters: new embedding rows could not train "
                                                         "on a frozen backbone")
+    if config.adapters.arrangement == "fusion":
+        if config.stages is not None:
+            raise ConfigError("stages", "adapters.arrangement fusion runs two stages of its own (adapters, then "
+                                        "fusion); leave stages out")
+        if len(tasks) < 2:
+            raise ConfigError("adapters.arrangement", "fusion combines the adapters of several tasks; this run "
+                                                      "has one task")
+        for t in config.adapters.fusion_targets or []:
+            if t not in tasks:
+                raise ConfigError("adapters.fusion_targets", f"no task {t!r} in this run (tasks: "
+                                                             f"{', '.join(tasks)})")
 
 
 def _check_stages(config: RunConfig, tasks: dict[str, Any]) -> None:

@@ -7,14 +7,16 @@ markdown and a plot.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 from rich.console import Console
 
+from multitune.config.adapters import AdapterConfig
 from multitune.config.loader import save_config, stage_training
-from multitune.config.schema import BackboneConfig, RunConfig
+from multitune.config.schema import BackboneConfig, RunConfig, StageConfig
 from multitune.errors import ConfigError, MultituneError
 from multitune.fileio import replace_dir, write_json_atomic, write_text_atomic
 from multitune.tasks import TASKS
@@ -28,7 +30,8 @@ def _stage_dir(out: Path, index: int, name: str) -> Path:
 
 
 def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, stage_adapters: list[AdapterConfig] | None = None,
+                 as_given: RunConfig | None = None) -> dict:
     """Run ``config.stages`` in order (see :func:`multitune.training.train`).
 
     Every stage's run directory holds all tasks (so splits and heads are the same in every stage); a stage
@@ -38,6 +41,10 @@ def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = Fals
     Returns:
         ``results.json`` of the whole run: the last stage's results plus ``forgetting``.
 
+    Args:
+        stage_adapters: the ``adapters`` section of each stage (default: the run's, in every stage).
+        as_given: the config as the user wrote it, saved and compared on ``--resume`` (default: ``config``).
+
     Raises:
         ConfigError, DataError, MultituneError: as :func:`multitune.training.train`.
     """
@@ -45,7 +52,7 @@ def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = Fals
 
     console = console or Console(stderr=True)
     out = Path(config.output_dir)
-    _check_output_dir(config, out, resume, overwrite)
+    _check_output_dir(as_given or config, out, resume, overwrite)
     plans = []
     seen: list[str] = []
     for i, stage in enumerate(config.stages):
@@ -57,7 +64,7 @@ def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = Fals
                               f"names task {es.metric.split('/')[0]!r}, which this stage does not train")
         plans.append((stage, tcfg, list(seen)))
     out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    save_config(as_given or config, out / "config.yaml")
 
     rows: dict[str, dict[str, float]] = {}  # task -> stage name -> main metric
     results: dict = {}
@@ -68,6 +75,8 @@ def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = Fals
         sub.stages = None
         sub.training = tcfg
         sub.output_dir = str(_stage_dir(out, i, stage.name))
+        if stage_adapters is not None:
+            sub.adapters = stage_adapters[i]
         if previous is not None:
             sub.backbone = BackboneConfig(type=config.backbone.type, name=str(previous / "model"))
         done = Path(sub.output_dir) / "results.json"
@@ -105,6 +114,32 @@ def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = Fals
     write_json_atomic(out / "results.json", final)
     _print_matrix(console, forgetting)
     return final
+
+
+def train_fusion(config: RunConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None,
+                 progress: bool = True) -> dict:
+    """AdapterFusion (Pfeiffer et al. 2021) as two stages of one run: ``adapters`` trains one bottleneck
+    adapter per task (every task); ``fusion`` freezes them and trains, for each target task, fusion layers
+    over all of them and the task's head (``adapters.fusion_steps`` steps). The forgetting matrix of the run
+    compares each task after its own adapter with after fusion.
+
+    Returns:
+        ``results.json`` of the run, as :func:`train_stages` writes it.
+
+    Raises:
+        ConfigError, DataError, MultituneError: as :func:`multitune.training.train`.
+    """
+    fusion = config.adapters
+    targets = list(fusion.fusion_targets or config.tasks)
+    per_task = dataclasses.replace(fusion, arrangement="per_task", fusion_targets=None, fusion_steps=None,
+                                   fusion_learning_rate=None)
+    steps = fusion.fusion_steps or config.training.max_steps
+    staged = copy.deepcopy(config)
+    staged.stages = [StageConfig(tasks=list(config.tasks), name="adapters"),
+                     StageConfig(tasks=targets, name="fusion",
+                                 training={"max_steps": steps, "eval_every": min(config.training.eval_every, steps)})]
+    return train_stages(staged, resume=resume, overwrite=overwrite, console=console, progress=progress,
+                        stage_adapters=[per_task, fusion], as_given=config)
 
 
 def _main_metric(task_cls, name: str, metrics: dict[str, float]) -> str:

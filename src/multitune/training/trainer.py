@@ -135,6 +135,10 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         ConfigError, DataError, MultituneError: bad config, data or run directory; nothing is written then.
     """
     console = console or Console(stderr=True)
+    if config.adapters is not None and config.adapters.arrangement == "fusion" and plan is None:
+        from multitune.training.stages import train_fusion
+
+        return train_fusion(config, resume=resume, overwrite=overwrite, console=console, progress=progress)
     if config.stages and plan is None:
         from multitune.training.stages import train_stages
 
@@ -177,7 +181,12 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     if plan is not None and plan.init_from is not None:  # heads (and adapters) trained by the previous stage
         model.heads.load_state_dict(load_file(str(plan.init_from / HEADS_FILE)), strict=True)
         if model.adapters is not None and (plan.init_from / ADAPTERS_FILE).is_file():
-            model.adapters.load_state_dict(load_file(str(plan.init_from / ADAPTERS_FILE)), strict=True)
+            # an AdapterFusion stage starts from per-task adapters: its fusion layers are new
+            result = model.adapters.load_state_dict(load_file(str(plan.init_from / ADAPTERS_FILE)), strict=False)
+            new = [k for k in result.missing_keys if not k.startswith("fusion.")]
+            if new or result.unexpected_keys:
+                raise MultituneError(f"{plan.init_from / ADAPTERS_FILE}: adapters do not match this run (missing "
+                                     f"{new[:3]}, unexpected {result.unexpected_keys[:3]})")
     active = plan.active if plan is not None else list(tasks)
     evaluated = plan.seen if plan is not None else list(tasks)
     start = time.perf_counter()
@@ -192,6 +201,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     if model.adapters is not None:  # parameter-efficient: the backbone stays frozen, adapters train
         model.backbone.requires_grad_(False)
         adapter_lr = config.adapters.learning_rate or tcfg.learning_rate
+        if model.adapters.fusion is not None:  # AdapterFusion: the task adapters stay as trained, fusion learns
+            model.adapters.adapters.requires_grad_(False)
+            new_modules.append(("fusion", model.adapters.fusion, config.adapters.fusion_learning_rate))
         # the ModuleDict gives one table row per adapter; the set itself adds what is left (task embeddings)
         new_modules += [("adapters", model.adapters.adapters, adapter_lr), ("adapters", model.adapters, adapter_lr)]
     groups = build_param_groups(model.backbone, new_modules, tcfg.learning_rate, head_lr, tcfg.weight_decay,
@@ -355,7 +367,10 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     if calibrated and accelerator.is_main_process:
         append_jsonl(out / "metrics.jsonl", {"kind": "calibrate", "step": state["step"], "tasks": calibrated})
     val_predictions = {}
+    if core.adapters is not None:
+        core.adapters.fusion_attention(reset=True)  # measured on the final validation pass only
     results = {"validation": evaluate_all("validation", val_predictions)}
+    fusion_attention = core.adapters.fusion_attention() if core.adapters is not None else {}
     if calibrated:
         results["calibration"] = calibrated
     if any("test" in p.features for p in prepared.values()):
@@ -378,8 +393,10 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         results["vocabulary"] = vocab_report
     if core.adapters is not None:
         results["adapters"] = {"method": config.adapters.method, "arrangement": config.adapters.arrangement,
-                               "trainable": sum(p.numel() for p in core.adapters.parameters()),
+                               "trainable": sum(p.numel() for p in core.adapters.parameters() if p.requires_grad),
                                "bytes_per_task": core.adapters.bytes_per_task()}
+        if fusion_attention:
+            results["adapters"]["fusion_attention"] = fusion_attention
     if accelerator.is_main_process:
         tmp = out / ".model.tmp"
         if tmp.exists():
