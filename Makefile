@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: quickstart test lint bench clean
+.PHONY: quickstart test lint bench bench-quick bench-extra clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,9 +40,24 @@ test: $(VENV)/.llm
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests bench
 
-bench: $(VENV)/.installed
+# bench-only packages: tasknet, the multi-task baseline of the performance suite (bench/perf.py). The installed
+# torch and transformers are pinned as constraints, so that this install can never replace them.
+$(VENV)/.bench: $(VENV)/.installed
+	$(BIN)/pip freeze | grep -E '^(torch|transformers)==' > $(VENV)/bench-constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/bench-constraints.txt "tasknet==1.60"
+	touch $@
+
+# the performance suite (docs/performance.md): about 30 minutes on 2 quiet cores; bench-quick about 5
+bench: $(VENV)/.bench
+	$(BIN)/python bench/perf.py
+
+bench-quick: $(VENV)/.bench
+	$(BIN)/python bench/perf.py --quick
+
+bench-extra: $(VENV)/.installed
 	$(BIN)/python bench/seed_mixture.py
 	$(BIN)/python bench/transfer.py
+	$(BIN)/python bench/adapters.py
 
 clean:
 	rm -rf $(VENV) runs

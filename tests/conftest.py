@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -112,6 +114,11 @@ def write(path: Path, text: str, newline: str = "\n") -> Path:
 @pytest.fixture()
 def toy_data(tmp_path) -> dict[str, Path]:
     """Small, learnable data for every task type."""
+    return write_toy_data(tmp_path)
+
+
+def write_toy_data(tmp_path: Path) -> dict[str, Path]:
+    """Write the files of :func:`toy_data` into ``tmp_path`` (for module-scoped fixtures)."""
     pos = ["great", "wonderful", "lovely", "excellent", "superb", "fantastic", "delightful", "brilliant"]
     neg = ["awful", "terrible", "boring", "dreadful", "horrible", "poor", "dull", "bad"]
     things = ["film", "meal", "book", "show", "hotel", "song", "game", "trip"]
@@ -177,3 +184,25 @@ def toy_config(toy_data: dict[str, Path], backbone: str, out: Path, **training) 
         "training": {"max_steps": 8, "batch_size": 8, "eval_every": 4, "learning_rate": 1e-3,
                      "max_length": 32, **training},
     }
+
+
+@contextlib.contextmanager
+def crash_after_batches(n: int) -> Iterator[None]:
+    """Training raises KeyboardInterrupt (a simulated crash) when it asks for its ``n + 1``-th batch."""
+    from multitune.training.batching import TaskBatcher
+
+    original = TaskBatcher.next_batch
+    calls = 0
+
+    def next_batch(self):
+        nonlocal calls
+        calls += 1
+        if calls > n:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self)
+
+    TaskBatcher.next_batch = next_batch
+    try:
+        yield
+    finally:
+        TaskBatcher.next_batch = original

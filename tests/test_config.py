@@ -40,7 +40,7 @@ def test_defaults_and_typed_sections(tmp_path):
     (lambda d: d.update(sampling={"strategy": "temprature"}), "sampling.strategy", "did you mean 'temperature'"),
     (lambda d: d.update(sampling={"strategy": "temperature", "temperature": 0}), "sampling.temperature",
      "greater than 0"),
-    (lambda d: d.update(loss_weighting={"strategy": "nope"}), "loss_weighting.strategy", "valid: static, sum"),
+    (lambda d: d.update(loss_weighting={"strategy": "nope"}), "loss_weighting.strategy", "valid: cagrad, dwa"),
     (lambda d: d["tasks"]["s"]["data"]["train"].update(path="/no/such.tsv"), "tasks.s.data.train.path",
      "file not found"),
     (lambda d: d["tasks"]["s"]["data"]["train"].update(format="xls"), "tasks.s.data.train.format", "expected one of"),

@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 from multitune.config import parse_config
 from multitune.errors import MultituneError
 from multitune.training import train
-from multitune.training.batching import TaskBatcher
-from tests.conftest import toy_config
+from tests.conftest import crash_after_batches, toy_config
 
 
 def weights(run: Path, which: str = "last") -> dict[str, torch.Tensor]:
@@ -57,24 +56,13 @@ def test_different_seed_different_weights(tiny_backbone, toy_data, tmp_path):
     assert not all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_interrupted_run_resumes_bitwise(tiny_backbone, toy_data, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_bitwise(tiny_backbone, toy_data, tmp_path):
     full = run_cfg(toy_data, tiny_backbone, tmp_path / "full", max_steps=12, eval_every=4)
     train(full, progress=False)
 
-    calls = {"n": 0}
-    original = TaskBatcher.next_batch
-
-    def crash_after_step_6(self):
-        calls["n"] += 1
-        if calls["n"] > 6:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self)
-
-    monkeypatch.setattr(TaskBatcher, "next_batch", crash_after_step_6)
     cut = run_cfg(toy_data, tiny_backbone, tmp_path / "cut", max_steps=12, eval_every=4)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after_batches(6), pytest.raises(KeyboardInterrupt):
         train(cut, progress=False)
-    monkeypatch.setattr(TaskBatcher, "next_batch", original)
     assert json.loads((tmp_path / "cut/checkpoints/last/trainer_state.json").read_text())["step"] == 4
     train(run_cfg(toy_data, tiny_backbone, tmp_path / "cut", max_steps=12, eval_every=4), resume=True,
           progress=False)
@@ -89,7 +77,7 @@ def test_interrupted_run_resumes_bitwise(tiny_backbone, toy_data, tmp_path, monk
 def test_resume_refuses_a_different_config(tiny_backbone, toy_data, tmp_path):
     train(run_cfg(toy_data, tiny_backbone, tmp_path / "r"), progress=False)
     other = run_cfg(toy_data, tiny_backbone, tmp_path / "r", learning_rate=5e-4)
-    with pytest.raises(MultituneError, match=r"--resume with a different config \(differs in: training\)"):
+    with pytest.raises(MultituneError, match=r"--resume with a different config \(differs in: training.learning_rate\)"):
         train(other, resume=True, progress=False)
 
 

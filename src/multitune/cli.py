@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="*", help="inputs; a pair is 'first<TAB>second'")
     p.add_argument("--input", help="file of inputs: .jsonl objects (text, text_pair, tokens) or one text per line")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
+                   help="inference precision: bf16 weights, or dynamic int8 quantisation (CPU)")
 
     p = sub.add_parser("embed", help="write sentence embeddings of texts (.npy or .jsonl)")
     p.add_argument("run_dir", help="a run directory, a model directory or 'default' (the packaged backbone)")
@@ -73,6 +75,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="fold the task's LoRA/DoRA/IA3 adapter into the backbone "
                                                         "weights (a plain transformers model directory)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+    p = sub.add_parser("serve", help="serve every task of a trained model over HTTP (needs multitune[serve])")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=32, help="most inputs per model batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-inputs", type=int, default=64, help="most inputs per request (more: 413)")
+    p.add_argument("--max-chars", type=int, default=4000, help="most characters per text (more: 413)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (more: 413)")
+    p.add_argument("--max-queue", type=int, default=4096, help="most inputs waiting for the model (more: 429)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    p = sub.add_parser("search", help="search hyperparameters of a config with Optuna (needs multitune[search])")
+    p.add_argument("config", help="run config (YAML) every trial starts from")
+    p.add_argument("--space", required=True, help="search space (YAML): config field path -> values or range")
+    p.add_argument("--strategy", default="tpe", choices=["tpe", "random", "grid"])
+    p.add_argument("--trials", type=int, default=None,
+                   help="finished trials the study should hold (default: 20; grid: its size)")
+    p.add_argument("--metric", default=None, help="objective on validation: mean or task/metric (default: the "
+                                                  "config's early-stopping metric, else mean)")
+    p.add_argument("--output-dir", default=None, help="default: the config's output_dir + '-search'")
+    p.add_argument("--storage", default=None, help="Optuna storage URL shared by workers, e.g. "
+                                                   "postgresql://user:pass@host/db (default: OUTPUT/study.db)")
+    p.add_argument("--study-name", default=None, help="study name in the storage (default: the output dir name)")
+    p.add_argument("--pruner", default="median", choices=["median", "none"])
+    p.add_argument("--seed", type=int, default=None, help="sampler seed (default: the config's seed)")
+    p.add_argument("--baseline", action="store_true", help="also train the unchanged config once, for comparison")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each trial's checkpoints/")
+    _add_set(p)
 
     sub.add_parser("tasks", help="list the registered task types, samplers, loss weightings and adapter methods")
     return parser
@@ -131,7 +163,10 @@ def cmd_predict(args) -> int:
     inputs = [_text_or_pair(t) for t in args.texts] + (_read_inputs(args.input) if args.input else [])
     if not inputs:
         raise MultituneError("predict: give texts as arguments or a file with --input")
-    model = load(args.run_dir)
+    model = load(args.run_dir, precision=args.precision)
+    if args.task not in model.tasks:
+        raise MultituneError(f"--task: the model in {args.run_dir} has no task {args.task!r}; its tasks: "
+                             f"{', '.join(model.tasks)}")
     for pred in model.predict(args.task, inputs, batch_size=args.batch_size):
         print(json.dumps(pred, ensure_ascii=False))
     return 0
@@ -180,6 +215,35 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from multitune.config.parse import from_dict
+
+    try:
+        from multitune.serving import ServerSettings, serve
+    except ImportError as exc:
+        raise MultituneError(f"serve needs the optional extra: pip install 'multitune[serve]' ({exc})") from None
+    settings = from_dict(ServerSettings, {k: getattr(args, k) for k in ("max_batch_size", "max_wait_ms",
+                                                                        "max_inputs", "max_chars",
+                                                                        "max_body_bytes", "max_queue")})
+    serve(args.run_dir, args.host, args.port, settings, args.log_level)
+    return 0
+
+
+def cmd_search(args) -> int:
+    from multitune.config import load_config
+    from multitune.search import run_search
+
+    output = args.output_dir or f"{load_config(args.config, args.overrides).output_dir}-search"
+    result = run_search(args.config, args.space, output, strategy=args.strategy, trials=args.trials,
+                        metric=args.metric, storage=args.storage, study_name=args.study_name,
+                        overrides=args.overrides, seed=args.seed, pruner=args.pruner, baseline=args.baseline,
+                        keep_checkpoints=args.keep_checkpoints)
+    print(json.dumps({"best_value": result.best_value, "best_trial": result.best_trial,
+                      "best_params": result.best_params, "finished_trials": result.finished,
+                      "baseline_value": result.baseline_value, "best_config": str(Path(output) / "best.yaml")}))
+    return 0
+
+
 def cmd_tasks(args) -> int:
     from multitune.adapters import METHODS
     from multitune.sampling import SAMPLERS
@@ -203,7 +267,16 @@ def cmd_vocab(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "vocab": cmd_vocab, "evaluate": cmd_evaluate, "predict": cmd_predict, "embed": cmd_embed,
-            "quickstart": cmd_quickstart, "tasks": cmd_tasks, "export": cmd_export}
+            "quickstart": cmd_quickstart, "tasks": cmd_tasks, "export": cmd_export, "serve": cmd_serve,
+            "search": cmd_search}
+
+
+def _quiet_transformers() -> None:
+    """No transformers progress bars (loading and writing weights): the command reports on its own console,
+    and a command that fails leaves exactly one line on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if args.command != "tasks":
+            _quiet_transformers()
         return COMMANDS[args.command](args)
     except MultituneError as exc:
         print(f"multitune: error: {exc}", file=sys.stderr)

@@ -10,12 +10,23 @@ from pathlib import Path
 from typing import Any
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any thread starts
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would (0666 less the umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -47,24 +58,59 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def _fsync_tree(path: Path) -> None:
+    """Flush every file below ``path`` (and ``path`` itself) to disk, so that a rename that publishes the
+    directory never publishes data still in the page cache (a power loss would otherwise leave empty files)."""
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (its renames); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the finished directory ``tmp`` to ``final``; the old ``final`` survives until the new one is in place.
 
-    A crash leaves either the old directory at ``final`` or, between the two renames, the old one
-    at ``final.old`` and the new one complete at ``tmp`` (see :func:`recover_dir`).
+    Steps: move ``final`` aside to ``final.old``, rename ``tmp`` to ``final``, delete ``final.old``. A process
+    killed at any moment leaves a complete directory at ``final``, or, between the two renames, only the
+    complete old one at ``final.old`` (:func:`recover_dir` finds it; the next call puts it back first).
+    ``final.old`` is only ever deleted while a complete ``final`` exists.
     """
+    _fsync_tree(tmp)
     old = final.with_name(final.name + ".old")
     if old.exists():
-        shutil.rmtree(old)
+        if final.exists():  # a crash after the new directory was in place left a stale copy
+            shutil.rmtree(old)
+        else:  # a crash between the renames: old is the last complete directory
+            os.replace(old, final)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    _fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
 
 
 def recover_dir(final: Path) -> Path | None:
-    """The directory to read after a possible crash inside :func:`replace_dir`, or None."""
+    """The directory to read after a possible crash inside :func:`replace_dir` (``final``, else the complete
+    ``final.old`` a crash between its two renames left), or None. Reads only."""
     if final.exists():
         return final
     old = final.with_name(final.name + ".old")

@@ -3,8 +3,9 @@ and head, with one backbone forward pass for every task that reads token states.
 
 How: each task's inference runs twice against a stand-in for the model. The first run records the
 backbone inputs the task asks for (its ``encode`` calls) and gets zeros back; all recorded rows are then
-padded together and encoded in one pass, routed per row; the second run hands each task its rows of that
-pass. Generative tasks (text-to-text) drive the backbone themselves and run as their own group.
+padded together and encoded in one pass, routed per row (a row that several tasks ask for, with the same
+tokens and adapter, only once); the second run hands each task its rows of that pass. Generative tasks
+(text-to-text) drive the backbone themselves and run as their own group.
 """
 
 from __future__ import annotations
@@ -42,6 +43,17 @@ class _SharedPass:
     def embed(self, input_ids, attention_mask, token_type_ids=None):
         emb = self._model.pool(self.encode(input_ids, attention_mask, token_type_ids), attention_mask)
         return F.normalize(emb, dim=-1) if self._model.normalize_embeddings else emb
+
+
+def _adapter_key(model: Any, task: str) -> str | None:
+    """What decides a row's backbone states besides its tokens: nothing without adapters, the task's adapter
+    with plain per-task or shared adapters, the task itself with task embeddings or AdapterFusion."""
+    adapters = model.adapters
+    if adapters is None:
+        return None
+    if adapters.task_embeddings is None and adapters.fusion is None:
+        return adapters.assignment[task]
+    return task
 
 
 @torch.inference_mode()
@@ -83,14 +95,21 @@ def predict_mixed(model: Any, requests: Sequence[tuple[str, Any]]) -> list[Any]:
             rows = [(name, ids[r], mask[r], None if tti is None else tti[r])
                     for name, (ids, mask, tti) in calls for r in range(len(ids))]
             lengths = [int(m.sum()) for _, _, m, _ in rows]
-            ids = _pad([r[1][:n].tolist() for r, n in zip(rows, lengths)], pad_id).to(model.device)
-            mask = _pad([[1] * n for n in lengths], 0).to(model.device)
+            # a row that two tasks ask for (same adapter, same tokens) is encoded once: e.g. one text for a
+            # classifier and a tagger of a model without per-task adapters
+            keys = [(_adapter_key(model, r[0]), tuple(r[1][:n].tolist()),
+                     None if r[3] is None else tuple(r[3][:n].tolist())) for r, n in zip(rows, lengths)]
+            unique = list(dict.fromkeys(keys))
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            ids = _pad([list(k[1]) for k in unique], pad_id).to(model.device)
+            mask = _pad([[1] * len(k[1]) for k in unique], 0).to(model.device)
             tti = None
-            if any(r[3] is not None for r in rows):
-                tti = _pad([(r[3][:n].tolist() if r[3] is not None else [0] * n) for r, n in zip(rows, lengths)],
-                           0).to(model.device)
-            with model.route([r[0] for r in rows]):  # one pass, each row through its task's adapter
+            if any(k[2] is not None for k in unique):
+                tti = _pad([list(k[2]) if k[2] is not None else [0] * len(k[1]) for k in unique], 0).to(model.device)
+            with model.route([rows[first[k]][0] for k in unique]):  # one pass, each row through its adapter
                 hidden = model.encode(ids, mask, tti)
+            position = {k: j for j, k in enumerate(unique)}
+            hidden = hidden[torch.tensor([position[k] for k in keys], device=hidden.device)]
             start = 0
             for name, (c_ids, _, _) in calls:  # pass 2: give each call its rows, at its own width
                 shared[name].states = shared[name].states or []

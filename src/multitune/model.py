@@ -24,6 +24,7 @@ MODEL_FILE = "multitune.json"
 HEADS_FILE = "heads.safetensors"
 ADAPTERS_FILE = "adapters.safetensors"
 FORMAT_VERSION = 1
+INFERENCE_PRECISIONS = ("fp32", "bf16", "int8")
 
 
 class MultiTaskModel(nn.Module):
@@ -60,6 +61,7 @@ class MultiTaskModel(nn.Module):
             task.bind(self.architecture, tokenizer)
         self.hidden_size = self.architecture.hidden_size(backbone)
         self.heads = nn.ModuleDict({name: task.build_head(self.hidden_size) for name, task in tasks.items()})
+        self.inference_precision = "fp32"
         self.adapters = None
         if adapters is not None:
             from multitune.adapters import AdapterSet
@@ -73,7 +75,9 @@ class MultiTaskModel(nn.Module):
     # -- building blocks used by tasks -----------------------------------------------------
     def encode(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """Token states [batch, tokens, hidden] for head tasks (the encoder's on an encoder-decoder)."""
-        return self.architecture.hidden_states(self.backbone, input_ids, attention_mask, token_type_ids)
+        states = self.architecture.hidden_states(self.backbone, input_ids, attention_mask, token_type_ids)
+        # a bf16 inference backbone hands fp32 states to the heads (autocast training keeps its own dtypes)
+        return states.float() if self.inference_precision == "bf16" else states
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return pool(hidden, attention_mask, self.pooling)
@@ -94,6 +98,39 @@ class MultiTaskModel(nn.Module):
         """The task's inference outputs for a batch (generation for text-to-text), through its adapter."""
         with self.route(task):
             return self.tasks[task].infer(self, self.heads[task], batch)
+
+    def set_inference_precision(self, precision: str) -> None:
+        """Make inference cheaper, for prediction and serving only (never train afterwards):
+
+        - ``bf16``: the backbone's weights in bfloat16 (heads and adapters stay fp32; states are cast at the
+          boundary). Pays on GPUs and on CPUs with AVX512-BF16 or AMX.
+        - ``int8``: dynamic int8 quantisation of the backbone's linear layers (weights int8, activations
+          quantised per batch), for CPUs without bf16. Not for adapter models, whose hooks sit on those
+          layers: merge a LoRA first (``multitune export --merge``).
+
+        The accuracy cost of both is measured by ``bench/perf.py`` (see docs/performance.md).
+
+        Raises:
+            MultituneError: an unknown precision, or int8 on a model with adapters.
+        """
+        if precision not in INFERENCE_PRECISIONS:
+            raise MultituneError(f"precision: expected one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+        if precision == "bf16":
+            self.backbone.to(torch.bfloat16)
+        elif precision == "int8":
+            if self.adapters is not None:
+                raise MultituneError("precision int8 quantises the backbone's linear layers, where the adapters "
+                                     "attach; export the task with --merge first, or use bf16")
+            import warnings
+
+            from torch.ao.quantization import quantize_dynamic
+
+            self.backbone.to("cpu")  # dynamic quantisation runs on the CPU
+            with warnings.catch_warnings():  # torch.ao's deprecation notices; the kernels work in this torch
+                warnings.simplefilter("ignore")
+                quantize_dynamic(self.backbone, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        self.inference_precision = precision
+        self.eval()
 
     @property
     def device(self) -> torch.device:
@@ -190,8 +227,8 @@ class MultiTaskModel(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None,
-             trust_remote_code: bool = False) -> MultiTaskModel:
-        """Load a directory written by :meth:`save`.
+             trust_remote_code: bool = False, precision: str = "fp32") -> MultiTaskModel:
+        """Load a directory written by :meth:`save`; ``precision`` as :meth:`set_inference_precision`.
 
         Raises:
             MultituneError: the directory is missing files or is not a multitune model.
@@ -220,6 +257,12 @@ class MultiTaskModel(nn.Module):
             task = impl(name, config)
             task.load_state(entry["state"])
             tasks[name] = task
+        from multitune.backbones.loading import check_tokenizer_files
+
+        try:
+            check_tokenizer_files(path, "")
+        except ConfigError as exc:
+            raise MultituneError(str(exc)) from None
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         family = meta.get("backbone_type", "encoder")
         auto_class = getattr(transformers, ARCHITECTURES.get(family, f"{MODEL_FILE}: backbone_type").auto_class)
@@ -236,23 +279,40 @@ class MultiTaskModel(nn.Module):
                         meta["max_length"], architecture=family, adapters=adapters)
         except ConfigError as exc:
             raise MultituneError(f"{path / MODEL_FILE}: {exc}") from None
-        model.heads.load_state_dict(load_file(str(path / HEADS_FILE)), strict=True)
+        _load_weights(model.heads, path / HEADS_FILE)
         if adapters is not None:
             if model.adapters.site_paths != sites or not (path / ADAPTERS_FILE).is_file():
                 raise MultituneError(f"{path}: the adapters do not match this backbone (or {ADAPTERS_FILE} "
                                      f"is missing)")
-            model.adapters.load_state_dict(load_file(str(path / ADAPTERS_FILE)), strict=True)
+            _load_weights(model.adapters, path / ADAPTERS_FILE)
         model.eval()
         if device is not None:
             model.to(device)
+        if precision != "fp32":
+            model.set_inference_precision(precision)
         return model
 
 
-def load(path: str | Path, device: str | torch.device | None = None) -> MultiTaskModel:
-    """Load a trained multitune model (a run directory or its ``model/`` directory).
+def _load_weights(module: nn.Module, file: Path) -> None:
+    """Load a safetensors file into ``module`` (all keys, exact shapes).
+
+    Raises:
+        MultituneError: the file is torn or does not fit the module.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        module.load_state_dict(load_file(str(file)), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise MultituneError(f"{file}: cannot load the weights: {' '.join(str(exc).split())[:200]}") from None
+
+
+def load(path: str | Path, device: str | torch.device | None = None, precision: str = "fp32") -> MultiTaskModel:
+    """Load a trained multitune model (a run directory or its ``model/`` directory); ``precision`` ``bf16`` or
+    ``int8`` makes inference cheaper (see :meth:`MultiTaskModel.set_inference_precision`).
 
     Example:
         >>> model = multitune.load("runs/quickstart")
         >>> model.predict("sentiment", ["a wonderful film"])
     """
-    return MultiTaskModel.load(path, device=device)
+    return MultiTaskModel.load(path, device=device, precision=precision)

@@ -50,6 +50,8 @@ class AdapterFusionLayer(nn.Module):
         Returns:
             The fused output ``[batch, tokens, hidden]`` and the attention ``[batch, tokens, adapters]``.
         """
+        dtype = self.query.weight.dtype  # the backbone may run in bf16 while fusion weights stay fp32
+        h, outputs = h.to(dtype), outputs.to(dtype)
         q = self.query(h)
         k = self.key(outputs)
         scores = torch.einsum("btd,nbtd->btn", q, k)

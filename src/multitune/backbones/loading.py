@@ -68,9 +68,28 @@ def detect_type(source: str, trust_remote_code: bool, field: str) -> str:
     return "encoder"
 
 
+#: files a model directory's tokenizer is built from (one is enough; GGUF files carry their own)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
+def check_tokenizer_files(path: str | Path, field: str) -> None:
+    """Refuse a local model directory without tokenizer files before anything loads: transformers would build
+    an empty tokenizer that turns every word into [UNK], and the run would train on nothing.
+
+    Raises:
+        ConfigError: naming ``field`` and the files looked for.
+    """
+    path = Path(path)
+    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(field, f"{path} has no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+
+
 def _tokenizer(source: str, name: str, field: str, trust_remote_code: bool, **kwargs: Any) -> Any:
     from transformers import AutoTokenizer
 
+    if "gguf_file" not in kwargs:
+        check_tokenizer_files(source, field)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:

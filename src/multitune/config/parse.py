@@ -62,11 +62,11 @@ def convert(value: Any, tp: Any, path: str) -> Any:
             try:
                 return convert(value, arg, path)
             except ConfigError as exc:
-                errors.append(exc)
-        # a mapping that matches the dataclass member shape reports that member's error
+                errors.append((arg, exc))
+        # a mapping given for a dataclass member reports that member's error (a bad key, or its validate())
         if isinstance(value, dict):
-            for exc in errors:
-                if exc.path != path:
+            for arg, exc in errors:
+                if dataclasses.is_dataclass(arg) or exc.path != path:
                     raise exc
         raise ConfigError(path, f"expected {_describe(tp)}, got {value!r}")
     if origin is Literal:

@@ -109,6 +109,10 @@ class TrainingConfig:
     eval_batch_size: int | None = field(None, help="examples per evaluation batch (default 2x batch_size)", min=1)
     gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step", min=1)
     max_length: int = field(128, help="tokens per input after truncation", min=8)
+    compile: bool = field(False, help="torch.compile the backbone (dynamic shapes); costs a one-off compile time, "
+                                      "reported as compile_s")
+    group_by_length: bool = field(False, help="batch rows of similar length together (seeded windows of 50 "
+                                              "batches sorted by length, batch order shuffled): far less padding")
     learning_rate: float = field(5e-5, help="learning rate of the backbone", gt=0.0)
     head_learning_rate: float | None = field(None, help="learning rate of task heads and other new parameters "
                                                         "(default: learning_rate)", gt=0.0)
@@ -122,9 +126,13 @@ class TrainingConfig:
     warmup_steps: int | None = field(None, help="warmup steps (overrides warmup_ratio)", min=0)
     scheduler: str = field("linear", help="learning-rate schedule", choices=["linear", "cosine", "constant"])
     max_grad_norm: float | None = field(1.0, help="gradient clipping norm (null: off)", gt=0.0)
+    max_bad_steps: int = field(10, help="a step whose loss or gradient is not finite is skipped; the run stops "
+                                        "after this many such steps in a row", min=1)
     eval_every: int = field(200, help="evaluate every N optimizer steps", min=1)
     early_stopping: EarlyStoppingConfig | None = field(None, help="stop when the metric stops improving")
-    precision: str = field("fp32", help="compute precision", choices=["fp32", "bf16"])
+    precision: str = field("fp32", help="compute precision: fp32, bf16 autocast with fp32 master weights, or auto "
+                                        "(bf16 where the GPU or CPU computes it natively, else fp32)",
+                           choices=["fp32", "bf16", "auto"])
     log_every: int = field(10, help="log training losses every N steps", min=1)
     device: str = field("auto", help="auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from multitune.data.readers import CANONICAL_FIELDS
+from multitune.data.readers import CANONICAL_FIELDS, TEXT_FIELDS
 
-#: string fields whose whitespace is stripped and collapsed
-TEXT_FIELDS = ("text", "text_pair", "source", "target")
 #: fields that make an example empty when they are present but blank (a blank text_pair does not)
 NON_EMPTY_FIELDS = ("text", "source", "target")
 

@@ -22,6 +22,8 @@ from multitune.config.schema import FORMATS, SplitConfig
 from multitune.errors import ConfigError, DataError
 
 CANONICAL_FIELDS = ("text", "text_pair", "label", "tokens", "tags", "source", "target")
+#: canonical fields that hold one text each
+TEXT_FIELDS = ("text", "text_pair", "source", "target")
 
 #: file extension -> format, for splits that do not set ``format:``
 EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",
@@ -347,9 +349,27 @@ def read_split(spec: SplitConfig, base_dir: Path, split_name: str, field_path: s
                                        f"with {key}: NAME); columns found: {_names(record)}", line)
         if map_key is not None and map_key in ex:
             ex[map_key] = _map_target(ex[map_key], spec.target_map, shown, line)
+        _check_types(ex, shown, line)
         ex["_file"], ex["_line"] = shown, line
         examples.append(ex)
     return examples
+
+
+def _check_types(ex: dict, file: str, line: int) -> None:
+    """Texts are strings (or null), tokens and tags lists of strings: JSON, parquet and ``datasets`` records
+    may hold anything, and a number or a list where a text belongs would only fail later, in the tokenizer."""
+    for key in TEXT_FIELDS:
+        if ex.get(key) is not None and not isinstance(ex[key], str):
+            raise DataError(file, f"{key}: expected a string, got {_short(ex[key])}", line)
+    for key in ("tokens", "tags"):
+        value = ex.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise DataError(file, f"{key}: expected a list of strings, got {_short(value)}", line)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _names(record: dict) -> str:

@@ -31,7 +31,8 @@ def plot_learning_curves(records: list[dict], path: Path) -> Path | None:
             ax.plot(*zip(*pts), marker="o", label=m)
         ax.set_title(f"{task} (validation)")
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        if metric_names:
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     ax = axes[0][-1]
     for task in sorted({t for r in trains for t in r["loss"]}):
@@ -40,7 +41,8 @@ def plot_learning_curves(records: list[dict], path: Path) -> Path | None:
     ax.set_title("training loss")
     ax.set_xlabel("step")
     ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[1]:  # no training-loss lines when the run logged none yet
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -48,6 +48,8 @@ class Task(ABC):
         reads_token_states: inference only reads backbone token states through ``model.encode`` /
             ``model.embed`` (so rows of several such tasks can share one backbone pass); False for tasks
             that drive the backbone themselves (generation).
+        pair_input: prediction inputs are text pairs (``text`` + ``text_pair``); tasks that read pairs set it
+            in :meth:`setup` from their training data and keep it in :meth:`state`.
     """
 
     config_class: type[TaskConfig] = TaskConfig
@@ -57,6 +59,7 @@ class Task(ABC):
     main_metric: str = ""
     greater_is_better: bool = True
     reads_token_states: bool = True
+    pair_input: bool = False
 
     def __init__(self, name: str, config: TaskConfig):
         self.name = name

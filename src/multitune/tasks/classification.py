@@ -78,14 +78,21 @@ class ClassificationTask(Task):
     def _example_labels(self, example: dict) -> list[str]:
         raw = example.get("label")
         if self.config.multi_label:
+            if raw is None:  # no label applies
+                return []
             if isinstance(raw, (list, tuple)):
                 return [str(v).strip() for v in raw]
             return [p.strip() for p in str(raw).split(self.config.label_separator) if p.strip()]
         if isinstance(raw, float) and raw.is_integer():
             raw = int(raw)
+        if raw is None or not str(raw).strip():  # else a blank cell would become a class of its own
+            file, line = where(example)
+            raise DataError(file, "empty label; expected one label per example"
+                                  + (f" ({', '.join(self.labels)})" if self.labels else ""), line)
         return [str(raw).strip()]
 
     def setup(self, train_examples: Sequence[dict]) -> None:
+        self.pair_input = any(ex.get("text_pair") for ex in train_examples)
         if not self.labels:
             found = {lab for ex in train_examples for lab in self._example_labels(ex)}
             self.labels = sorted(found, key=label_sort_key)
@@ -259,13 +266,15 @@ class ClassificationTask(Task):
         return list(self.labels), counts
 
     def state(self) -> dict:
-        return {"labels": self.labels, "class_weights": self.weights, "thresholds": self.thresholds}
+        return {"labels": self.labels, "class_weights": self.weights, "thresholds": self.thresholds,
+                "pair_input": self.pair_input}
 
     def load_state(self, state: dict) -> None:
         self.labels = list(state["labels"])
         self.label_index = {lab: i for i, lab in enumerate(self.labels)}
         self.weights = state.get("class_weights")
         self.thresholds = state.get("thresholds")
+        self.pair_input = bool(state.get("pair_input", False))
 
 
 def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:

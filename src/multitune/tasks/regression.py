@@ -59,6 +59,15 @@ class RegressionTask(Task):
     required = ("text", "label")
     main_metric = "pearson"
 
+    def setup(self, train_examples: Sequence[dict]) -> None:
+        self.pair_input = self.config.encoder == "bi" or any(ex.get("text_pair") for ex in train_examples)
+
+    def state(self) -> dict:
+        return {"pair_input": self.pair_input}
+
+    def load_state(self, state: dict) -> None:
+        self.pair_input = bool(state.get("pair_input", self.config.encoder == "bi"))
+
     def check_examples(self, examples: Sequence[dict]) -> None:
         rng = self.config.label_range
         for ex in examples:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -38,12 +40,12 @@ def set_rng_states(states: dict[str, Any]) -> None:
 def save_checkpoint(path: Path, model: nn.Module, weighting: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: dict) -> None:
     """Write a complete checkpoint at ``path`` (atomically replacing an older one)."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # half-written by a process that was killed
+        shutil.rmtree(stale)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
-    if list(weighting.parameters()):
+    if weighting.state_dict():  # learned weights and the state in buffers (e.g. loss histories)
         save_model(weighting, str(tmp / "weighting.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()},
                tmp / "optimizer.pt")
@@ -70,11 +72,16 @@ def load_checkpoint(path: Path, model: nn.Module, weighting: nn.Module | None = 
             load_model(weighting, str(path / "weighting.safetensors"), strict=True)
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         if optimizer is not None:
-            extra = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+            try:
+                extra = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+            except pickle.UnpicklingError:
+                raise MultituneError(f"{path / 'optimizer.pt'}: cannot load checkpoint: it holds pickled objects "
+                                     "other than tensors and plain data, which weights_only loading refuses "
+                                     "(a checkpoint must not run code)") from None
             optimizer.load_state_dict(extra["optimizer"])
             scheduler.load_state_dict(extra["scheduler"])
             if restore_rng:
                 set_rng_states(extra["rng"])
-    except (OSError, RuntimeError, json.JSONDecodeError, KeyError) as exc:
+    except (OSError, RuntimeError, ValueError, json.JSONDecodeError, KeyError, SafetensorError) as exc:
         raise MultituneError(f"{path}: cannot load checkpoint: {' '.join(str(exc).split())[:300]}") from None
     return state

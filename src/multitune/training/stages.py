@@ -52,7 +52,7 @@ def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = Fals
 
     console = console or Console(stderr=True)
     out = Path(config.output_dir)
-    _check_output_dir(as_given or config, out, resume, overwrite)
+    _check_output_dir(as_given or config, out, resume, overwrite, clear=False)
     plans = []
     seen: list[str] = []
     for i, stage in enumerate(config.stages):
@@ -63,8 +63,19 @@ def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = Fals
             raise ConfigError(f"stages[{i}].training.early_stopping.metric",
                               f"names task {es.metric.split('/')[0]!r}, which this stage does not train")
         plans.append((stage, tcfg, list(seen)))
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(as_given or config, out / "config.yaml")
+    prepared = False
+
+    def prepare_run_dir() -> None:
+        """Clear (with --overwrite) and start the run directory: only once the first stage to train has
+        passed every check, so that a run that fails validation leaves its directory as it was."""
+        nonlocal prepared
+        if prepared:
+            return
+        prepared = True
+        if overwrite and not resume and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(as_given or config, out / "config.yaml")
 
     rows: dict[str, dict[str, float]] = {}  # task -> stage name -> main metric
     results: dict = {}
@@ -80,14 +91,19 @@ def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = Fals
         if previous is not None:
             sub.backbone = BackboneConfig(type=config.backbone.type, name=str(previous / "model"))
         done = Path(sub.output_dir) / "results.json"
-        console.rule(f"stage {i + 1}/{len(plans)}: {stage.name} (tasks {', '.join(stage.tasks)}"
-                     + (f", replay {stage.replay:g}" if stage.replay else "") + ")")
+        header = (f"stage {i + 1}/{len(plans)}: {stage.name} (tasks {', '.join(stage.tasks)}"
+                  + (f", replay {stage.replay:g}" if stage.replay else "") + ")")
         if resume and done.is_file():
             results = json.loads(done.read_text(encoding="utf-8"))
+            console.rule(header)
             console.print(f"stage {stage.name} is finished; skipped")
         else:
+            def start_stage(header=header) -> None:  # once the stage has passed its checks
+                prepare_run_dir()
+                console.rule(header)
+
             plan = StagePlan(active=list(stage.tasks), seen=seen_now, replay=stage.replay,
-                             init_from=None if previous is None else previous / "model")
+                             init_from=None if previous is None else previous / "model", before_write=start_stage)
             results = train(sub, resume=resume, overwrite=overwrite, console=console, progress=progress, plan=plan)
         previous = Path(sub.output_dir)
         stage_results.append({"stage": stage.name, "tasks": list(stage.tasks), "replay": stage.replay,
@@ -98,6 +114,7 @@ def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = Fals
                 main = _main_metric(TASKS.get(config.tasks[task].type), task, metrics)
                 rows.setdefault(task, {})[stage.name] = metrics[main]
 
+    prepare_run_dir()  # every stage was finished already (--resume)
     stages = [s.name for s in config.stages]
     forgetting = {"stages": stages, "metric": {t: _main_metric_name(config, t, stage_results) for t in rows},
                   "matrix": rows, "forgetting": _forgetting(rows, stages)}

@@ -30,6 +30,7 @@ from multitune.model import ADAPTERS_FILE, HEADS_FILE, MultiTaskModel
 from multitune.optim import (
     GradualUnfreezer,
     apply_freezing,
+    build_optimizer,
     build_param_groups,
     build_scheduler,
     parameter_table,
@@ -39,6 +40,9 @@ from multitune.sampling.replay import ReplaySampler
 from multitune.tasks import TASKS, Task
 from multitune.training.batching import TaskBatcher
 from multitune.training.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint
+from multitune.training.distributed import all_processes, average_gradients, ddp_kwargs, shard_batch
+from multitune.training.hardware import resolve_precision
+from multitune.training.multistep import WeightedStep
 from multitune.training.progress import TrainingProgress, print_parameter_table, print_results_table
 from multitune.weighting import WEIGHTINGS
 
@@ -77,8 +81,12 @@ def tokenize_all(prepared: dict[str, PreparedTask], tokenizer: Any, max_length: 
             p.features[split] = p.task.encode(examples, tokenizer, max_length)
 
 
-def _check_output_dir(config: RunConfig, out: Path, resume: bool, overwrite: bool) -> bool:
-    """Return True when the run resumes from a checkpoint. Refuses to mix two runs in one directory."""
+def _check_output_dir(config: RunConfig, out: Path, resume: bool, overwrite: bool, clear: bool = True) -> bool:
+    """Return True when the run resumes from a checkpoint. Refuses to mix two runs in one directory.
+
+    With ``overwrite`` and ``clear`` a non-empty ``out`` is removed here; without ``clear`` the caller removes
+    it once the run has passed every check, so that a run that fails validation leaves it as it was.
+    """
     if out.exists() and not out.is_dir():
         raise MultituneError(f"output_dir: {out} exists and is not a directory")
     if resume:
@@ -89,15 +97,24 @@ def _check_output_dir(config: RunConfig, out: Path, resume: bool, overwrite: boo
             previous = yaml.safe_load(saved.read_text(encoding="utf-8"))
             current = to_dict(config)
             if previous != current:
-                diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+                diff = _differences(previous, current)
                 raise MultituneError(f"{out}: --resume with a different config (differs in: {', '.join(diff)})")
         return find_checkpoint(out / CHECKPOINTS / "last") is not None
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise MultituneError(f"output_dir: {out} is not empty; pass --overwrite to replace it or "
                                  f"--resume to continue the run in it")
-        shutil.rmtree(out)
+        if clear:
+            shutil.rmtree(out)
     return False
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Dotted paths of the fields in which two plain-data configs differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))]
+    return [] if old == new else [path]
 
 
 @dataclass
@@ -109,16 +126,19 @@ class StagePlan:
         seen: tasks evaluated (this and earlier stages).
         replay: share of batches from ``seen`` tasks that are not ``active``.
         init_from: model directory of the previous stage (backbone and every head start from it).
+        before_write: called once the stage has passed every check, before it writes anything (the
+            sequential run prepares its own directory then, so a run that fails validation writes nothing).
     """
 
     active: list[str]
     seen: list[str]
     replay: float = 0.0
     init_from: Path | None = None
+    before_write: Any = None
 
 
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None,
-          progress: bool = True, plan: StagePlan | None = None) -> dict:
+          progress: bool = True, plan: StagePlan | None = None, on_evaluate: Any = None) -> dict:
     """Train one multi-task model as ``config`` says and write the run directory.
 
     Args:
@@ -127,6 +147,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         overwrite: replace a non-empty ``output_dir``.
         console: where progress and tables go (default: stderr).
         progress: show a live progress bar.
+        on_evaluate: called after each validation evaluation (after its checkpoint) with keywords ``step``,
+            ``results`` (task -> metrics), ``tasks`` and ``model``; what it raises ends the run (a search
+            prunes a trial so). Not called by staged or AdapterFusion runs.
 
     Returns:
         The content of ``results.json``.
@@ -147,10 +170,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     out = Path(config.output_dir)
     tasks = build_tasks(config)
     prepared = read_task_data(config, tasks)
-    resuming = _check_output_dir(config, out, resume, overwrite)
-    for name, p in prepared.items():
-        counts = ", ".join(f"{s} {len(e)}" for s, e in p.data.splits.items())
-        console.print(f"[bold]{name}[/] ({p.task.config.type}): {counts}")
+    resuming = _check_output_dir(config, out, resume, overwrite, clear=False)
 
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -160,8 +180,12 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
 
-    accelerator = Accelerator(mixed_precision="bf16" if tcfg.precision == "bf16" else "no",
-                              cpu=tcfg.device == "cpu" or (tcfg.device == "auto" and not torch.cuda.is_available()))
+    on_cpu = tcfg.device == "cpu" or (tcfg.device == "auto" and not torch.cuda.is_available())
+    precision = resolve_precision(tcfg.precision, "cpu" if on_cpu else "cuda")
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=on_cpu,
+                              kwargs_handlers=ddp_kwargs())
+    if not accelerator.is_main_process:  # several processes (accelerate launch): the main one reports
+        console, progress = Console(quiet=True), False
     if tcfg.device == "cuda" and not torch.cuda.is_available():
         raise MultituneError("training.device: cuda was asked for but no CUDA device is available")
     torch.manual_seed(config.seed)
@@ -173,8 +197,6 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         v = config.backbone.extend_vocabulary
         words = find_new_words(read_corpus(v.corpus), tokenizer, v.min_freq, v.max_new)
         vocab_report = extend_vocabulary(backbone, tokenizer, [w for w, _ in words])
-        console.print(f"vocabulary: {vocab_report['added']} domain words added "
-                      f"({vocab_report['vocab_size_before']} -> {vocab_report['vocab_size_after']} tokens)")
     family = None if config.backbone.type == "auto" else config.backbone.type
     model = MultiTaskModel(backbone, tasks, tokenizer, config.pooling, config.normalize_embeddings, tcfg.max_length,
                            architecture=family, adapters=config.adapters)
@@ -191,8 +213,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     evaluated = plan.seen if plan is not None else list(tasks)
     start = time.perf_counter()
     tokenize_all(prepared, tokenizer, tcfg.max_length)
-    console.print(f"{model.architecture.type_name} backbone; tokenised every split once in "
-                  f"{time.perf_counter() - start:.1f}s; precision {tcfg.precision}, device {accelerator.device}")
+    tokenize_s = time.perf_counter() - start
     names = list(tasks)
     weighting = WEIGHTINGS.get(config.loss_weighting.strategy)(names, config.loss_weighting)
     head_lr = tcfg.head_learning_rate or tcfg.learning_rate
@@ -212,17 +233,24 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         raise MultituneError("freeze: nothing is left to train (every backbone and head parameter is frozen)")
     unfreezer = None
     if tcfg.gradual_unfreezing is not None:  # after the groups: the optimizer must hold what it releases later
-        steps_per_epoch = math.ceil(sum(len(p.features["train"]) for p in prepared.values()) / tcfg.batch_size)
+        steps_per_epoch = math.ceil(sum(len(p.features["train"]) for p in prepared.values())
+                                    / (tcfg.batch_size * accelerator.num_processes))
         unfreezer = GradualUnfreezer(model.backbone, tcfg.gradual_unfreezing, steps_per_epoch)
-    optimizer = torch.optim.AdamW(groups, lr=tcfg.learning_rate)
+    optimizer = build_optimizer(groups, tcfg.learning_rate)
     warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else int(tcfg.warmup_ratio * tcfg.max_steps)
     scheduler = build_scheduler(optimizer, tcfg.scheduler, warmup, tcfg.max_steps)
+    if tcfg.compile:  # in place: module names, state-dict keys and hooks stay as they are
+        core_model = model.architecture.token_model(model.backbone)
+        core_model.compile(dynamic=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     weighting.to(accelerator.device)
     core: MultiTaskModel = accelerator.unwrap_model(model)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batchers = {n: TaskBatcher(p.task, p.features["train"], tcfg.batch_size, pad_id, config.seed + 1000 * (i + 1))
+    # every process draws the same global batch of num_processes x batch_size rows and trains on its share
+    global_batch = tcfg.batch_size * accelerator.num_processes
+    batchers = {n: TaskBatcher(p.task, p.features["train"], global_batch, pad_id, config.seed + 1000 * (i + 1),
+                               tcfg.group_by_length)
                 for i, (n, p) in enumerate(prepared.items())}
     sampler = SAMPLERS.get(config.sampling.strategy)({n: len(prepared[n].features["train"]) for n in active},
                                                      config.sampling, config.seed)
@@ -231,31 +259,55 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         earlier = SAMPLERS.get("proportional")({n: len(prepared[n].features["train"]) for n in replayed},
                                                 SAMPLERS.get("proportional").config_class(), config.seed + 1)
         sampler = ReplaySampler(sampler, earlier, plan.replay, config.seed + 2)
+    # what the loss weighting needs from a step (all tasks, per-task gradients of the shared parameters, ...)
+    multi = WeightedStep(weighting, sampler, model, core, [p for g in groups for p in g["params"]], accelerator)
     state: dict[str, Any] = {"step": 0, "best_value": None, "best_step": None, "bad_evals": 0,
-                             "examples": 0, "real_tokens": 0, "padded_tokens": 0, "train_seconds": 0.0}
+                             "examples": 0, "real_tokens": 0, "padded_tokens": 0, "train_seconds": 0.0,
+                             "bad_steps": {}, "bad_in_a_row": 0}
 
-    out.mkdir(parents=True, exist_ok=True)
-    from multitune.config.loader import save_config
-
-    save_config(config, out / "config.yaml")
-    table = parameter_table(groups, core.backbone, new_modules, unfreezer.unfreeze_steps() if unfreezer else None)
-    write_json_atomic(out / "parameters.json", table)
-    print_parameter_table(console, table)
     ckpt_last, ckpt_best = out / CHECKPOINTS / "last", out / CHECKPOINTS / "best"
     running: dict[str, list[float]] = {n: [] for n in names}  # train losses since the last log line
-    if resuming:
+    if resuming:  # before anything is written: a checkpoint that does not load leaves the run as it was
         state = load_checkpoint(find_checkpoint(ckpt_last), core, weighting, optimizer, scheduler, restore_rng=True)
         sampler.load_state_dict(state.pop("sampler"))
         running = state.pop("running")
         for n, b in batchers.items():
             b.load_state_dict(state["batchers"][n])
-        # lines logged after the checkpoint belong to steps that will be trained again
-        kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= state["step"]]
-        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        state.setdefault("bad_steps", {})  # checkpoints written before the numerical guard
+        state.setdefault("bad_in_a_row", 0)
+
+    # everything is checked: from here on the run writes into its directory and reports on the console
+    for name, p in prepared.items():
+        counts = ", ".join(f"{s} {len(e)}" for s, e in p.data.splits.items())
+        console.print(f"[bold]{name}[/] ({p.task.config.type}): {counts}")
+    if vocab_report is not None:
+        console.print(f"vocabulary: {vocab_report['added']} domain words added "
+                      f"({vocab_report['vocab_size_before']} -> {vocab_report['vocab_size_after']} tokens)")
+    console.print(f"{core.architecture.type_name} backbone; tokenised every split once in {tokenize_s:.1f}s; "
+                  f"precision {precision}{' (auto)' if tcfg.precision == 'auto' else ''}, device {accelerator.device}"
+                  + (f", {accelerator.num_processes} processes (global batch {global_batch})"
+                     if accelerator.num_processes > 1 else ""))
+    accelerator.wait_for_everyone()  # every process has checked the run directory before the main one writes
+    from multitune.config.loader import save_config
+
+    table = parameter_table(groups, core.backbone, new_modules, unfreezer.unfreeze_steps() if unfreezer else None)
+    if accelerator.is_main_process:
+        if plan is not None and plan.before_write is not None:
+            plan.before_write()
+        if overwrite and not resume and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+        write_json_atomic(out / "parameters.json", table)
+    print_parameter_table(console, table)
+    if resuming:
+        if accelerator.is_main_process:  # lines logged after the checkpoint belong to steps trained again
+            kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= state["step"]]
+            write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         if unfreezer is not None:
             unfreezer.update(state["step"])
         console.print(f"resumed from step {state['step']}")
-    else:
+    elif accelerator.is_main_process:
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
     autocast = accelerator.autocast
@@ -277,6 +329,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         return {**state, "sampler": sampler.state_dict(), "running": running,
                 "batchers": {n: b.state_dict() for n, b in batchers.items()}}
 
+    trainable = [p for g in groups for p in g["params"]]
     model.train()
     bar = TrainingProgress(console, tcfg.max_steps, enabled=progress)
     bar.start(state["step"])
@@ -291,24 +344,51 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
                                                          "groups_open": opened})
             step_losses: dict[str, float] = {}
             weights_used: dict[str, float] = {}
+            bad: tuple[str, str] | None = None  # (task, reason): the step is skipped
+            multi.begin()
             for _ in range(tcfg.gradient_accumulation_steps):
-                name = sampler.next_task()
-                batch = batchers[name].next_batch()
-                state["examples"] += len(batch["input_ids"])
-                state["real_tokens"] += int(batch["attention_mask"].sum())
-                state["padded_tokens"] += batch["attention_mask"].numel()
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with autocast():
-                    loss = model(name, batch).loss
-                combined, used = weighting({name: loss})
-                accelerator.backward(combined / tcfg.gradient_accumulation_steps)
-                step_losses[name] = float(loss.detach())
-                weights_used.update(used)
-            if tcfg.max_grad_norm is not None:
-                accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], tcfg.max_grad_norm)
+                # the sampler's task, or every task if the loss weighting needs them all; one backward pass
+                # for the part's tasks (a gradient-level strategy makes one part per task)
+                for part in multi.parts():
+                    losses: dict[str, torch.Tensor] = {}
+                    for name in part:
+                        batch = batchers[name].next_batch()
+                        state["examples"] += len(batch["input_ids"])
+                        state["real_tokens"] += int(batch["attention_mask"].sum())
+                        state["padded_tokens"] += batch["attention_mask"].numel()
+                        shard = shard_batch(batch, accelerator.process_index, accelerator.num_processes)
+                        batch = {k: v.to(accelerator.device) for k, v in shard.items()}
+                        with autocast():
+                            losses[name] = multi.module(name, batch).loss  # the DDP model, or the plain one
+                        multi.keep(name, batch)
+                    combined, used = multi.weigh(losses)
+                    values = {n: float(loss.detach()) for n, loss in losses.items()}
+                    finite = all(map(math.isfinite, values.values())) and math.isfinite(float(combined.detach()))
+                    if bad is None and not all_processes(finite, accelerator):  # processes skip a step together
+                        name = next((n for n, v in values.items() if not math.isfinite(v)), part[0])
+                        bad = (name, f"non-finite loss ({values[name]})")
+                    if bad is None:
+                        multi.backward(combined / tcfg.gradient_accumulation_steps, values)
+                        step_losses.update(values)
+                        weights_used.update(used)
+            if bad is None:
+                average_gradients(weighting, accelerator)  # learned loss weights live outside DDP
+                multi.combine()  # a gradient-level strategy turns per-task gradients into the shared ones
+                # clipping computes the total norm anyway (max_norm inf when clipping is off: nothing is scaled);
+                # one finiteness check on it covers every gradient
+                norm = accelerator.clip_grad_norm_(trainable, tcfg.max_grad_norm or math.inf)
+                if not math.isfinite(float(norm)):
+                    bad = ("+".join(step_losses), "non-finite gradient")
+            if bad is not None:
+                optimizer.zero_grad(set_to_none=True)
+                state["train_seconds"] += time.perf_counter() - t0
+                _skip_step(state, bad, tcfg.max_bad_steps, out, console, accelerator.is_main_process)
+                continue
+            state["bad_in_a_row"] = 0
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            multi.after_step(autocast)  # the loss weighting updates its state (e.g. loss histories)
             state["step"] += 1
             state["train_seconds"] += time.perf_counter() - t0
             for n, v in step_losses.items():
@@ -318,7 +398,8 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
             if step % tcfg.log_every == 0 and accelerator.is_main_process:
                 append_jsonl(out / "metrics.jsonl", {"kind": "train", "step": step, "lr": scheduler.get_last_lr()[0],
                                                      "loss": {n: sum(v) / len(v) for n, v in running.items() if v},
-                                                     "loss_weights": weighting.weights()})
+                                                     "loss_weights": weighting.weights(),
+                                                     **({"grad_stats": weighting.stats} if weighting.stats else {})})
                 running = {n: [] for n in names}
             if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
                 results = evaluate_all("validation")
@@ -333,7 +414,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
                         "kind": "eval", "step": step, "split": "validation", "metrics": results,
                         "selection": {"metric": metric_name, "value": value, "best": state["best_value"],
                                       "best_step": state["best_step"]},
-                        "loss_weights": weighting.weights(), "sampling": sampler.probabilities(),
+                        "loss_weights": weighting.weights(), "sampling": multi.shares(),
                         "epochs": {n: round(b.epochs_done, 3) for n, b in batchers.items()},
                         "elapsed_s": round(state["train_seconds"], 2)})
                     bar.log_eval(step, results, value, improved)
@@ -342,6 +423,8 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
                         save_checkpoint(ckpt_best, core, weighting, optimizer, scheduler, snapshot())
                     save_checkpoint(ckpt_last, core, weighting, optimizer, scheduler, snapshot())
                     torch.set_rng_state(rng["torch"])
+                if on_evaluate is not None:
+                    on_evaluate(step=step, results=results, tasks=tasks, model=core)
                 if es and state["bad_evals"] >= es.patience:
                     console.print(f"early stopping at step {step}: {metric_name} has not improved for "
                                   f"{es.patience} evaluations (best {state['best_value']:.4f} at step "
@@ -379,11 +462,11 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     results["train"] = {
         "steps": state["step"], "best_step": state["best_step"], "stopped_early": stopped_early,
         "selection_metric": metric_name, "best_value": state["best_value"],
-        "examples": state["examples"], "wall_s": round(seconds, 2),
+        "skipped_steps": dict(state["bad_steps"]), "examples": state["examples"], "wall_s": round(seconds, 2),
         "examples_per_s": round(state["examples"] / seconds, 2),
         "real_tokens_per_s": round(state["real_tokens"] / seconds, 1),
         "padded_tokens_per_s": round(state["padded_tokens"] / seconds, 1),
-        "precision": tcfg.precision, "device": str(accelerator.device)}
+        "precision": precision, "device": str(accelerator.device)}
     results["data"] = {n: p.data.report for n, p in prepared.items()}
     weights = {n: dict(zip(p.task.state()["labels"], p.task.state()["class_weights"]))
                for n, p in prepared.items() if p.task.state().get("class_weights")}
@@ -408,6 +491,30 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         _plot_confusions(out, prepared, val_predictions)
         print_results_table(console, results, tasks)
     return results
+
+
+def _skip_step(state: dict, bad: tuple[str, str], max_bad_steps: int, out: Path, console: Console,
+               main_process: bool) -> None:
+    """Count and report a step skipped for a non-finite loss or gradient (its batches are consumed; the
+    optimizer, the scheduler and the step counter do not move).
+
+    Raises:
+        MultituneError: ``max_bad_steps`` steps in a row were skipped; the last checkpoint is left as it is.
+    """
+    task, reason = bad
+    state["bad_steps"][task] = state["bad_steps"].get(task, 0) + 1
+    state["bad_in_a_row"] += 1
+    step = state["step"] + 1  # the step it tried to make (resume drops log lines past the checkpoint's step)
+    if main_process:
+        append_jsonl(out / "metrics.jsonl", {"kind": "bad_step", "step": step, "task": task, "reason": reason})
+    console.print(f"[yellow]warning:[/] step {step} skipped: {reason} in task {task} "
+                  f"({state['bad_in_a_row']} of at most {max_bad_steps} in a row)")
+    if state["bad_in_a_row"] >= max_bad_steps:
+        last = find_checkpoint(out / CHECKPOINTS / "last")
+        kept = f"the last good checkpoint stays in {last}" if last else "no checkpoint was written yet"
+        raise MultituneError(f"training.max_bad_steps: stopped at step {step} after {max_bad_steps} steps in a row "
+                             f"with a non-finite loss or gradient (last: {reason} in task {task}); {kept} and no "
+                             f"model was written; lower training.learning_rate or check the task's data")
 
 
 def _plot(out: Path) -> None:

@@ -16,7 +16,7 @@ from multitune.weighting.base import WEIGHTINGS, LossWeighting, WeightingConfig
 class SumWeighting(LossWeighting):
     """Plain sum of the task losses (each weight 1)."""
 
-    def forward(self, losses):
+    def forward(self, losses, shared_layer=None):
         return sum(losses.values()), {name: 1.0 for name in losses}
 
 
@@ -43,7 +43,7 @@ class StaticWeighting(LossWeighting):
     def weights(self):
         return {n: float(self.config.weights.get(n, 1.0)) for n in self.task_names}
 
-    def forward(self, losses):
+    def forward(self, losses, shared_layer=None):
         w = self.weights()
         return sum(w[n] * loss for n, loss in losses.items()), {n: w[n] for n in losses}
 
@@ -65,7 +65,7 @@ class UncertaintyWeighting(LossWeighting):
     def weights(self):
         return {n: float(torch.exp(-self.log_vars[i]).detach()) for n, i in self.index.items()}
 
-    def forward(self, losses):
+    def forward(self, losses, shared_layer=None):
         total = 0.0
         for name, loss in losses.items():
             s = self.log_vars[self.index[name]]

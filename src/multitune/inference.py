@@ -1,0 +1,162 @@
+"""Predict every task of a model at once: each input through every requested head, with one backbone pass
+per batch for all head tasks (see :mod:`multitune.mixed`); text-to-text tasks generate.
+
+Inputs are plain texts or text pairs. A task trained on pairs (``Task.pair_input``) takes pairs only, every
+other task single texts only; asked for explicitly with the wrong form, a task is an :class:`InputError`.
+Without an explicit task list each input goes to every task that takes its form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from multitune.errors import MultituneError
+
+TEXT, PAIR = "text", "pair"
+
+
+class InputError(MultituneError):
+    """A prediction input is malformed or does not fit a requested task."""
+
+
+class UnknownTaskError(MultituneError):
+    """A requested task is not one of the model's tasks.
+
+    Attributes:
+        task: the unknown name.
+        valid: the model's task names.
+    """
+
+    def __init__(self, task: str, valid: Sequence[str]):
+        self.task = task
+        self.valid = list(valid)
+        super().__init__(f"the model has no task {task!r}; its tasks: {', '.join(self.valid)}")
+
+
+def input_form(task: Any) -> str:
+    """``pair`` for a task that reads text pairs, else ``text``."""
+    return PAIR if task.pair_input else TEXT
+
+
+def normalize_input(item: Any, index: int) -> tuple[str, str | None]:
+    """``(text, text_pair)`` from a string, a 2-sequence or a mapping with ``text`` (and ``text_pair``).
+
+    Raises:
+        InputError: naming ``inputs[index]``: another type, or an empty text.
+    """
+    if isinstance(item, str):
+        text, pair = item, None
+    elif isinstance(item, Mapping) and isinstance(item.get("text"), str):
+        text, pair = item["text"], item.get("text_pair")
+    elif isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item):
+        text, pair = item
+    else:
+        raise InputError(f"inputs[{index}]: expected a text or {{'text': ..., 'text_pair': ...}}, got "
+                         f"{type(item).__name__}")
+    if pair is not None and not isinstance(pair, str):
+        raise InputError(f"inputs[{index}].text_pair: expected a text, got {type(pair).__name__}")
+    if not text.strip():
+        raise InputError(f"inputs[{index}].text: is empty")
+    if pair is not None and not pair.strip():
+        raise InputError(f"inputs[{index}].text_pair: is empty")
+    return text, pair
+
+
+def resolve_tasks(model: Any, inputs: Sequence[tuple[str, str | None]], tasks: Sequence[str] | None = None
+                  ) -> list[list[str]]:
+    """The tasks each (normalised) input goes to.
+
+    Args:
+        model: a :class:`~multitune.model.MultiTaskModel`.
+        inputs: ``(text, text_pair)`` per input (see :func:`normalize_input`).
+        tasks: task names (duplicates are dropped), or None: every task that takes the input's form.
+
+    Returns:
+        One list of task names per input, in the model's task order when ``tasks`` is None.
+
+    Raises:
+        UnknownTaskError: a name that is not one of the model's tasks.
+        InputError: an explicit task does not take an input's form, or no task takes it.
+    """
+    if tasks is not None:
+        names = list(dict.fromkeys(tasks))
+        if not names:
+            raise InputError("tasks: give at least one task, or leave tasks out for every task")
+        for name in names:
+            if name not in model.tasks:
+                raise UnknownTaskError(name, list(model.tasks))
+    plan = []
+    for i, (_, pair) in enumerate(inputs):
+        form = PAIR if pair is not None else TEXT
+        if tasks is None:
+            chosen = [n for n, t in model.tasks.items() if input_form(t) == form]
+            if not chosen:
+                raise InputError(f"inputs[{i}]: no task of this model takes a {'text pair' if pair else 'single text'}"
+                                 f" (its tasks: {_forms(model)})")
+        else:
+            for name in names:
+                if input_form(model.tasks[name]) != form:
+                    raise InputError(f"inputs[{i}]: task {name!r} takes "
+                                     f"{'a text pair {text, text_pair}' if form == TEXT else 'a single text'}, "
+                                     f"got {'one text' if form == TEXT else 'a pair'}")
+            chosen = names
+        plan.append(chosen)
+    return plan
+
+
+def _forms(model: Any) -> str:
+    return ", ".join(f"{n} ({input_form(t)})" for n, t in model.tasks.items())
+
+
+def predict_planned(model: Any, inputs: Sequence[tuple[str, str | None]], plan: Sequence[Sequence[str]],
+                    batch_size: int = 32) -> list[dict[str, Any]]:
+    """Predictions for inputs already checked by :func:`resolve_tasks`.
+
+    Inputs are sorted by length and cut into batches of ``batch_size`` inputs (less padding); each batch is
+    one mixed-task pass (:func:`multitune.mixed.predict_mixed`), whatever the number of tasks.
+
+    Returns:
+        Per input, ``{task: prediction}`` as :meth:`MultiTaskModel.predict` gives it, in input order.
+    """
+    from multitune.mixed import predict_mixed
+
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][0]) + len(inputs[i][1] or ""))
+    out: list[dict[str, Any]] = [{} for _ in inputs]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        requests, owners = [], []
+        for i in chunk:
+            text, pair = inputs[i]
+            for name in plan[i]:
+                requests.append((name, text if pair is None else (text, pair)))
+                owners.append((i, name))
+        for (i, name), pred in zip(owners, predict_mixed(model, requests)):
+            out[i][name] = pred
+    return out
+
+
+def predict_all(model: Any, inputs: Sequence[Any], tasks: Sequence[str] | None = None, batch_size: int = 32
+                ) -> list[dict[str, Any]]:
+    """Predict several tasks for each input with one backbone pass per batch.
+
+    Args:
+        model: a :class:`~multitune.model.MultiTaskModel`.
+        inputs: strings, ``(text, text_pair)`` pairs or ``{"text": ..., "text_pair": ...}`` mappings.
+        tasks: the tasks to predict (default: every task that takes the input's form, see the module doc).
+        batch_size: inputs per backbone pass.
+
+    Returns:
+        Per input, ``{task: prediction}``; each prediction equals ``model.predict(task, [input])[0]``
+        (up to float rounding of the padded batch).
+
+    Raises:
+        UnknownTaskError: a task the model does not have.
+        InputError: a malformed input, or one that does not fit a requested task.
+
+    Example:
+        >>> predict_all(model, ["Anna loved Oslo"], ["sentiment", "ner"])
+        [{"sentiment": {"label": "positive", ...}, "ner": {"entities": [...], ...}}]
+    """
+    normalised = [normalize_input(x, i) for i, x in enumerate(inputs)]
+    return predict_planned(model, normalised, resolve_tasks(model, normalised, tasks), batch_size)
