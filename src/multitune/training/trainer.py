@@ -25,7 +25,7 @@ from multitune.config.schema import RunConfig
 from multitune.data import TaskData, load_task_data
 from multitune.errors import MultituneError
 from multitune.evaluation.evaluator import evaluate_task, selection_value
-from multitune.fileio import append_jsonl, read_jsonl, replace_dir, write_json_atomic, write_text_atomic
+from multitune.fileio import read_jsonl, replace_dir, write_json_atomic, write_text_atomic
 from multitune.model import ADAPTERS_FILE, HEADS_FILE, MultiTaskModel
 from multitune.optim import (
     GradualUnfreezer,
@@ -44,6 +44,7 @@ from multitune.training.distributed import all_processes, average_gradients, ddp
 from multitune.training.hardware import resolve_precision
 from multitune.training.multistep import WeightedStep
 from multitune.training.progress import TrainingProgress, print_parameter_table, print_results_table
+from multitune.training.runlog import RunLog
 from multitune.weighting import WEIGHTINGS
 
 CHECKPOINTS = "checkpoints"
@@ -288,6 +289,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
                   + (f", {accelerator.num_processes} processes (global batch {global_batch})"
                      if accelerator.num_processes > 1 else ""))
     accelerator.wait_for_everyone()  # every process has checked the run directory before the main one writes
+    log = RunLog(out / "metrics.jsonl", accelerator.is_main_process)
     from multitune.config.loader import save_config
 
     table = parameter_table(groups, core.backbone, new_modules, unfreezer.unfreeze_steps() if unfreezer else None)
@@ -340,7 +342,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
             if unfreezer is not None:
                 opened = unfreezer.update(state["step"])
                 if opened and accelerator.is_main_process:
-                    append_jsonl(out / "metrics.jsonl", {"kind": "unfreeze", "step": state["step"],
+                    log({"kind": "unfreeze", "step": state["step"],
                                                          "groups_open": opened})
             step_losses: dict[str, float] = {}
             weights_used: dict[str, float] = {}
@@ -382,7 +384,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
             if bad is not None:
                 optimizer.zero_grad(set_to_none=True)
                 state["train_seconds"] += time.perf_counter() - t0
-                _skip_step(state, bad, tcfg.max_bad_steps, out, console, accelerator.is_main_process)
+                _skip_step(state, bad, tcfg.max_bad_steps, out, console, accelerator.is_main_process, log)
                 continue
             state["bad_in_a_row"] = 0
             optimizer.step()
@@ -396,7 +398,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
             bar.update(state["step"], {n: sum(v[-20:]) / len(v[-20:]) for n, v in running.items() if v})
             step = state["step"]
             if step % tcfg.log_every == 0 and accelerator.is_main_process:
-                append_jsonl(out / "metrics.jsonl", {"kind": "train", "step": step, "lr": scheduler.get_last_lr()[0],
+                log({"kind": "train", "step": step, "lr": scheduler.get_last_lr()[0],
                                                      "loss": {n: sum(v) / len(v) for n, v in running.items() if v},
                                                      "loss_weights": weighting.weights(),
                                                      **({"grad_stats": weighting.stats} if weighting.stats else {})})
@@ -410,7 +412,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
                 else:
                     state["bad_evals"] += 1
                 if accelerator.is_main_process:
-                    append_jsonl(out / "metrics.jsonl", {
+                    log({
                         "kind": "eval", "step": step, "split": "validation", "metrics": results,
                         "selection": {"metric": metric_name, "value": value, "best": state["best_value"],
                                       "best_step": state["best_step"]},
@@ -448,7 +450,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
             if change:
                 calibrated[n] = change
     if calibrated and accelerator.is_main_process:
-        append_jsonl(out / "metrics.jsonl", {"kind": "calibrate", "step": state["step"], "tasks": calibrated})
+        log({"kind": "calibrate", "step": state["step"], "tasks": calibrated})
     val_predictions = {}
     if core.adapters is not None:
         core.adapters.fusion_attention(reset=True)  # measured on the final validation pass only
@@ -466,7 +468,8 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         "examples_per_s": round(state["examples"] / seconds, 2),
         "real_tokens_per_s": round(state["real_tokens"] / seconds, 1),
         "padded_tokens_per_s": round(state["padded_tokens"] / seconds, 1),
-        "precision": precision, "device": str(accelerator.device)}
+        "real_tokens": state["real_tokens"], "padded_tokens": state["padded_tokens"],
+        "tokenize_s": round(tokenize_s, 2), "precision": precision, "device": str(accelerator.device)}
     results["data"] = {n: p.data.report for n, p in prepared.items()}
     weights = {n: dict(zip(p.task.state()["labels"], p.task.state()["class_weights"]))
                for n, p in prepared.items() if p.task.state().get("class_weights")}
@@ -490,11 +493,12 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         _plot(out)
         _plot_confusions(out, prepared, val_predictions)
         print_results_table(console, results, tasks)
+    log.close()
     return results
 
 
 def _skip_step(state: dict, bad: tuple[str, str], max_bad_steps: int, out: Path, console: Console,
-               main_process: bool) -> None:
+               main_process: bool, log: RunLog) -> None:
     """Count and report a step skipped for a non-finite loss or gradient (its batches are consumed; the
     optimizer, the scheduler and the step counter do not move).
 
@@ -506,7 +510,7 @@ def _skip_step(state: dict, bad: tuple[str, str], max_bad_steps: int, out: Path,
     state["bad_in_a_row"] += 1
     step = state["step"] + 1  # the step it tried to make (resume drops log lines past the checkpoint's step)
     if main_process:
-        append_jsonl(out / "metrics.jsonl", {"kind": "bad_step", "step": step, "task": task, "reason": reason})
+        log({"kind": "bad_step", "step": step, "task": task, "reason": reason})
     console.print(f"[yellow]warning:[/] step {step} skipped: {reason} in task {task} "
                   f"({state['bad_in_a_row']} of at most {max_bad_steps} in a row)")
     if state["bad_in_a_row"] >= max_bad_steps:
