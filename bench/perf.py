@@ -31,7 +31,7 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 from perf import common, report  # noqa: E402  (bench/perf/, next to this script)
 
-SYSTEMS = ("multitune", "hf-default", "hf-tuned", "tasknet")
+SYSTEMS = ("multitune", "multitune-compile", "hf-default", "hf-tuned", "tasknet")
 PARTS = (*common.WORKLOADS, "inference", "scaling")
 RESULTS = common.REPO / "bench" / "results"
 
@@ -60,9 +60,9 @@ def run_child(workload: str, system: str, out: Path) -> None:
             else:
                 from perf import hf
                 record = hf.run_pipelines(spec, spec["inference_models"]["hf"])
-        elif system == "multitune":
+        elif system in ("multitune", "multitune-compile"):
             from perf import mt
-            record = mt.run(workload, spec)
+            record = mt.run(workload, spec, compile_model=system == "multitune-compile")
         elif system == "tasknet":
             from perf import tn
             record = tn.run_mixture(spec)
@@ -98,6 +98,8 @@ def plan(args, steps: dict) -> list[tuple[str, str]]:
         for s in systems:
             if s == "tasknet" and w != "mixture":
                 continue
+            if s == "multitune-compile" and w != "sst2":  # torch.compile is measured on one workload
+                continue
             if w == "mixture" and s.startswith("hf-") and derived:
                 continue
             runs.append((w, s))
@@ -131,7 +133,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="steps of each single-task workload (default 100, quick 8)")
     ap.add_argument("--mixture-steps", type=int, help="steps of the mixture (default 3x --steps)")
     ap.add_argument("--only", default=",".join(PARTS), help=f"parts to run, of: {','.join(PARTS)}")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"training systems, of: {','.join(SYSTEMS)}")
+    ap.add_argument("--systems", default=",".join(s for s in SYSTEMS if s != "multitune-compile"),
+                    help=f"training systems, of: {','.join(SYSTEMS)} (multitune-compile, SST-2 only, is opt-in: "
+                         "compiling takes minutes on a CPU)")
     ap.add_argument("--multitune-precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--out", default="runs/bench-perf", help="work directory (data, models, logs)")
     ap.add_argument("--results", default=str(RESULTS), help="where the JSON, markdown and plots go")
@@ -163,6 +167,9 @@ def main() -> None:
     peaks = {d: common.matmul_peak(d) for d in ("fp32", "bf16")}
     print(f"matmul peak (2048x2048): fp32 {peaks['fp32']:,.0f} GFLOP/s, bf16 {peaks['bf16']:,.0f} GFLOP/s",
           flush=True)
+    layer_peaks = {d: common.layer_matmul_peak(d) for d in ("fp32", "bf16")}
+    print(f"matmuls at MiniLM's shapes (384 tokens x 384 x 1536): fp32 {layer_peaks['fp32']:,.0f} GFLOP/s, "
+          f"bf16 {layer_peaks['bf16']:,.0f} GFLOP/s", flush=True)
     model_path = common.default_model_path()
     data = common.prepare_data(out / "data", mode["sst2_train"], 42, mode["inference_items"], mode["dev_cap"],
                                mode["train_cap"])
@@ -217,6 +224,7 @@ def main() -> None:
                 records.setdefault("mixture", {})[system] = combined
 
     suite = {"date": datetime.date.today().isoformat(), "spec": spec, "records": records, "peaks": peaks,
+             "layer_peaks": layer_peaks,
              "flops": common.flop_params(model_path), "wall_s": time.perf_counter() - started}
     common.write_json_atomic(out / "suite.json", suite)
     write_report(suite, Path(args.results))
@@ -227,6 +235,8 @@ def write_report(suite: dict, results_dir: Path) -> None:
     spec, date = suite["spec"], suite["date"]
     result = report.build(spec, suite["records"], suite["peaks"], suite["flops"], spec["machine"], suite["wall_s"],
                           date)
+    if suite.get("layer_peaks"):
+        result["matmul_layer_shapes_gflops"] = suite["layer_peaks"]
     stem = f"perf-{date}" + ("-quick" if spec["mode"] == "quick" else "")
     common.write_json_atomic(results_dir / f"{stem}.json", result)
     report.plot_training(result, results_dir / f"{stem}-training.png")

@@ -124,7 +124,14 @@ def test_sigkill_at_any_moment_then_resume_equals_an_uninterrupted_run(tiny_back
     for name in ("model/model.safetensors", "model/heads.safetensors", "checkpoints/last/model.safetensors",
                  "checkpoints/best/model.safetensors", "checkpoints/last/weighting.safetensors"):
         assert same_tensors(run / name, reference / name), name
-    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name not in ("best", "last")]
+    def snapshot_files(root: Path) -> dict[str, bytes]:  # each task's best-step snapshot, byte for byte
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    snapshots = snapshot_files(run / "checkpoints" / "best-per-task")
+    assert snapshots and snapshots == snapshot_files(reference / "checkpoints" / "best-per-task")
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name not in ("best", "last", "best-per-task")]
+    leftovers += [p.name for p in (run / "checkpoints" / "best-per-task").iterdir()
+                  if p.name not in results["train"]["per_task_best"]]
     assert not leftovers, leftovers
 
 
@@ -141,7 +148,7 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(tiny_backbone, tm
     train(config(run), resume=True, progress=False)
     assert metric_lines(run) == metric_lines(reference)
     assert same_tensors(run / "model/model.safetensors", reference / "model/model.safetensors")
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "best-per-task", "last"]
     train(config(tmp_path / "new"), resume=True, progress=False)  # --resume where nothing exists yet: a fresh run
     assert same_tensors(tmp_path / "new/model/model.safetensors", reference / "model/model.safetensors")
 

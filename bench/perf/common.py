@@ -121,6 +121,40 @@ def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 1.5) -> float:
     return best / 1e9
 
 
+def layer_matmul_peak(dtype_name: str, tokens: int = 384, hidden: int = 384, ffn: int = 1536,
+                      seconds: float = 1.5) -> float:
+    """GFLOP/s of the matmuls of one transformer layer's forward at a training step's shapes (default:
+    MiniLM-L6, 32 SST-2 sentences of ~12 tokens): four ``tokens x hidden @ hidden x hidden`` projections and
+    the two feed-forward matmuls. What the model's own matmuls can reach on this machine, next to the
+    2048 x 2048 peak: small matrices keep the matrix units far from full.
+    """
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    w = [torch.randn(hidden, hidden, generator=gen).to(dtype) for _ in range(4)]
+    up = torch.randn(hidden, ffn, generator=gen).to(dtype)
+    down = torch.randn(ffn, hidden, generator=gen).to(dtype)
+    flops = 2 * tokens * hidden * (4 * hidden + 2 * ffn)
+
+    def layer():
+        for m in w:
+            torch.matmul(x, m)
+        torch.matmul(torch.matmul(x, up), down)
+
+    with torch.inference_mode():
+        for _ in range(5):
+            layer()
+        best, start, reps = 0.0, time.perf_counter(), 20
+        while time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                layer()
+            best = max(best, flops * reps / (time.perf_counter() - t0))
+    return best / 1e9
+
+
 def flop_params(model_path: str | Path) -> dict:
     """Parameters that do the compute of a token: the transformer layers (``encoder.*``); embeddings (a lookup),
     the pooler and task heads (well under 1% of the compute) are left out. Read from the safetensors header."""

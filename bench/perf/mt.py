@@ -29,8 +29,12 @@ def task_section(workload: str, train: str, validation: str) -> dict:
     return {"type": "regression", "label_range": [0, 5], "data": data}
 
 
-def run_config(spec: dict, tasks: dict[str, dict], steps: int, output_dir: str) -> dict:
+def run_config(spec: dict, tasks: dict[str, dict], steps: int, output_dir: str, compile_model: bool = False) -> dict:
     s = spec["settings"]
+    if compile_model:  # an evaluation at step 10 splits the compile-laden first steps from the steady ones
+        return {**run_config(spec, tasks, steps, output_dir),
+                "training": {**run_config(spec, tasks, steps, output_dir)["training"], "compile": True,
+                             "eval_every": min(10, steps)}}
     return {"backbone": "default", "output_dir": output_dir, "seed": s["seed"], "tasks": tasks,
             "sampling": {"strategy": "round_robin"}, "loss_weighting": {"strategy": "sum"},
             "training": {"max_steps": steps, "batch_size": s["batch_size"], "max_length": s["max_length"],
@@ -54,7 +58,8 @@ class _Tee(io.TextIOBase):
         sys.stderr.flush()
 
 
-def train(spec: dict, tasks: dict[str, dict], steps: int, output_dir: str) -> tuple[dict, dict]:
+def train(spec: dict, tasks: dict[str, dict], steps: int, output_dir: str,
+          compile_model: bool = False) -> tuple[dict, dict]:
     """Run ``multitune.training.train``; returns results.json and what the bench measures around it:
     the call's wall time and the tokenisation time the trainer prints."""
     from rich.console import Console
@@ -62,38 +67,57 @@ def train(spec: dict, tasks: dict[str, dict], steps: int, output_dir: str) -> tu
     from multitune.config import parse_config
     from multitune.training import train as mt_train
 
-    config = parse_config(run_config(spec, tasks, steps, output_dir))
+    config = parse_config(run_config(spec, tasks, steps, output_dir, compile_model))
     tee = _Tee()
     t0 = time.perf_counter()
     results = mt_train(config, overwrite=True, progress=False, console=Console(file=tee, width=120))
     call_s = time.perf_counter() - t0
     # the checkpoints (model + optimizer, ~0.5 GB a run) are not needed once the run has finished
     shutil.rmtree(Path(output_dir) / "checkpoints", ignore_errors=True)
-    match = re.search(r"tokenised every split once in ([\d.]+)s", tee.buffer_.getvalue())
-    return results, {"call_s": call_s, "tokenize_s": float(match.group(1)) if match else None}
+    tokenize_s = results["train"].get("tokenize_s")
+    if tokenize_s is None:  # results.json written before the trainer recorded it: read the console line
+        match = re.search(r"tokenised every split once in ([\d.]+)s", tee.buffer_.getvalue())
+        tokenize_s = float(match.group(1)) if match else None
+    return results, {"call_s": call_s, "tokenize_s": tokenize_s}
 
 
 def _record(results: dict, extra: dict) -> dict:
     t = results["train"]
     seconds = t["wall_s"]
+    # exact token totals when results.json has them, else rebuilt from the (rounded) rates
     record = {"steps": t["steps"], "train_s": seconds, "examples": t["examples"],
-              "real_tokens": round(t["real_tokens_per_s"] * seconds), "padded_tokens":
-              round(t["padded_tokens_per_s"] * seconds), "examples_per_s": t["examples_per_s"],
+              "real_tokens": t.get("real_tokens", round(t["real_tokens_per_s"] * seconds)),
+              "padded_tokens": t.get("padded_tokens", round(t["padded_tokens_per_s"] * seconds)),
+              "examples_per_s": t["examples_per_s"],
               "real_tokens_per_s": t["real_tokens_per_s"], "padded_tokens_per_s": t["padded_tokens_per_s"],
               "precision": t["precision"], **extra}
     return record
 
 
-def run(workload: str, spec: dict) -> dict:
-    """One workload (a single task, or the three tasks as one run) with multitune."""
+def run(workload: str, spec: dict, compile_model: bool = False) -> dict:
+    """One workload (a single task, or the three tasks as one run) with multitune; with ``compile_model``
+    the backbone goes through ``torch.compile`` (``training.compile``) and the record separates the first
+    10 steps, which pay for compilation, from the steady ones."""
     names = SINGLE if workload == "mixture" else (workload,)
     tasks = {TASK[w]: task_section(w, spec["data"][w]["train"], spec["data"][w]["validation"]) for w in names}
-    out = str(Path(spec["models_dir"]) / f"{workload}-multitune")
-    results, measured = train(spec, tasks, spec["steps"][workload], out)
+    out = str(Path(spec["models_dir"]) / f"{workload}-multitune{'-compile' if compile_model else ''}")
+    results, measured = train(spec, tasks, spec["steps"][workload], out, compile_model)
     dev = {w: results["validation"][TASK[w]][METRIC[w]] for w in names}
     data = {TASK[w]: results["data"][TASK[w]] for w in names}
-    return _record(results, {"dev": dev, "setup_s": measured["tokenize_s"], "call_s": measured["call_s"],
-                             "data_report": data, "model_dir": out, "peak_rss_gb": peak_rss_gb()})
+    record = _record(results, {"dev": dev, "setup_s": measured["tokenize_s"], "call_s": measured["call_s"],
+                               "data_report": data, "model_dir": out, "peak_rss_gb": peak_rss_gb()})
+    if compile_model:
+        evals = [r for r in read_jsonl(Path(out) / "metrics.jsonl") if r.get("kind") == "eval"]
+        if len(evals) >= 2:
+            first, last = evals[0], evals[-1]
+            steady = (last["elapsed_s"] - first["elapsed_s"]) / (last["step"] - first["step"])
+            record.update(first_steps=first["step"], first_steps_s=first["elapsed_s"],
+                          compile_overhead_s=first["elapsed_s"] - first["step"] * steady,
+                          steady_step_s=steady, steady_examples_per_s=spec["settings"]["batch_size"] / steady,
+                          note=f"torch.compile: first {first['step']} steps {first['elapsed_s']:.1f}s (compile "
+                               f"~{first['elapsed_s'] - first['step'] * steady:.0f}s), then "
+                               f"{spec['settings']['batch_size'] / steady:.1f} examples/s")
+    return record
 
 
 # -- inference --------------------------------------------------------------------------------------
@@ -139,8 +163,43 @@ def run_inference(spec: dict, model_dir: str) -> dict:
         record["all_tasks_s"] = record["three_passes_s"]
         record["mode"] = "fallback: 3 passes (multitune.inference.predict_all not found)"
     record["all_tasks_items_per_s"] = len(items) / record["all_tasks_s"]
+    if predict_all is not None:  # cheaper precisions, with their agreement with the fp32 answers
+        reference = out
+        record["variants"] = {}
+        for precision in ("bf16", "int8"):
+            variant = multitune.load(model_dir, precision=precision)
+            predict_all(variant, [*texts[:bs], *pairs[:bs]], batch_size=bs)  # warm-up
+            t = time.perf_counter()
+            answers = predict_all(variant, [*texts, *pairs], batch_size=bs)
+            all_s = time.perf_counter() - t
+            t = time.perf_counter()
+            variant.predict(names["sst2"], texts, batch_size=bs)
+            single_s = time.perf_counter() - t
+            record["variants"][precision] = {
+                "all_tasks_s": all_s, "all_tasks_items_per_s": len(items) / all_s, "single_s": single_s,
+                "single_texts_per_s": len(items) / single_s, "agreement": _agreement(reference, answers, names)}
+            del variant
     record["peak_rss_gb"] = peak_rss_gb()
     return record
+
+
+def _agreement(reference: list[dict], answers: list[dict], names: dict[str, str]) -> dict[str, float]:
+    """How far a cheaper precision's answers are from fp32's: the share of equal sentiment labels, the share
+    of equal NER tags, and the Pearson correlation of the similarity scores."""
+    import numpy as np
+
+    labels = [(r[names["sst2"]]["label"], a[names["sst2"]]["label"]) for r, a in zip(reference, answers)
+              if names["sst2"] in r]
+    tags = [(x, y) for r, a in zip(reference, answers) if names["wnut17"] in r
+            for x, y in zip(r[names["wnut17"]].get("tags", []), a[names["wnut17"]].get("tags", []))]
+    scores = np.array([(r[names["stsb"]]["score"], a[names["stsb"]]["score"]) for r, a in zip(reference, answers)
+                       if names["stsb"] in r], dtype=float)
+    result = {"sentiment_label_agreement": sum(x == y for x, y in labels) / max(1, len(labels))}
+    if tags:
+        result["ner_tag_agreement"] = sum(x == y for x, y in tags) / len(tags)
+    if len(scores) > 1:
+        result["similarity_pearson_vs_fp32"] = float(np.corrcoef(scores[:, 0], scores[:, 1])[0, 1])
+    return result
 
 
 # -- scaling curves -----------------------------------------------------------------------------------

@@ -67,11 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-freq", type=int, default=5, help="keep words seen at least this often")
     v.add_argument("--max-new", type=int, default=2000, help="add at most this many words")
 
-    p = sub.add_parser("export", help="write one task of an adapter model: merged into the backbone, or its "
-                                      "adapter in PEFT's layout")
+    p = sub.add_parser("export", help="write one task of a trained model, from its own best step: a one-task "
+                                      "model directory, a merged adapter, or the adapter in PEFT's layout")
     p.add_argument("run_dir")
     p.add_argument("--task", required=True)
     p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--from", dest="source", default="per-task-best", choices=["per-task-best", "final"],
+                   help="per-task-best: the task's weights at its own best validation step (the run's snapshot; "
+                        "the final model when there is none); final: the run's model directory")
     p.add_argument("--merge", action="store_true", help="fold the task's LoRA/DoRA/IA3 adapter into the backbone "
                                                         "weights (a plain transformers model directory)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -105,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="store_true", help="also train the unchanged config once, for comparison")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each trial's checkpoints/")
     _add_set(p)
+
+    p = sub.add_parser("compare", help="train the multi-task run and each task alone with the same budget: per-task "
+                                       "transfer, gradient affinity and suggested task groups")
+    p.add_argument("config", help="run config (YAML) with at least two tasks")
+    p.add_argument("--output", default=None, help="directory of the comparison (default: the config's output_dir + "
+                                                  "'-compare'); runs go in OUTPUT/multitask and OUTPUT/single-TASK")
+    _add_set(p)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bars (logs only)")
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of a finished run (RUN_DIR/report.html)")
+    p.add_argument("run_dir")
+    p.add_argument("--output", help="HTML file to write (default: RUN_DIR/report.html); the plots go to "
+                                    "RUN_DIR/report/ as PNG files")
 
     sub.add_parser("tasks", help="list the registered task types, samplers, loss weightings and adapter methods")
     return parser
@@ -211,7 +228,11 @@ def cmd_quickstart(args) -> int:
 def cmd_export(args) -> int:
     from multitune.adapters.export import export_task
 
-    print(json.dumps(export_task(args.run_dir, args.task, args.output, merge=args.merge, overwrite=args.overwrite)))
+    report = export_task(args.run_dir, args.task, args.output, merge=args.merge, overwrite=args.overwrite,
+                         source=args.source)
+    if report.get("note"):
+        print(f"multitune: note: {report['note']}", file=sys.stderr)
+    print(json.dumps(report))
     return 0
 
 
@@ -244,6 +265,26 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from multitune.analysis.compare import run_compare
+
+    report = run_compare(args.config, args.output, args.overrides, overwrite=args.overwrite,
+                         progress=not args.no_progress)
+    summary = {t: {k: r[k] for k in ("metric", "multitask", "single", "delta", "transfer")}
+               for t, r in report["validation"].items()}
+    print(json.dumps({"validation": summary, "compare": str(Path(report["output"]) / "compare.json")}))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from multitune.reporting import write_report
+
+    report = write_report(args.run_dir, args.output)
+    print(json.dumps({"report": str(report.path), "sections": report.sections, "omitted": report.omitted,
+                      "figures": [str(p) for p in report.figures]}))
+    return 0
+
+
 def cmd_tasks(args) -> int:
     from multitune.adapters import METHODS
     from multitune.sampling import SAMPLERS
@@ -268,7 +309,8 @@ def cmd_vocab(args) -> int:
 
 COMMANDS = {"train": cmd_train, "vocab": cmd_vocab, "evaluate": cmd_evaluate, "predict": cmd_predict, "embed": cmd_embed,
             "quickstart": cmd_quickstart, "tasks": cmd_tasks, "export": cmd_export, "serve": cmd_serve,
-            "search": cmd_search}
+            "search": cmd_search, "compare": cmd_compare,
+            "report": cmd_report}
 
 
 def _quiet_transformers() -> None:

@@ -8,6 +8,7 @@ import typing
 from multitune.config.adapters import AdapterConfig
 from multitune.config.parse import _describe
 from multitune.config.schema import (
+    AnalysisConfig,
     BackboneConfig,
     EarlyStoppingConfig,
     FreezeConfig,
@@ -47,6 +48,7 @@ def reference() -> str:
              _table(EarlyStoppingConfig, "training.early_stopping"),
              _table(GradualUnfreezingConfig, "training.gradual_unfreezing"),
              _table(FreezeConfig, "freeze"), _table(StageConfig, "stages[i]"), _table(AdapterConfig, "adapters"),
+             _table(AnalysisConfig, "analysis"),
              _table(SplitConfig, "tasks.NAME.data.{train,validation,test}"),
              _table(SplitFractions, "tasks.NAME.data.split")]
     for name in TASKS.names():

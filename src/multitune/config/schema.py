@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from multitune.config.adapters import AdapterConfig
-from multitune.config.parse import field
+from multitune.config.parse import check_field, field
 from multitune.errors import ConfigError
 
+TRACKERS = ["tensorboard", "mlflow"]
 FORMATS = ["csv", "tsv", "jsonl", "parquet", "conll", "text", "parallel", "hf"]
 
 
@@ -130,16 +131,45 @@ class TrainingConfig:
                                         "after this many such steps in a row", min=1)
     eval_every: int = field(200, help="evaluate every N optimizer steps", min=1)
     early_stopping: EarlyStoppingConfig | None = field(None, help="stop when the metric stops improving")
+    per_task_best: bool = field(True, help="also keep each task's weights at its own best validation step in "
+                                         "checkpoints/best-per-task/ (for `multitune export --task`); costs one "
+                                         "copy of the trained parameters per task on disk (a backbone per task "
+                                         "under full fine-tuning, the task's adapter and head with per-task "
+                                         "adapters); each task's best step is recorded in results.json either "
+                                         "way")
     precision: str = field("fp32", help="compute precision: fp32, bf16 autocast with fp32 master weights, or auto "
                                         "(bf16 where the GPU or CPU computes it natively, else fp32)",
                            choices=["fp32", "bf16", "auto"])
     log_every: int = field(10, help="log training losses every N steps", min=1)
     device: str = field("auto", help="auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
+    report_to: list[str] = field(help="trackers that get every metrics.jsonl record (default: none): tensorboard "
+                                      "(RUN/tensorboard), mlflow (needs multitune[track]; see docs/reports.md)",
+                                 factory=list)
+    mlflow_tracking_uri: str | None = field(None, help="MLflow tracking URI (default: the MLFLOW_TRACKING_URI "
+                                                       "variable, else sqlite:///RUN/mlflow.db)")
 
     def validate(self, path: str) -> None:
+        for i, tracker in enumerate(self.report_to):
+            check_field(tracker, {"choices": TRACKERS}, f"{path}.report_to[{i}]")
+        if self.mlflow_tracking_uri is not None and "mlflow" not in self.report_to:
+            raise ConfigError(f"{path}.mlflow_tracking_uri", "only used with report_to: [mlflow]")
         if self.eval_every > self.max_steps:
             raise ConfigError(f"{path}.eval_every", f"({self.eval_every}) must not exceed "
                                                     f"training.max_steps ({self.max_steps})")
+
+
+@dataclass
+class AnalysisConfig:
+    """Transfer analysis during training (see docs/transfer.md): how the tasks' gradients on the shared
+    parameters relate (cosine similarity) and how a step on one task changes the others' losses
+    (look-ahead task affinity, Fifty et al. 2021). Measuring never changes the training itself."""
+
+    affinity_every: int = field(0, help="measure gradient cosine similarity and look-ahead task affinity every N "
+                                        "optimizer steps (0: off)", min=0)
+    batch_size: int | None = field(None, help="examples per task in each measurement (default: "
+                                              "training.batch_size)", min=1)
+    lookahead_lr: float | None = field(None, help="learning rate of the look-ahead SGD step (default: each "
+                                                  "shared parameter's current learning rate)", gt=0.0)
 
 
 BACKBONE_TYPES = ["auto", "encoder", "encoder_decoder", "decoder_only"]
@@ -249,4 +279,6 @@ class RunConfig:
                                                      "see docs/adapters.md)")
     stages: list[StageConfig] | None = field(None, help="sequential training: stages run in order, each with "
                                                         "its tasks and training settings (see docs/training.md)")
+    analysis: AnalysisConfig = field(help="transfer analysis during training: gradient cosine similarity and "
+                                          "look-ahead task affinity (see docs/transfer.md)", factory=AnalysisConfig)
     trust_remote_code: bool = field(False, help="allow model code from the backbone's repository to run")

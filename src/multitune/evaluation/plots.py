@@ -44,6 +44,51 @@ def plot_learning_curves(records: list[dict], path: Path) -> Path | None:
     if ax.get_legend_handles_labels()[1]:  # no training-loss lines when the run logged none yet
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_sampling_shares(records: list[dict], path: Path) -> Path | None:
+    """Write a PNG of each task's sampling share over the steps of a run with two or more tasks.
+
+    The shares come from every record of ``metrics.jsonl`` that holds them: eval lines (``sampling``), train
+    lines of samplers whose shares change (``sampling``) and the changes an adaptive sampler logs
+    (``{"kind": "sampling", "shares"}``); a share holds until the next record changes it.
+
+    Returns:
+        The written path, or None when the run has fewer than two tasks or no shares were logged.
+    """
+    points: list[tuple[int, dict[str, float]]] = []
+    for r in records:
+        shares = r.get("shares") if r.get("kind") == "sampling" else r.get("sampling")
+        if isinstance(shares, dict) and shares and "step" in r:
+            points.append((r["step"], shares))
+    tasks = sorted({t for _, s in points for t in s})
+    if len(tasks) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points.sort(key=lambda p: p[0])  # stable: of several records at one step, the last logged holds
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for task in tasks:
+        pts = [(step, s[task]) for step, s in points if task in s]
+        steps, values = zip(*pts)
+        ax.plot(steps, values, drawstyle="steps-post", marker="." if len(pts) < 30 else None, label=task)
+    ax.set_title("sampling share per task")
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of batches")
+    ax.set_ylim(0, min(1.0, max(v for _, s in points for v in s.values()) * 1.1 + 0.02))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write ``fig`` to ``path`` atomically (temp file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

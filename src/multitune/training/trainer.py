@@ -19,11 +19,12 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from multitune.analysis.affinity import AffinityProbe, batches_drawn, write_transfer
 from multitune.backbones import load_backbone
 from multitune.config.parse import to_dict
 from multitune.config.schema import RunConfig
 from multitune.data import TaskData, load_task_data
-from multitune.errors import MultituneError
+from multitune.errors import ConfigError, MultituneError
 from multitune.evaluation.evaluator import evaluate_task, selection_value
 from multitune.fileio import read_jsonl, replace_dir, write_json_atomic, write_text_atomic
 from multitune.model import ADAPTERS_FILE, HEADS_FILE, MultiTaskModel
@@ -35,6 +36,7 @@ from multitune.optim import (
     build_scheduler,
     parameter_table,
 )
+from multitune.reporting.trackers import attach_trackers
 from multitune.sampling import SAMPLERS
 from multitune.sampling.replay import ReplaySampler
 from multitune.tasks import TASKS, Task
@@ -43,6 +45,7 @@ from multitune.training.checkpoint import find_checkpoint, load_checkpoint, rng_
 from multitune.training.distributed import all_processes, average_gradients, ddp_kwargs, shard_batch
 from multitune.training.hardware import resolve_precision
 from multitune.training.multistep import WeightedStep
+from multitune.training.per_task import PER_TASK_DIR, STATE_KEY, PerTaskBest
 from multitune.training.progress import TrainingProgress, print_parameter_table, print_results_table
 from multitune.training.runlog import RunLog
 from multitune.weighting import WEIGHTINGS
@@ -170,6 +173,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     tcfg = config.training
     out = Path(config.output_dir)
     tasks = build_tasks(config)
+    _check_sampling(config, list(tasks))
     prepared = read_task_data(config, tasks)
     resuming = _check_output_dir(config, out, resume, overwrite, clear=False)
 
@@ -255,6 +259,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
                 for i, (n, p) in enumerate(prepared.items())}
     sampler = SAMPLERS.get(config.sampling.strategy)({n: len(prepared[n].features["train"]) for n in active},
                                                      config.sampling, config.seed)
+    task_sampler = sampler  # the strategy itself, which declares what it needs (a replay run wraps it)
     replayed = [n for n in evaluated if n not in active]
     if plan is not None and plan.replay > 0 and replayed:
         earlier = SAMPLERS.get("proportional")({n: len(prepared[n].features["train"]) for n in replayed},
@@ -262,6 +267,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         sampler = ReplaySampler(sampler, earlier, plan.replay, config.seed + 2)
     # what the loss weighting needs from a step (all tasks, per-task gradients of the shared parameters, ...)
     multi = WeightedStep(weighting, sampler, model, core, [p for g in groups for p in g["params"]], accelerator)
+    probe = AffinityProbe(config, multi, prepared, active, pad_id, staged=plan is not None)  # transfer analysis
     state: dict[str, Any] = {"step": 0, "best_value": None, "best_step": None, "bad_evals": 0,
                              "examples": 0, "real_tokens": 0, "padded_tokens": 0, "train_seconds": 0.0,
                              "bad_steps": {}, "bad_in_a_row": 0}
@@ -290,6 +296,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
                      if accelerator.num_processes > 1 else ""))
     accelerator.wait_for_everyone()  # every process has checked the run directory before the main one writes
     log = RunLog(out / "metrics.jsonl", accelerator.is_main_process)
+    attach_trackers(log, config, out)  # training.report_to: TensorBoard / MLflow get every record too
     from multitune.config.loader import save_config
 
     table = parameter_table(groups, core.backbone, new_modules, unfreezer.unfreeze_steps() if unfreezer else None)
@@ -332,6 +339,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
                 "batchers": {n: b.state_dict() for n, b in batchers.items()}}
 
     trainable = [p for g in groups for p in g["params"]]
+    per_task = PerTaskBest(out / CHECKPOINTS / PER_TASK_DIR, core, trainable, tasks, active, tcfg.per_task_best,
+                           accelerator.is_main_process, log)
+    per_task.start(state, resuming)  # each task's own best step, and its weights (training.per_task_best)
     model.train()
     bar = TrainingProgress(console, tcfg.max_steps, enabled=progress)
     bar.start(state["step"])
@@ -339,6 +349,8 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     try:
         while state["step"] < tcfg.max_steps:
             t0 = time.perf_counter()
+            if task_sampler.needs_progress:  # e.g. temperature annealing: the step of the coming draws
+                task_sampler.set_progress(state["step"], tcfg.max_steps)
             if unfreezer is not None:
                 opened = unfreezer.update(state["step"])
                 if opened and accelerator.is_main_process:
@@ -391,6 +403,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             multi.after_step(autocast)  # the loss weighting updates its state (e.g. loss histories)
+            t0 += probe.after_step(state["step"] + 1, optimizer, autocast, log)  # not counted as training time
             state["step"] += 1
             state["train_seconds"] += time.perf_counter() - t0
             for n, v in step_losses.items():
@@ -401,7 +414,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
                 log({"kind": "train", "step": step, "lr": scheduler.get_last_lr()[0],
                                                      "loss": {n: sum(v) / len(v) for n, v in running.items() if v},
                                                      "loss_weights": weighting.weights(),
-                                                     **({"grad_stats": weighting.stats} if weighting.stats else {})})
+                                                     **({"grad_stats": weighting.stats} if weighting.stats else {}),
+                                                     **({"sampling": multi.shares()}
+                                                        if task_sampler.shares_change else {})})
                 running = {n: [] for n in names}
             if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
                 results = evaluate_all("validation")
@@ -411,6 +426,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
                     state.update(best_value=value, best_step=step, bad_evals=0)
                 else:
                     state["bad_evals"] += 1
+                per_task.update(state, step, results)  # before the checkpoint, which records it
+                # before the checkpoint, so that it holds the sampler as it is after this evaluation
+                _observe_sampling(task_sampler, step, results, tasks, log, accelerator.is_main_process)
                 if accelerator.is_main_process:
                     log({
                         "kind": "eval", "step": step, "split": "validation", "metrics": results,
@@ -463,13 +481,14 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     seconds = max(state["train_seconds"], 1e-9)
     results["train"] = {
         "steps": state["step"], "best_step": state["best_step"], "stopped_early": stopped_early,
-        "selection_metric": metric_name, "best_value": state["best_value"],
+        "selection_metric": metric_name, "best_value": state["best_value"], "per_task_best": state[STATE_KEY],
         "skipped_steps": dict(state["bad_steps"]), "examples": state["examples"], "wall_s": round(seconds, 2),
         "examples_per_s": round(state["examples"] / seconds, 2),
         "real_tokens_per_s": round(state["real_tokens"] / seconds, 1),
         "padded_tokens_per_s": round(state["padded_tokens"] / seconds, 1),
         "real_tokens": state["real_tokens"], "padded_tokens": state["padded_tokens"],
-        "tokenize_s": round(tokenize_s, 2), "precision": precision, "device": str(accelerator.device)}
+        "tokenize_s": round(tokenize_s, 2), "precision": precision, "device": str(accelerator.device),
+        "batches": {n: batches_drawn(b) for n, b in batchers.items()}}
     results["data"] = {n: p.data.report for n, p in prepared.items()}
     weights = {n: dict(zip(p.task.state()["labels"], p.task.state()["class_weights"]))
                for n, p in prepared.items() if p.task.state().get("class_weights")}
@@ -489,6 +508,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
             shutil.rmtree(tmp)
         core.save(tmp, extra={"backbone_source": to_dict(config.backbone), "trained_steps": state["step"]})
         replace_dir(tmp, out / "model")
+        write_transfer(out, results)  # the mean affinity matrices (results["transfer"]) and affinity.png
         write_json_atomic(out / "results.json", results)
         _plot(out)
         _plot_confusions(out, prepared, val_predictions)
@@ -522,12 +542,39 @@ def _skip_step(state: dict, bad: tuple[str, str], max_bad_steps: int, out: Path,
 
 
 def _plot(out: Path) -> None:
-    from multitune.evaluation.plots import plot_learning_curves
+    from multitune.evaluation.plots import plot_learning_curves, plot_sampling_shares
 
     try:
         plot_learning_curves(read_jsonl(out / "metrics.jsonl"), out / "learning_curves.png")
+        plot_sampling_shares(read_jsonl(out / "metrics.jsonl"), out / "sampling_shares.png")
     except ImportError:  # matplotlib is a dependency, but a broken install must not lose a finished run
         pass
+
+
+def _check_sampling(config: RunConfig, names: list[str]) -> None:
+    """The sampling checks that need the run's tasks and loss weighting (before anything is read or written).
+
+    Raises:
+        ConfigError: e.g. ``sampling.reference.foo: unknown task; tasks: a, b``.
+    """
+    sampler = SAMPLERS.get(config.sampling.strategy, "sampling.strategy")
+    sampler.check_config(config.sampling, names, "sampling")
+    weighting = WEIGHTINGS.get(config.loss_weighting.strategy, "loss_weighting.strategy")
+    if (sampler.needs_progress or sampler.needs_evaluations) and weighting.needs_all_tasks:
+        raise ConfigError("sampling.strategy", f"{config.sampling.strategy} changes the task shares, but with "
+                                               f"loss_weighting.strategy {config.loss_weighting.strategy} every step "
+                                               f"holds one batch of each task; use a loss-level weighting (sum, "
+                                               f"static, uncertainty, dwa) or another sampling strategy")
+
+
+def _observe_sampling(sampler: Any, step: int, results: dict[str, dict[str, float]], tasks: dict[str, Task],
+                      log: RunLog, main_process: bool) -> None:
+    """Hand a validation evaluation to a sampler that adapts to it; log the change of shares it makes."""
+    if not sampler.needs_evaluations:
+        return
+    change = sampler.observe(step, results, tasks)
+    if change is not None and main_process:
+        log({"kind": "sampling", "step": step, **change})
 
 
 def _plot_confusions(out: Path, prepared: dict[str, PreparedTask], predictions: dict[str, list]) -> None:
