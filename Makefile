@@ -58,6 +58,7 @@ bench-extra: $(VENV)/.installed
 	$(BIN)/python bench/seed_mixture.py
 	$(BIN)/python bench/transfer.py
 	$(BIN)/python bench/adapters.py
+	$(BIN)/python bench/weighting.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -45,12 +45,23 @@ METHODS = {
     "pcgrad": ({"strategy": "pcgrad"}, None, "PCGrad (Yu et al. 2020)"),
     "cagrad": ({"strategy": "cagrad"}, None, "CAGrad (Liu et al. 2021)"),
     "famo": ({"strategy": "famo"}, None, "FAMO (Liu et al. 2023)"),
+    # clipping the combined gradient at 1.0 lets the task with the largest gradient set every task's step
+    "pcgrad-noclip": ({"strategy": "pcgrad"}, None, "PCGrad, gradient clipping off"),
 }
+#: overrides of single runs beyond their weighting and sampling
+EXTRA = {"pcgrad-noclip": ["training.max_grad_norm=null"]}
 SINGLES = {f"single-{t}": t for t in TASKS}
+#: the adaptive scheduler's references when the bench has no single-task runs of its own yet: each task alone,
+#: 400 steps (docs/results.md)
+REFERENCE = {"sentiment": 0.865, "ner": 0.549, "similarity": 0.843}
+ADAPTIVE_EVALS = 6
+#: the run that measures gradient cosine and look-ahead task affinity along the way (measuring does not change
+#: training; its time is left out of the run's training time)
+AFFINITY_RUN = "adaptive"
 
 
 def overrides(name: str, batches: int, out: Path, evals: int, affinity_every: int,
-              learning_rate: float) -> tuple[list[str], list[str]]:
+              learning_rate: float, reference: dict | None = None) -> tuple[list[str], list[str]]:
     """The config overrides of one run and the tasks it keeps."""
     if name in SINGLES:
         steps, tasks = batches, [SINGLES[name]]
@@ -61,8 +72,12 @@ def overrides(name: str, batches: int, out: Path, evals: int, affinity_every: in
         sets = [f"loss_weighting={json.dumps(weighting)}"]
         if sampling is not None:
             sets.append(f"sampling={json.dumps(sampling)}")
-        if affinity_every and name == "sum":
+        if affinity_every and name == AFFINITY_RUN:
             sets.append(f"analysis={{affinity_every: {affinity_every}}}")
+        if name == "adaptive":  # it needs feedback: more evaluations, and single-task references (see main)
+            sets.append(f"sampling={{strategy: adaptive, reference: {json.dumps(reference)}, patience: 2}}")
+            evals = max(evals, ADAPTIVE_EVALS)
+    sets += EXTRA.get(name, [])
     sets += [f"output_dir={out / name}", f"training.max_steps={steps}", "training.early_stopping=null",
              f"training.eval_every={max(1, steps // evals)}", "training.precision=auto",
              f"training.learning_rate={learning_rate}"]
@@ -74,7 +89,10 @@ def run_one(name: str, args) -> dict:
     from multitune.config import load_config
     from multitune.training import train
 
-    sets, tasks = overrides(name, args.batches, Path(args.out), args.evals, args.affinity_every, args.learning_rate)
+    sets, tasks = overrides(name, args.batches, Path(args.out), args.evals, args.affinity_every, args.learning_rate,
+                            json.loads(args.reference))
+    if args.dev_cap:  # timing runs: the dev sets only need to exist
+        sets += [f"tasks.{t}.data.validation.max_examples={args.dev_cap}" for t in tasks]
     cfg = load_config(CONFIG, sets, base_dir=REPO)
     cfg.tasks = {k: v for k, v in cfg.tasks.items() if k in tasks}
     t0 = time.perf_counter()
@@ -113,8 +131,8 @@ def markdown(result: dict) -> str:
              f"{result.get('learning_rate')} (heads 1e-3), precision "
              f"{result.get('precision', '?')}, best checkpoint by mean of main metrics "
              f"({result['evals']} evaluations). Δ is against the task trained alone with the same batches.", "",
-             "| run | steps | sentiment acc (Δ) | ner F1 (Δ) | similarity Pearson (Δ) | mean | ms/batch (quiet) "
-             "| examples/s (quiet) | peak RSS GB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| run | steps | sentiment acc (Δ) | ner F1 (Δ) | similarity Pearson (Δ) | mean | train s | ms per batch "
+             "| peak RSS GB |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         if r.get("status") != "ok":
             lines.append(f"| {name} | {r.get('status')}: {r.get('error', '')} | | | | | | | |")
@@ -129,15 +147,18 @@ def markdown(result: dict) -> str:
             else:
                 cells.append(f"{v:.3f} ({v - single[t]:+.3f})")
         mean = sum(r["dev"].values()) / len(r["dev"])
-        tm = timing.get(name, {})
-        ms = f"{1000 * tm['train_s'] / (tm['examples'] / 32):.0f}" if tm.get("status") == "ok" else "-"
-        eps = f"{tm['examples_per_s']:.1f}" if tm.get("status") == "ok" else "-"
+        # time per batch of 32 (the optimizer steps only; a step of an all-task method holds 3 batches), from the
+        # timing run when there is one, else from the run itself
+        tm = timing.get(name) if timing.get(name, {}).get("status") == "ok" else r
+        ms = f"{1000 * tm['train_s'] / (tm['examples'] / 32):.0f}"
+        train_s = f"{r['train_s']:.0f}"
         label = METHODS[name][2] if name in METHODS else f"{SINGLES[name]} alone"
-        lines.append(f"| {label} | {r['steps']} | {' | '.join(cells)} | {mean:.3f} | {ms} | {eps} | "
+        lines.append(f"| {label} | {r['steps']} | {' | '.join(cells)} | {mean:.3f} | {train_s} | {ms} | "
                      f"{r['peak_rss_gb']:.2f} |")
     transfer = next((r["transfer"] for r in runs.values() if r.get("transfer")), None)
     if transfer:
-        lines += ["", "Task affinity on the shared backbone (run `sum`), mean over the samples:", ""]
+        lines += ["", f"Task affinity on the shared backbone (run `{AFFINITY_RUN}`), mean over the samples "
+                      "(row: the task whose look-ahead step is taken; column: the task whose loss is measured):", ""]
         for key in ("cosine", "tag"):
             matrix = transfer.get(key)
             if isinstance(matrix, dict):
@@ -145,7 +166,8 @@ def markdown(result: dict) -> str:
                           "|---|" + "---|" * len(TASKS)]
                 for i in TASKS:
                     row = matrix.get(i, {})
-                    lines.append(f"| {i} | " + " | ".join(_fmt(row.get(j)) for j in TASKS) + " |")
+                    fmt = _fmt if key == "cosine" else (lambda v: "-" if v is None else f"{v:.2e}")
+                    lines.append(f"| {i} | " + " | ".join(fmt(row.get(j)) for j in TASKS) + " |")
                 lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -175,11 +197,12 @@ def plot(result: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def _child(name: str, args, dest: Path, timing: bool) -> dict:
+def _child(name: str, args, dest: Path, timing: bool, reference: dict) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--batches", str(args.timing if timing else args.batches),
            "--out", args.out + ("-timing" if timing else ""), "--evals", str(1 if timing else args.evals),
            "--affinity-every", "0" if timing else str(args.affinity_every), "--record", str(dest),
-           "--learning-rate", str(args.learning_rate)]
+           "--learning-rate", str(args.learning_rate), "--dev-cap", "64" if timing else "0",
+           "--reference", json.dumps(reference)]
     log = Path(args.out + ("-timing" if timing else "")) / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -195,12 +218,17 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=100, help="batches of each task in every run")
     ap.add_argument("--evals", type=int, default=2, help="validation evaluations per run")
     ap.add_argument("--learning-rate", type=float, default=1e-4, help="backbone learning rate (heads: 1e-3)")
-    ap.add_argument("--affinity-every", type=int, default=25, help="affinity sampling in the `sum` run (0: off)")
+    ap.add_argument("--affinity-every", type=int, default=30,
+                    help=f"affinity sampling in the `{AFFINITY_RUN}` run (0: off)")
     ap.add_argument("--timing", type=int, default=0,
                     help="also time each run with this many batches per task (quiet machine; 0: no timing)")
     ap.add_argument("--timing-only", action="store_true", help="only the timing runs; merge into the day's result")
     ap.add_argument("--only", default=",".join([*METHODS, *SINGLES]))
     ap.add_argument("--out", default="runs/bench-weighting")
+    ap.add_argument("--dev-cap", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--reference", default=json.dumps(REFERENCE), help=argparse.SUPPRESS)
+    ap.add_argument("--report-only", action="store_true", help="rewrite the day's .md and .png from its .json")
+    ap.add_argument("--date", help="the day of the result files (default: today)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--record", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -209,11 +237,17 @@ def main() -> None:
         Path(args.record).parent.mkdir(parents=True, exist_ok=True)
         Path(args.record).write_text(json.dumps(record, indent=2))
         return
+    date = args.date or datetime.date.today().isoformat()
+    if args.report_only:
+        dest = REPO / "bench" / "results"
+        result = json.loads((dest / f"weighting-{date}.json").read_text())
+        (dest / f"weighting-{date}.md").write_text(markdown(result))
+        plot(result, dest / f"weighting-{date}.png")
+        return print(markdown(result))
     names = args.only.split(",")
     for n in names:
         if n not in METHODS and n not in SINGLES:
             raise SystemExit(f"--only: unknown run {n!r}; valid: {', '.join([*METHODS, *SINGLES])}")
-    date = datetime.date.today().isoformat()
     dest = REPO / "bench" / "results"
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / f"weighting-{date}.json"
@@ -226,7 +260,13 @@ def main() -> None:
     for i, (name, timing) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {name}{' (timing)' if timing else ''} at "
               f"{(time.perf_counter() - started) / 60:.1f} min", flush=True)
-        record = _child(name, args, Path(args.out) / "records" / f"{name}{'-timing' if timing else ''}.json", timing)
+        # the adaptive scheduler aims at what each task reaches alone at this budget, when the bench has it
+        singles = {t: result["runs"].get(f"single-{t}", {}).get("dev", {}).get(t) for t in TASKS}
+        reference = singles if all(v is not None for v in singles.values()) else REFERENCE
+        record = _child(name, args, Path(args.out) / "records" / f"{name}{'-timing' if timing else ''}.json", timing,
+                        reference)
+        if name == "adaptive" and not timing:
+            record["reference"] = reference
         result["timing" if timing else "runs"][name] = record
         if record.get("precision"):
             result.setdefault("precision", record["precision"])

@@ -121,6 +121,8 @@ class _Objective:
 
         optuna = _import_optuna()
         config = load_config(self.config_path, self.overrides + overrides + overrides_for({"output_dir": str(run_dir)}))
+        if not self.keep_checkpoints:  # a trial is judged by its final model: no per-task snapshots to write
+            config.training.per_task_best = False
         seen: dict[str, Any] = {}
 
         def report(step: int, results: dict, tasks: dict, model: Any) -> None:
