@@ -43,7 +43,7 @@ from multitune.tasks import TASKS, Task
 from multitune.training.batching import TaskBatcher
 from multitune.training.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint
 from multitune.training.distributed import all_processes, average_gradients, ddp_kwargs, shard_batch
-from multitune.training.hardware import resolve_precision
+from multitune.training.hardware import resolve_attention, resolve_precision
 from multitune.training.multistep import WeightedStep
 from multitune.training.per_task import PER_TASK_DIR, STATE_KEY, PerTaskBest
 from multitune.training.progress import TrainingProgress, print_parameter_table, print_results_table
@@ -195,6 +195,16 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         raise MultituneError("training.device: cuda was asked for but no CUDA device is available")
     torch.manual_seed(config.seed)
     backbone, tokenizer = load_backbone(config.backbone, config.trust_remote_code)
+    attention = resolve_attention(tcfg.attention, on_cpu)
+    # evaluation runs with the kernels a loaded model gets (multitune.load, predict, serve), so that the metrics
+    # that pick checkpoints are the ones the saved model reproduces
+    deployed_attention = getattr(backbone.config, "_attn_implementation", None)
+    if attention is not None and deployed_attention != attention:
+        try:
+            backbone.set_attn_implementation(attention)
+        except (ValueError, ImportError) as exc:
+            raise ConfigError("training.attention", f"{attention} does not work with this backbone: "
+                                                    f"{' '.join(str(exc).split())[:200]}") from None
     vocab_report = None
     if config.backbone.extend_vocabulary is not None:  # before the heads and the tokenisation see the vocabulary
         from multitune.backbones.vocab import extend_vocabulary, find_new_words, read_corpus
@@ -291,7 +301,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         console.print(f"vocabulary: {vocab_report['added']} domain words added "
                       f"({vocab_report['vocab_size_before']} -> {vocab_report['vocab_size_after']} tokens)")
     console.print(f"{core.architecture.type_name} backbone; tokenised every split once in {tokenize_s:.1f}s; "
-                  f"precision {precision}{' (auto)' if tcfg.precision == 'auto' else ''}, device {accelerator.device}"
+                  f"precision {precision}{' (auto)' if tcfg.precision == 'auto' else ''}, "
+                  f"attention {getattr(backbone.config, '_attn_implementation', None) or 'default'}, "
+                  f"device {accelerator.device}"
                   + (f", {accelerator.num_processes} processes (global batch {global_batch})"
                      if accelerator.num_processes > 1 else ""))
     accelerator.wait_for_everyone()  # every process has checked the run directory before the main one writes
@@ -324,14 +336,23 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     metric_name = es.metric if es else "mean"
     eval_bs = tcfg.eval_batch_size or 2 * tcfg.batch_size
 
+    trained_attention = getattr(core.backbone.config, "_attn_implementation", None)
+
     def evaluate_all(split: str, predictions: dict[str, list] | None = None) -> dict[str, dict[str, float]]:
         results = {}
-        for n, p in prepared.items():
-            if split in p.features and n in evaluated:
-                results[n], preds = evaluate_task(core, p.task, p.features[split], p.data.splits[split], eval_bs,
-                                                  pad_id, autocast)
-                if predictions is not None:
-                    predictions[n] = preds
+        switch = deployed_attention is not None and trained_attention != deployed_attention
+        if switch:
+            core.backbone.set_attn_implementation(deployed_attention)
+        try:
+            for n, p in prepared.items():
+                if split in p.features and n in evaluated:
+                    results[n], preds = evaluate_task(core, p.task, p.features[split], p.data.splits[split],
+                                                      eval_bs, pad_id, autocast)
+                    if predictions is not None:
+                        predictions[n] = preds
+        finally:
+            if switch:
+                core.backbone.set_attn_implementation(trained_attention)
         return results
 
     def snapshot() -> dict:
@@ -487,7 +508,8 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         "real_tokens_per_s": round(state["real_tokens"] / seconds, 1),
         "padded_tokens_per_s": round(state["padded_tokens"] / seconds, 1),
         "real_tokens": state["real_tokens"], "padded_tokens": state["padded_tokens"],
-        "tokenize_s": round(tokenize_s, 2), "precision": precision, "device": str(accelerator.device),
+        "tokenize_s": round(tokenize_s, 2), "precision": precision,
+        "attention": getattr(core.backbone.config, "_attn_implementation", None), "device": str(accelerator.device),
         "batches": {n: batches_drawn(b) for n, b in batchers.items()}}
     results["data"] = {n: p.data.report for n, p in prepared.items()}
     weights = {n: dict(zip(p.task.state()["labels"], p.task.state()["class_weights"]))
