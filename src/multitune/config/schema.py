@@ -141,9 +141,10 @@ class TrainingConfig:
                                         "(bf16 where the GPU or CPU computes it natively, else fp32)",
                            choices=["fp32", "bf16", "auto"])
     attention: str = field("auto", help="attention kernels of the backbone while training: eager (plain matmuls), "
-                                        "sdpa (torch's scaled_dot_product_attention) or auto (eager on a CPU, whose "
-                                        "sdpa backward is 1.7-2.4x slower at fine-tuning lengths; the model's "
-                                        "default on a GPU)", choices=["auto", "eager", "sdpa"])
+                                        "sdpa (torch's scaled_dot_product_attention) or auto (eager on a CPU, where "
+                                        "sdpa's backward is slow on batches without padding; the model's default "
+                                        "on a GPU); evaluation always uses the model's default",
+                           choices=["auto", "eager", "sdpa"])
     log_every: int = field(10, help="log training losses every N steps", min=1)
     device: str = field("auto", help="auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
     report_to: list[str] = field(help="trackers that get every metrics.jsonl record (default: none): tensorboard "
