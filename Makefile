@@ -54,8 +54,11 @@ bench: $(VENV)/.bench
 bench-quick: $(VENV)/.bench
 	$(BIN)/python bench/perf.py --quick
 
-bench-extra: $(VENV)/.installed
+bench-extra: $(VENV)/.dev
 	$(BIN)/python bench/seed_mixture.py
+	$(BIN)/python bench/heads.py
+	$(BIN)/python bench/export_agreement.py runs/bench-heads/pooled-42
+	$(BIN)/python bench/onnx.py
 	$(BIN)/python bench/transfer.py
 	$(BIN)/python bench/adapters.py
 	$(BIN)/python bench/weighting.py

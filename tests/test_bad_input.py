@@ -169,8 +169,8 @@ def _torn(ws: Workspace, name: str) -> str:
 
 
 def _pickle_only_model(ws: Workspace) -> list[str]:
-    copy = _without(ws, ws.trained / "model", "model.safetensors")
-    torch.save({"w": torch.zeros(1)}, Path(copy) / "pytorch_model.bin")
+    copy = _without(ws, ws.trained / "model", "backbone/model.safetensors")
+    torch.save({"w": torch.zeros(1)}, Path(copy) / "backbone" / "pytorch_model.bin")
     return ["predict", copy, "--task", "sentiment", "x"]
 
 
@@ -372,8 +372,10 @@ CASES = [
     Case("predict_not_a_model_directory", lambda ws: ["predict", ws.dir("empty"), "--task", "sentiment", "x"],
          "empty", ("not a multitune model directory", "multitune.json")),
     Case("predict_pickle_only_model", _pickle_only_model, "model.safetensors", ("not a multitune model directory",)),
-    Case("predict_model_without_tokenizer", lambda ws: ["predict", _without(ws, ws.trained / "model", "tokenizer.json",
-                                                                            "vocab.txt", "tokenizer_config.json"),
+    Case("predict_model_without_tokenizer", lambda ws: ["predict", _without(ws, ws.trained / "model",
+                                                                            "backbone/tokenizer.json",
+                                                                            "backbone/vocab.txt",
+                                                                            "backbone/tokenizer_config.json"),
                                                         "--task", "sentiment", "x"], "model", ("tokenizer",)),
     Case("predict_torn_heads_file", lambda ws: ["predict", _torn(ws, "heads.safetensors"), "--task", "sentiment", "x"],
          "heads.safetensors", ("cannot load",)),

@@ -121,7 +121,7 @@ def test_sigkill_at_any_moment_then_resume_equals_an_uninterrupted_run(tiny_back
     assert results["validation"] == expected["validation"] and results["test"] == expected["test"]
     assert results["train"]["steps"] == 40 and results["train"]["best_step"] == expected["train"]["best_step"]
     assert metric_lines(run) == metric_lines(reference)
-    for name in ("model/model.safetensors", "model/heads.safetensors", "checkpoints/last/model.safetensors",
+    for name in ("model/backbone/model.safetensors", "model/heads.safetensors", "checkpoints/last/model.safetensors",
                  "checkpoints/best/model.safetensors", "checkpoints/last/weighting.safetensors"):
         assert same_tensors(run / name, reference / name), name
     def snapshot_files(root: Path) -> dict[str, bytes]:  # each task's best-step snapshot, byte for byte
@@ -147,10 +147,10 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(tiny_backbone, tm
     (run / "metrics.jsonl").write_text('{"kind": "train", "step": 2, "loss": {}}\n{"kind": "tr')
     train(config(run), resume=True, progress=False)
     assert metric_lines(run) == metric_lines(reference)
-    assert same_tensors(run / "model/model.safetensors", reference / "model/model.safetensors")
+    assert same_tensors(run / "model/backbone/model.safetensors", reference / "model/backbone/model.safetensors")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "best-per-task", "last"]
     train(config(tmp_path / "new"), resume=True, progress=False)  # --resume where nothing exists yet: a fresh run
-    assert same_tensors(tmp_path / "new/model/model.safetensors", reference / "model/model.safetensors")
+    assert same_tensors(tmp_path / "new/model/backbone/model.safetensors", reference / "model/backbone/model.safetensors")
 
 
 # -- replace_dir / recover_dir: a crash at every step ---------------------------------------------------------

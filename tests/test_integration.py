@@ -22,6 +22,7 @@ def test_seed_mixture_trains_on_real_data(tmp_path):
         "tasks.sentiment.data.train.max_examples=1200", "tasks.sentiment.data.validation.max_examples=200",
         "tasks.ner.data.train.max_examples=600", "tasks.ner.data.validation.max_examples=200",
         "tasks.similarity.data.train.max_examples=800", "tasks.similarity.data.validation.max_examples=200",
+        "tasks.sentiment.head=pooler",
     ], base_dir=REPO)
     results = train(cfg, progress=False)
     run = tmp_path / "seed"
@@ -36,6 +37,53 @@ def test_seed_mixture_trains_on_real_data(tmp_path):
     assert 0.0 <= v["sentiment"]["accuracy"] <= 1.0 and 0.0 <= v["ner"]["f1"] <= 1.0
     assert -1.0 <= v["similarity"]["pearson"] <= 1.0 and v["similarity"]["mse"] >= 0.0
     # learning itself is shown on real data by bench/seed_mixture.py and here by test_quickstart_learns
+    _exports_agree_with_multitune(run, tmp_path)
+
+
+def _exports_agree_with_multitune(run, tmp_path):
+    """The packaged MiniLM's exports in the stock clients: the pooler sentiment head as the stock BERT class,
+    NER with aggregation "first", the mean-pooled similarity head with its shipped code, RUN/model as a
+    SentenceTransformer; each against multitune on real dev inputs."""
+    import csv
+    import logging
+    import math
+
+    import torch
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+    from transformers import pipeline
+
+    import multitune
+    from multitune.export.task import export_task
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    model = multitune.load(run)
+    with open(SHARED_DATA / "sst2" / "dev.tsv", encoding="utf-8") as fh:
+        texts = [row["content"] for row in csv.DictReader(fh, delimiter="\t")][:24]
+    with open(SHARED_DATA / "stsb" / "dev.csv", encoding="utf-8") as fh:
+        pairs = [(row[0], row[1]) for row in csv.reader(fh)][:24]
+    sentences = [" ".join(line.split()[0] for line in block.splitlines()) for block in
+                 (SHARED_DATA / "wnut17" / "dev.conll").read_text(encoding="utf-8").split("\n\n")[:24]]
+    reports = {t: export_task(run, t, tmp_path / t) for t in ("sentiment", "ner", "similarity")}
+    assert reports["sentiment"]["model_class"] == "BertForSequenceClassification"
+    assert reports["similarity"]["trust_remote_code"]
+    clf = pipeline("text-classification", model=str(tmp_path / "sentiment"))
+    for ours, theirs in zip(model.predict("sentiment", texts), clf(texts, truncation=True, top_k=None)):
+        assert max(theirs, key=lambda d: d["score"])["label"] == ours["label"]
+        assert all(abs(d["score"] - ours["scores"][d["label"]]) <= 1e-4 for d in theirs)
+    tagger = pipeline("token-classification", model=str(tmp_path / "ner"), aggregation_strategy="first")
+    for ours, theirs in zip(model.predict("ner", sentences), tagger(sentences)):
+        assert [(e["type"], e["start"], e["end"]) for e in ours["entities"]] == \
+            [(e["entity_group"], e["start"], e["end"]) for e in theirs]
+    low, high = model.tasks["similarity"].config.label_range
+    scores = CrossEncoder(str(tmp_path / "similarity"), trust_remote_code=True).predict(pairs)
+    for ours, theirs in zip(model.predict("similarity", pairs), scores):
+        assert abs(ours["score"] - (low + (high - low) * float(theirs))) <= 1e-4
+    reg = pipeline("text-classification", model=str(tmp_path / "similarity"), trust_remote_code=True)
+    raw = reg([{"text": a, "text_pair": b} for a, b in pairs], truncation=True)
+    for ours, theirs in zip(model.predict("similarity", pairs), raw):
+        assert abs(ours["score"] - (low + (high - low) / (1 + math.exp(-theirs["score"])))) <= 1e-4
+    embedded = torch.tensor(SentenceTransformer(str(run / "model")).encode(texts))
+    assert torch.nn.functional.cosine_similarity(embedded, model.embed_texts(texts)).min() >= 0.99999
 
 
 def test_quickstart_learns(tmp_path):
@@ -88,6 +136,6 @@ def test_smollm2_gguf_trains_a_mixed_run(tmp_path, toy_data):
     assert set(results["validation"]) == {"sentiment", "sentiment_text"}
     model = load(tmp_path / "run")
     assert model.architecture.type_name == "decoder_only" and model.pooling == "last"
-    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "model" / "backbone" / "model.safetensors").is_file()
     out = model.predict("sentiment_text", ["the film was wonderful"])
     assert isinstance(out[0]["text"], str) and out[0]["text"]

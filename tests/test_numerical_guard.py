@@ -83,7 +83,7 @@ def test_bad_steps_are_skipped_counted_and_logged(kind, tiny_backbone, tokenizer
     assert results["train"]["steps"] == 9  # skipped steps do not count: the run still makes all its steps
     assert watch and all(all(torch.equal(before[k], after[k]) for k in before) for before, after in watch)
     assert f"skipped: {reason} in task sentiment" in capsys.readouterr().err
-    assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "run/model/model.safetensors")).values())
+    assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "run/model/backbone/model.safetensors")).values())
 
 
 def test_too_many_bad_steps_stop_the_run_and_keep_the_checkpoint(tiny_backbone, tokenizer, tmp_path, monkeypatch,
@@ -128,7 +128,7 @@ def test_bad_step_counts_resume_exactly(tiny_backbone, tokenizer, tmp_path, monk
     resumed = train(parse_config(config(tiny_backbone, tmp_path, "cut")), resume=True, progress=False)
     assert resumed["train"]["skipped_steps"] == full["train"]["skipped_steps"]
     assert bad_lines(tmp_path / "cut") == bad_lines(tmp_path / "full")
-    wa = load_file(str(tmp_path / "full/model/model.safetensors"))
-    wb = load_file(str(tmp_path / "cut/model/model.safetensors"))
+    wa = load_file(str(tmp_path / "full/model/backbone/model.safetensors"))
+    wb = load_file(str(tmp_path / "cut/model/backbone/model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

@@ -35,7 +35,7 @@ def test_same_seed_same_weights_and_outputs(tiny_backbone, toy_data, tmp_path):
     # the run directory holds what the docs promise
     run = tmp_path / "a"
     for name in ("config.yaml", "metrics.jsonl", "results.json", "parameters.json", "learning_curves.png",
-                 "model/multitune.json", "model/heads.safetensors", "model/model.safetensors"):
+                 "model/multitune.json", "model/heads.safetensors", "model/backbone/model.safetensors"):
         assert (run / name).is_file(), name
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]

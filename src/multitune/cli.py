@@ -67,10 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-freq", type=int, default=5, help="keep words seen at least this often")
     v.add_argument("--max-new", type=int, default=2000, help="add at most this many words")
 
-    p = sub.add_parser("export", help="write one task of a trained model, from its own best step: a one-task "
-                                      "model directory, a merged adapter, or the adapter in PEFT's layout")
+    p = sub.add_parser("export", help="write one task of a trained model, from its own best step, as the "
+                                      "transformers model its tools load (or a merged adapter, the adapter for PEFT, "
+                                      "or an ONNX graph)")
     p.add_argument("run_dir")
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", help="the task to export (required except with --format onnx, which exports every "
+                                  "head task in one graph when it is left out)")
+    p.add_argument("--format", dest="fmt", default="hf", choices=["hf", "onnx"],
+                   help="hf: transformers / PEFT / sentence-transformers directory; onnx: an ONNX Runtime graph")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--from", dest="source", default="per-task-best", choices=["per-task-best", "final"],
                    help="per-task-best: the task's weights at its own best validation step (the run's snapshot; "
@@ -226,10 +230,10 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from multitune.adapters.export import export_task
+    from multitune.export.task import export_task
 
     report = export_task(args.run_dir, args.task, args.output, merge=args.merge, overwrite=args.overwrite,
-                         source=args.source)
+                         source=args.source, fmt=args.fmt)
     if report.get("note"):
         print(f"multitune: note: {report['note']}", file=sys.stderr)
     print(json.dumps(report))

@@ -23,7 +23,11 @@ from multitune.tasks.base import TASKS, Task, TaskOutput
 MODEL_FILE = "multitune.json"
 HEADS_FILE = "heads.safetensors"
 ADAPTERS_FILE = "adapters.safetensors"
-FORMAT_VERSION = 1
+#: the backbone's own directory inside a model directory (format 2): config, weights, tokenizer
+BACKBONE_DIR = "backbone"
+# 1: the backbone at the top of the model directory; 2: in BACKBONE_DIR, so that no stock task class can load
+# the multi-task directory with a newly initialised head (there is no config.json at its top)
+FORMAT_VERSION = 2
 INFERENCE_PRECISIONS = ("fp32", "bf16", "int8")
 
 
@@ -61,6 +65,8 @@ class MultiTaskModel(nn.Module):
             task.bind(self.architecture, tokenizer)
         self.hidden_size = self.architecture.hidden_size(backbone)
         self.heads = nn.ModuleDict({name: task.build_head(self.hidden_size) for name, task in tasks.items()})
+        for name, task in self.tasks.items():
+            task.warm_start_head(self.heads[name], backbone)
         self.inference_precision = "fp32"
         self.adapters = None
         if adapters is not None:
@@ -200,30 +206,50 @@ class MultiTaskModel(nn.Module):
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: str | Path, extra: dict | None = None) -> None:
-        """Write a directory any user can reload: the backbone via ``save_pretrained`` (safetensors) with
-        its tokenizer, the heads in ``heads.safetensors`` and ``multitune.json`` (tasks, label maps, pooling).
-        The caller writes into a temporary directory and renames it (see the trainer)."""
+        """Write a directory any user can reload (the caller writes into a temporary directory and renames it,
+        see the trainer):
+
+        - ``backbone/``: the backbone via ``save_pretrained`` (safetensors) with its tokenizer;
+        - ``heads.safetensors`` (and ``adapters.safetensors``) and ``multitune.json`` (tasks, label maps,
+          pooling);
+        - for an encoder without adapters, the sentence-transformers layout (``modules.json``, pooling and
+          normalisation modules), so that ``SentenceTransformer(path)`` computes exactly :meth:`embed_texts`.
+
+        The directory has no ``config.json`` at its top: stock task classes refuse it instead of loading a
+        newly initialised head. One task at a time leaves multitune as a stock model through
+        ``multitune export`` (:mod:`multitune.export`).
+        """
+        from multitune.export.sentence_transformers import write_sentence_transformers_layout
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(path, safe_serialization=True)
+        backbone_dir = path / BACKBONE_DIR
+        self.backbone.save_pretrained(backbone_dir, safe_serialization=True)
         if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(path)
+            self.tokenizer.save_pretrained(backbone_dir)
         heads = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
         save_file(heads, str(path / HEADS_FILE), metadata={"format": "multitune-heads"})
         if self.adapters is not None:
             state = {k: v.detach().cpu().contiguous() for k, v in self.adapters.state_dict().items()}
             save_file(state, str(path / ADAPTERS_FILE), metadata={"format": "multitune-adapters"})
+        if self.adapters is None and self.architecture.type_name == "encoder":
+            write_sentence_transformers_layout(path, BACKBONE_DIR, self.pooling, self.normalize_embeddings,
+                                               self.max_length, self.hidden_size)
+        write_json_atomic(path / MODEL_FILE, {**self.metadata(), **(extra or {})})
+
+    def metadata(self) -> dict:
+        """The content of ``multitune.json``: format, backbone family, pooling, tasks with their configs and
+        states, adapters."""
         tasks = {}
         for name, task in self.tasks.items():
             cfg = to_dict(task.config)
             cfg.pop("data", None)
             tasks[name] = {"config": cfg, "state": task.state()}
-        write_json_atomic(path / MODEL_FILE, {
+        return {
             "format_version": FORMAT_VERSION, "backbone_type": self.architecture.type_name, "pooling": self.pooling,
             "normalize_embeddings": self.normalize_embeddings, "max_length": self.max_length,
             "tasks": tasks, **({"adapters": {**to_dict(self.adapters.config), "sites": self.adapters.site_paths}}
-                               if self.adapters is not None else {}),
-            **(extra or {})})
+                               if self.adapters is not None else {})}
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None,
@@ -239,14 +265,20 @@ class MultiTaskModel(nn.Module):
         path = Path(path)
         if (path / "model" / MODEL_FILE).is_file():  # a run directory
             path = path / "model"
-        missing = [f for f in (MODEL_FILE, HEADS_FILE, "config.json", "model.safetensors")
-                   if not (path / f).is_file()]
-        if missing:
-            raise MultituneError(f"{path}: not a multitune model directory (missing {', '.join(missing)})")
+        if not (path / MODEL_FILE).is_file():
+            raise MultituneError(f"{path}: not a multitune model directory (missing {MODEL_FILE})")
         try:
             meta = json.loads((path / MODEL_FILE).read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise MultituneError(f"{path / MODEL_FILE}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+        export = meta.get("export") if isinstance(meta, dict) else None
+        # where the backbone lives: BACKBONE_DIR (format 2), the top (format 1), or inside a task model (export)
+        weights_dir = path if export or meta.get("format_version", 1) < 2 else path / BACKBONE_DIR
+        rel = weights_dir.relative_to(path)
+        missing = [str(f) for f in (Path(HEADS_FILE), rel / "config.json", rel / "model.safetensors")
+                   if not (path / f).is_file()]
+        if missing:
+            raise MultituneError(f"{path}: not a multitune model directory (missing {', '.join(missing)})")
         tasks = {}
         for name, entry in meta["tasks"].items():
             impl = TASKS.get(entry["config"]["type"], f"{MODEL_FILE}: tasks.{name}.type")
@@ -260,13 +292,19 @@ class MultiTaskModel(nn.Module):
         from multitune.backbones.loading import check_tokenizer_files
 
         try:
-            check_tokenizer_files(path, "")
+            check_tokenizer_files(weights_dir, "")
         except ConfigError as exc:
             raise MultituneError(str(exc)) from None
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
         family = meta.get("backbone_type", "encoder")
         auto_class = getattr(transformers, ARCHITECTURES.get(family, f"{MODEL_FILE}: backbone_type").auto_class)
-        backbone = auto_class.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code)
+        if export:
+            from multitune.export.loading import load_exported_backbone
+
+            backbone = load_exported_backbone(path, export, auto_class)
+        else:
+            backbone = auto_class.from_pretrained(weights_dir, use_safetensors=True,
+                                                  trust_remote_code=trust_remote_code)
         adapters = None
         try:
             if meta.get("adapters"):

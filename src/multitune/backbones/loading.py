@@ -44,6 +44,10 @@ def resolve_backbone(name: str, field: str = "backbone") -> str:
                                      "(pip install 'multitune[llm]')")
         return str(Path(list(spec.submodule_search_locations)[0]))
     path = Path(os.path.expanduser(name))
+    if (path / "multitune.json").is_file() and (path / "backbone" / "config.json").is_file():
+        path = path / "backbone"  # a multitune model directory: continue from its backbone
+    elif (path / "model" / "multitune.json").is_file() and (path / "model" / "backbone" / "config.json").is_file():
+        path = path / "model" / "backbone"  # a run directory
     if path.exists():
         gguf = list(path.glob("*.gguf")) if path.is_dir() else []
         if not path.is_dir() or not ((path / "config.json").is_file() or gguf):

@@ -9,12 +9,13 @@ from typing import Any
 import yaml
 
 from multitune.backbones.loading import PACKAGED_BACKBONES
-from multitune.config.parse import from_dict, to_dict
+from multitune.config.parse import datasets_kind, from_dict, to_dict
 from multitune.config.schema import RunConfig
 from multitune.errors import ConfigError
 from multitune.fileio import write_text_atomic
 
 FREEZE_SHORTHANDS = {"none": {}, "backbone": {"backbone": True}, "embeddings": {"embeddings": True}}
+SPLITS = ("train", "validation", "test")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -136,7 +137,7 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
     for name, section in config.tasks.items():
         if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"tasks.{name}", "task names use letters, digits, '_' and '-'")
-        task_cfg = _typed_section(section, TASKS, "type", f"tasks.{name}")
+        task_cfg = _typed_section(_in_memory_data(section, f"tasks.{name}"), TASKS, "type", f"tasks.{name}")
         if task_cfg.data is None:
             raise ConfigError(f"tasks.{name}.data", "required field is missing (train / validation / test data)")
         tasks[name] = task_cfg
@@ -161,6 +162,44 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
                               f"({', '.join(tasks)}), got {es.metric!r}")
     resolve_paths(config, Path(base_dir) if base_dir else Path.cwd(), check_files)
     return config
+
+
+def _in_memory_data(section: Any, path: str) -> Any:
+    """A task section whose ``data`` holds ``datasets`` objects (Python API), in the mapping form: a
+    ``DatasetDict`` gives its train/validation/test splits, a ``Dataset`` alone is the train split, and a
+    ``Dataset`` as a split is ``{dataset: ...}``. Other sections are returned as they are."""
+    if not isinstance(section, dict) or "data" not in section:
+        return section
+    data, where = section["data"], f"{path}.data"
+    kind = datasets_kind(data)
+    if kind == "DatasetDict":
+        names = ", ".join(map(str, data)) or "none"
+        if "train" not in data or any(s not in SPLITS for s in data):
+            raise ConfigError(where, f"a DatasetDict given as data needs a train split and may have validation "
+                                     f"and test; this one has {names}: give the splits you want as a mapping, "
+                                     f"e.g. {{'train': dd['train'], 'validation': dd['dev']}}")
+        data = {s: {"dataset": data[s]} for s in SPLITS if s in data}
+    elif kind == "Dataset":
+        data = {"train": {"dataset": data}}
+    elif kind is not None:
+        raise ConfigError(where, f"expected a datasets.Dataset or DatasetDict, got an {kind} (streamed rows; "
+                                 f"load the data with streaming=False)")
+    elif isinstance(data, dict):
+        data = dict(data)
+        for split in SPLITS:
+            kind = datasets_kind(data.get(split))
+            if kind == "Dataset":
+                data[split] = {"dataset": data[split]}
+            elif kind == "DatasetDict":
+                raise ConfigError(f"{where}.{split}", f"expected one split (a datasets.Dataset), got a DatasetDict "
+                                                      f"with splits {', '.join(map(str, data[split]))}; pick one, "
+                                                      f"e.g. dd[{split!r}]")
+            elif kind is not None:
+                raise ConfigError(f"{where}.{split}", f"expected a datasets.Dataset, got an {kind} (streamed "
+                                                      f"rows; load the data with streaming=False)")
+    else:
+        return section
+    return {**section, "data": data}
 
 
 def stage_training(config: RunConfig, index: int) -> Any:
@@ -230,9 +269,18 @@ def resolve_paths(config: RunConfig, base_dir: Path, check_files: bool) -> None:
         return str(p if os.path.isabs(p) else (base_dir / p).resolve())
 
     for name, task in config.tasks.items():
-        for split in ("train", "validation", "test"):
+        for split in SPLITS:
             spec = getattr(task.data, split)
-            if spec is None or spec.format == "hf":
+            if spec is None or spec.dataset is not None:
+                continue
+            if spec.format == "hf":  # a local directory or parquet file, else a dataset name on the Hub
+                value = os.path.expanduser(spec.path)
+                if spec.path.startswith((".", "/", "~")) or (base_dir / value).exists():
+                    spec.path = absolute(value)
+                    if check_files and not Path(spec.path).exists():
+                        raise ConfigError(f"tasks.{name}.data.{split}.path",
+                                          f"not found: {spec.path} (expected a datasets name, a directory "
+                                          f"written by save_to_disk, a parquet file or a folder of parquet files)")
                 continue
             for attr in ("path", "source_path", "target_path"):
                 value = getattr(spec, attr)
@@ -244,7 +292,9 @@ def resolve_paths(config: RunConfig, base_dir: Path, check_files: bool) -> None:
                     if not p.exists():
                         raise ConfigError(f"tasks.{name}.data.{split}.{attr}", f"file not found: {p}")
                     if not p.is_file():
-                        raise ConfigError(f"tasks.{name}.data.{split}.{attr}", f"not a file: {p}")
+                        hint = " (a save_to_disk directory or a parquet folder is read with format: hf)"
+                        raise ConfigError(f"tasks.{name}.data.{split}.{attr}",
+                                          f"not a file: {p}{hint if p.is_dir() and attr == 'path' else ''}")
     vocab = config.backbone.extend_vocabulary
     if vocab is not None:
         vocab.corpus = absolute(vocab.corpus)

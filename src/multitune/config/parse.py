@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -26,6 +27,8 @@ def _join(path: str, key: str | int) -> str:
 
 
 def _describe(tp: Any) -> str:
+    if tp is Any:  # only fields that hold Python objects, such as an in-memory dataset
+        return "a Python object"
     if tp in _TYPE_NAMES:
         return _TYPE_NAMES[tp]
     origin = get_origin(tp)
@@ -175,14 +178,36 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
 
 
 def to_dict(obj: Any) -> Any:
-    """The plain-data form of a config (what ``config.yaml`` in a run directory holds)."""
+    """The plain-data form of a config (what ``config.yaml`` in a run directory holds).
+
+    An in-memory ``datasets.Dataset`` (a split given through the Python API) becomes the record of what it
+    was, ``{type, fingerprint, rows, columns}``: enough to tell whether a resumed run has the same data.
+    """
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
+    if datasets_kind(obj) == "Dataset":
+        return {"type": "datasets.Dataset", "fingerprint": obj._fingerprint, "rows": obj.num_rows,
+                "columns": list(obj.column_names)}
     return obj
+
+
+def datasets_kind(obj: Any) -> str | None:
+    """The class name of a ``datasets`` object (``Dataset``, ``DatasetDict``, ``IterableDataset``,
+    ``IterableDatasetDict``), or None for anything else. Never imports ``datasets`` itself: an object of it
+    can only exist once the library is loaded.
+    """
+    module = sys.modules.get("datasets")
+    if module is None:
+        return None
+    for name in ("Dataset", "DatasetDict", "IterableDataset", "IterableDatasetDict"):
+        cls = getattr(module, name, None)
+        if cls is not None and isinstance(obj, cls):
+            return name
+    return None
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None, **checks: Any) -> Any:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from multitune.config.adapters import AdapterConfig
-from multitune.config.parse import check_field, field
+from multitune.config.parse import check_field, datasets_kind, field
 from multitune.errors import ConfigError
 
 TRACKERS = ["tensorboard", "mlflow"]
@@ -21,9 +21,12 @@ FORMATS = ["csv", "tsv", "jsonl", "parquet", "conll", "text", "parallel", "hf"]
 class SplitConfig:
     """Where one split of a task's data comes from and how its columns map to task fields."""
 
-    path: str | None = field(None, help="data file (or a datasets name for format: hf)")
+    path: str | None = field(None, help="data file; for format: hf a datasets name, a directory written by "
+                                        "save_to_disk, a parquet file or a folder of parquet files")
     format: str | None = field(None, help="file format; inferred from the file extension when omitted",
                                choices=FORMATS)
+    dataset: Any = field(None, help="Python API: an in-memory datasets.Dataset to read instead of a file "
+                                    "(config.yaml records its fingerprint, rows and columns)")
     text: str | None = field(None, help="column holding the text (default: 'text')")
     text_pair: str | None = field(None, help="column holding the second text of a pair (default: 'text_pair')")
     label: str | None = field(None, help="column holding the label or score (default: 'label')")
@@ -40,18 +43,37 @@ class SplitConfig:
     source_path: str | None = field(None, help="parallel: file of source lines")
     target_path: str | None = field(None, help="parallel: file of target lines, line N translates line N")
     subset: str | None = field(None, help="hf: dataset configuration name")
-    split: str | None = field(None, help="hf: split name (default: this split's name)")
+    split: str | None = field(None, help="hf: split of a Hub dataset, a saved DatasetDict or a parquet folder "
+                                         "(default: this split's name)")
     encoding: str = field("utf-8", help="text encoding of the file")
     max_examples: int | None = field(None, help="keep a seeded random sample of at most this many examples",
                                      gt=0)
 
     def validate(self, path: str) -> None:
-        if self.format == "parallel":
+        if self.dataset is not None:
+            self._check_dataset(path)
+        elif self.format == "parallel":
             for name in ("source_path", "target_path"):
                 if not getattr(self, name):
                     raise ConfigError(f"{path}.{name}", "required for format: parallel")
         elif not self.path:
             raise ConfigError(f"{path}.path", "required field is missing (the data file)")
+
+    def _check_dataset(self, path: str) -> None:
+        saved = self.dataset
+        if isinstance(saved, dict) and "fingerprint" in saved:  # what config.yaml records of one
+            raise ConfigError(f"{path}.dataset", f"the run read an in-memory datasets.Dataset here ({saved.get('rows')} "
+                                                 f"rows, fingerprint {saved.get('fingerprint')}), which config.yaml "
+                                                 f"only records; give the dataset itself through the Python API "
+                                                 f"(multitune.parse_config) to train, resume or evaluate")
+        kind = datasets_kind(saved)
+        if kind != "Dataset":
+            raise ConfigError(f"{path}.dataset", f"expected a datasets.Dataset, got {kind or type(saved).__name__}")
+        for name in ("path", "source_path", "target_path", "subset", "split"):
+            if getattr(self, name) is not None:
+                raise ConfigError(f"{path}.{name}", "not with dataset: an in-memory Dataset is the data itself")
+        if self.format not in (None, "hf"):
+            raise ConfigError(f"{path}.format", f"an in-memory Dataset is read as format hf, got {self.format!r}")
 
 
 @dataclass

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from multitune.config.schema import TaskDataConfig
 from multitune.data.cleaning import clean_examples
-from multitune.data.readers import infer_format, read_split, source_name
+from multitune.data.readers import infer_format, read_split_with_labels, source_name
 from multitune.data.splits import sample_examples, split_examples
 from multitune.errors import ConfigError, DataError
 
@@ -27,10 +27,14 @@ class TaskData:
             :func:`~multitune.data.clean_examples` (``read``, ``empty``, ``duplicates``, ``kept``) plus
             ``sampled`` (after ``max_examples``); when validation/test are carved out of train, train also
             has ``after_split`` and each carved split has ``carved_from_train``.
+        label_names: canonical field (``label``, ``tags``) -> its class names in the order of the train
+            data's ``ClassLabel`` column (the dataset's id2label), for data read with ``datasets`` features;
+            empty otherwise. A task without configured ``labels`` can take its label set from here.
     """
 
     splits: dict[str, list[dict]]
     report: dict[str, dict[str, int]]
+    label_names: dict[str, list[str]] = field(default_factory=dict)
 
 
 def load_task_data(task_name: str, data: TaskDataConfig, base_dir: Path, seed: int, fields: Sequence[str],
@@ -51,7 +55,8 @@ def load_task_data(task_name: str, data: TaskDataConfig, base_dir: Path, seed: i
         stratify_key: example field to stratify the carved splits by (a classification label), or ``None``.
 
     Returns:
-        The examples of every split and the counts of each step.
+        The examples of every split, the counts of each step, and the class names of train's ``ClassLabel``
+        columns.
 
     Raises:
         ConfigError: no data or no train split configured, a missing or unreadable file, an unknown format.
@@ -64,14 +69,18 @@ def load_task_data(task_name: str, data: TaskDataConfig, base_dir: Path, seed: i
                           "required field is missing (training data)")
     splits: dict[str, list[dict]] = {}
     report: dict[str, dict[str, int]] = {}
+    label_names: dict[str, list[str]] = {}
     for split in ("train", "validation", "test"):
         spec = getattr(data, split)
         if spec is None:
             continue
         field_path = f"{where}.{split}"
-        examples, counts = clean_examples(read_split(spec, base_dir, split, field_path, fields, required))
+        read, names = read_split_with_labels(spec, base_dir, split, field_path, fields, required)
+        if split == "train":
+            label_names = names
+        examples, counts = clean_examples(read)
         if not examples:
-            file = source_name(spec, infer_format(spec, field_path))
+            file = source_name(spec, infer_format(spec, field_path), split)
             raise DataError(file, f"no examples left after cleaning (read {counts['read']}, empty "
                                   f"{counts['empty']}, duplicates {counts['duplicates']})")
         examples = sample_examples(examples, spec.max_examples, seed)
@@ -87,7 +96,7 @@ def load_task_data(task_name: str, data: TaskDataConfig, base_dir: Path, seed: i
             fractions["test"] = 0.0
         train = splits["train"]
         if len(train) < 2 and fractions["validation"] > 0:
-            raise DataError(source_name(data.train, infer_format(data.train, f"{where}.train")),
+            raise DataError(source_name(data.train, infer_format(data.train, f"{where}.train"), "train"),
                             f"only {len(train)} training example after cleaning and sampling: too few to "
                             f"carve a validation split out of (set {where}.validation)")
         for name, examples in split_examples(train, fractions, seed, stratify_key).items():
@@ -98,4 +107,4 @@ def load_task_data(task_name: str, data: TaskDataConfig, base_dir: Path, seed: i
                 splits[name] = examples
                 report[name] = {"carved_from_train": len(examples)}
     order = [s for s in ("train", "validation", "test") if s in splits]
-    return TaskData({s: splits[s] for s in order}, {s: report[s] for s in order})
+    return TaskData({s: splits[s] for s in order}, {s: report[s] for s in order}, label_names)

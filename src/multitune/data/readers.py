@@ -5,6 +5,10 @@ record is a plain dict of column -> value and ``line`` its 1-based position in t
 line where a CSV row starts, the first token of a CoNLL sentence, the row number of a parquet or
 ``datasets`` table). :func:`read_split` then turns records into examples with the canonical fields
 (``text``, ``text_pair``, ``label``, ``tokens``, ``tags``, ``source``, ``target``).
+
+Data that carries ``datasets`` features (``format: hf``, an in-memory ``datasets.Dataset``, parquet written by
+``datasets``) has its ``ClassLabel`` columns turned into their names, so a task sees ``"positive"`` rather
+than ``1``; :func:`read_split_with_labels` also returns those names in the dataset's order.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -179,16 +183,9 @@ def read_jsonl(spec: SplitConfig, ctx: ReadContext) -> Iterator[Record]:
 
 
 def read_parquet(spec: SplitConfig, ctx: ReadContext) -> Iterator[Record]:
-    """A parquet table; the record's line is its row number (from 1)."""
-    import pyarrow.parquet as pq
-
-    path = ctx.resolve(spec, "path")
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-        raise DataError(spec.path, f"cannot read as parquet: {' '.join(str(exc).split())[:200]}") from None
-    for i, row in enumerate(rows):
-        yield i + 1, row
+    """A parquet table; the record's line is its row number (from 1). A file written by ``datasets``
+    (``Dataset.to_parquet``) keeps its features in the schema: its ``ClassLabel`` columns read as names."""
+    return _records(_parquet_table([ctx.resolve(spec, "path")], spec.path, all_features=False), spec.path)
 
 
 def read_conll(spec: SplitConfig, ctx: ReadContext) -> Iterator[Record]:
@@ -247,20 +244,214 @@ def read_parallel(spec: SplitConfig, ctx: ReadContext) -> Iterator[Record]:
 
 
 def read_hf(spec: SplitConfig, ctx: ReadContext) -> Iterator[Record]:
-    """A Hugging Face ``datasets`` dataset: ``path`` is its name (or a local script/directory), ``subset``
-    its configuration and ``split`` its split (default: this split's name). Needs the network or a cache."""
+    """A Hugging Face ``datasets`` dataset, found by looking at ``path``: a directory written by
+    ``save_to_disk`` (of a ``Dataset``, or of a ``DatasetDict``: the split ``split``, default this split's
+    name), a parquet file or a folder of parquet files (split by file names as ``datasets`` does), another
+    local folder that ``datasets.load_dataset`` reads, else a dataset name on the Hub (``subset``, ``split``;
+    offline only from the local cache). ``dataset`` (Python API) is an in-memory ``datasets.Dataset``.
+    ``ClassLabel`` columns (and lists of them) read as their names; a record's line is its row number."""
+    return _records(_hf_table(spec, ctx), source_name(spec, "hf", ctx.split_name))
+
+
+@dataclass(frozen=True)
+class _Table:
+    """Rows of a ``datasets``-typed table: ``features`` (column -> feature type, None when unknown), the
+    rows as dicts, and ``origin`` (how errors name it)."""
+
+    features: Any
+    rows: Iterable[dict]
+    origin: str
+
+
+_LOCAL_FORMS = "a datasets name, a directory written by save_to_disk, a parquet file or a folder of parquet files"
+
+
+def _hf_table(spec: SplitConfig, ctx: ReadContext) -> _Table:
+    if spec.dataset is not None:  # checked to be a datasets.Dataset when the config was parsed
+        return _Table(spec.dataset.features, spec.dataset, source_name(spec, "hf", ctx.split_name))
+    where = f"{ctx.field_path}.path"
     if not spec.path:
-        raise ConfigError(f"{ctx.field_path}.path", "required field is missing (the dataset name)")
+        raise ConfigError(where, f"required field is missing ({_LOCAL_FORMS})")
+    path = Path(os.path.expanduser(spec.path))
+    if not path.is_absolute():
+        path = ctx.base_dir / path
+    if not path.exists():
+        if spec.path.startswith((".", "/", "~")) or os.path.isabs(spec.path):
+            raise ConfigError(where, f"not found: {path} (expected {_LOCAL_FORMS})")
+        return _hub_table(spec, ctx, spec.path)
+    if not os.access(path, os.R_OK):
+        raise ConfigError(where, f"not readable (permission denied): {path}")
+    saved = path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+    parquet_dir = path.is_dir() and not saved and any(p.is_file() for p in path.rglob("*.parquet"))
+    if spec.subset is not None and (path.is_file() or saved or parquet_dir):
+        raise ConfigError(f"{ctx.field_path}.subset", f"only for a Hub dataset; {path} is local data")
+    if path.is_file():
+        if path.suffix.lower() != ".parquet":
+            raise ConfigError(where, f"{path} is a file but not parquet; format: hf reads {_LOCAL_FORMS} "
+                                     f"(set format: to read a csv, jsonl, ... file)")
+        _no_split(spec, ctx, f"{path} is one parquet file")
+        return _parquet_table([path], spec.path)
+    if saved:
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as exc:  # datasets raises several types for a damaged directory
+            raise ConfigError(where, f"cannot load {path} with datasets.load_from_disk: {_brief(exc)}") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = _pick_split(loaded, spec, ctx, f"the DatasetDict in {path}")
+        else:
+            _no_split(spec, ctx, f"{path} holds one Dataset, not a DatasetDict")
+        return _Table(loaded.features, loaded, spec.path)
+    if parquet_dir:
+        return _parquet_table(_parquet_split(path, spec, ctx), spec.path)
+    return _hub_table(spec, ctx, str(path))  # a folder of csv/json/... files that datasets reads itself
+
+
+def _hub_table(spec: SplitConfig, ctx: ReadContext, name: str) -> _Table:
+    split = spec.split or ctx.split_name
     try:
         import datasets
 
-        ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split or ctx.split_name)
+        ds = datasets.load_dataset(name, spec.subset, split=split)
     except Exception as exc:  # datasets raises many types (network, missing config or split, ...)
-        raise ConfigError(f"{ctx.field_path}.path", f"cannot load dataset {spec.path!r} (subset {spec.subset!r}, "
-                                                    f"split {spec.split or ctx.split_name!r}): "
-                                                    f"{' '.join(str(exc).split())[:300]}") from None
-    for i, row in enumerate(ds):
-        yield i + 1, dict(row)
+        raise ConfigError(f"{ctx.field_path}.path", f"cannot load dataset {name!r} (subset {spec.subset!r}, "
+                                                    f"split {split!r}): {_brief(exc)}; expected {_LOCAL_FORMS} "
+                                                    f"(a Hub name loads offline only from the local cache)"
+                          ) from None
+    return _Table(ds.features, ds, spec.path)
+
+
+def _pick_split(splits: dict, spec: SplitConfig, ctx: ReadContext, origin: str) -> Any:
+    name = spec.split or ctx.split_name
+    if name not in splits:
+        field_name = "split" if spec.split else "path"
+        hint = "" if spec.split else " (set split: to one of them)"
+        raise ConfigError(f"{ctx.field_path}.{field_name}", f"{origin} has no split {name!r}; its splits: "
+                                                            f"{', '.join(map(str, splits))}{hint}")
+    return splits[name]
+
+
+def _no_split(spec: SplitConfig, ctx: ReadContext, why: str) -> None:
+    if spec.split:
+        raise ConfigError(f"{ctx.field_path}.split", f"{why}, so there is no split to choose; leave split out")
+
+
+def _parquet_split(folder: Path, spec: SplitConfig, ctx: ReadContext) -> list[Path]:
+    """The parquet files of this split in ``folder``: all of them when no file or directory name names a
+    split, else those of split ``split`` (default: this split's name), found as ``datasets`` finds them."""
+    from datasets.data_files import DEFAULT_PATTERNS_ALL, get_data_patterns, resolve_pattern
+
+    patterns = {str(k): v for k, v in get_data_patterns(str(folder)).items()}
+    if patterns == {str(k): v for k, v in DEFAULT_PATTERNS_ALL.items()}:
+        _no_split(spec, ctx, f"the parquet file names in {folder} name no splits")
+        return sorted(p for p in folder.rglob("*.parquet") if p.is_file())
+    splits = {}
+    for name, globs in patterns.items():
+        files = sorted({Path(f) for g in globs for f in resolve_pattern(g, str(folder), [".parquet"])})
+        if files:
+            splits[name] = files
+    return _pick_split(splits, spec, ctx, f"the parquet folder {folder}")
+
+
+def _parquet_table(files: list[Path], origin: str, all_features: bool = True) -> _Table:
+    """Parquet files read with pyarrow. Their features are the ``datasets`` features stored in the schema
+    (``all_features``: or, without them, the plain types), else None."""
+    import pyarrow.parquet as pq
+
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f))
+        except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+            shown = origin if len(files) == 1 else str(f)
+            raise DataError(shown, f"cannot read as parquet: {_brief(exc, 200)}") from None
+    features = None
+    schema = tables[0].schema
+    if all_features or (schema.metadata and b"huggingface" in schema.metadata):
+        import datasets
+
+        features = datasets.Features.from_arrow_schema(schema)
+    return _Table(features, (row for t in tables for row in t.to_pylist()), origin)
+
+
+def _class_names(feature: Any) -> tuple[list[str], bool] | None:
+    """``(names, is_list)`` of a ``ClassLabel`` feature or a list of them (``Sequence(ClassLabel)``)."""
+    import datasets
+
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names), False
+    if isinstance(feature, (datasets.List, datasets.LargeList)) and isinstance(feature.feature, datasets.ClassLabel):
+        return list(feature.feature.names), True
+    return None
+
+
+def _records(table: _Table, shown: str) -> Iterator[Record]:
+    """The table's rows numbered from 1, with ``ClassLabel`` values replaced by their names."""
+    decoders = {}
+    if table.features is not None:
+        decoders = {c: found for c, f in table.features.items() if (found := _class_names(f)) is not None}
+    for line, row in enumerate(table.rows, 1):
+        row = dict(row)
+        for column, (names, is_list) in decoders.items():
+            value = row.get(column)
+            if value is not None:
+                row[column] = ([_class_name(v, names, column, shown, line) for v in value] if is_list
+                               else _class_name(value, names, column, shown, line))
+        yield line, row
+
+
+def _class_name(value: Any, names: list[str], column: str, shown: str, line: int) -> str:
+    if isinstance(value, int) and 0 <= value < len(names):
+        return names[value]
+    if value == -1:
+        raise DataError(shown, f"{column}: -1 is how a ClassLabel marks a missing label (an unlabelled split); "
+                               f"expected one of 0..{len(names) - 1} ({_short(', '.join(names))})", line)
+    raise DataError(shown, f"{column}: {value!r} is not a class of its ClassLabel; expected one of "
+                           f"0..{len(names) - 1}", line)
+
+
+def _check_features(features: Any, columns: list[tuple[str, str, bool, bool]], origin: str, field_path: str,
+                    check_columns: bool) -> None:
+    """Config errors found from the features alone: a mapped column that is not there (``check_columns``),
+    and tags that are integers without names."""
+    import datasets
+
+    found = ", ".join(map(str, features)) or "none"
+    for key, column, explicit, needed in columns:
+        if check_columns and column not in features and (explicit or needed):
+            raise ConfigError(f"{field_path}.{key}",
+                              f"no column {column!r} in {origin} (columns: {found})" if explicit else
+                              f"this task needs a {key!r} column and {origin} has none; map one with "
+                              f"{key}: COLUMN (columns: {found})")
+        feature = features.get(column)
+        if key == "tags" and isinstance(feature, (datasets.List, datasets.LargeList)) \
+                and isinstance(feature.feature, datasets.Value) and "int" in feature.feature.dtype:
+            raise ConfigError(f"{field_path}.tags", f"column {column!r} of {origin} holds integer tags without "
+                                                    f"names ({feature}); expected tag strings, or a "
+                                                    f"Sequence(ClassLabel(names=[...])) column that names them")
+
+
+def _label_names(features: Any, columns: list[tuple[str, str, bool, bool]], target_map: dict | None,
+                 map_key: str | None) -> dict[str, list[str]]:
+    """Canonical field -> class names in the dataset's order, for fields read from ``ClassLabel`` columns."""
+    names = {}
+    for key, column, _, _ in columns:
+        found = _class_names(features[column]) if column in features else None
+        if found is None:
+            continue
+        labels = found[0]
+        if target_map is not None and key == map_key:
+            mapped = [target_map.get(n) for n in labels]
+            if any(m is None for m in mapped):
+                continue
+            labels = list(dict.fromkeys(mapped))
+        names[key] = labels
+    return names
+
+
+def _brief(exc: Exception, limit: int = 300) -> str:
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
 
 
 #: format name -> reader; every format of the config schema has one
@@ -273,7 +464,8 @@ if set(READERS) != set(FORMATS):  # a format added to the schema needs a reader 
 
 
 def infer_format(spec: SplitConfig, field_path: str) -> str:
-    """The split's format: ``spec.format``, else the one its file extension implies.
+    """The split's format: ``spec.format``, else ``hf`` for an in-memory dataset, else the one its file
+    extension implies.
 
     Raises:
         ConfigError: the format is unknown, or cannot be inferred from the extension.
@@ -283,6 +475,8 @@ def infer_format(spec: SplitConfig, field_path: str) -> str:
             raise ConfigError(f"{field_path}.format", f"unknown format {spec.format!r}; expected one of "
                                                       f"{', '.join(READERS)}")
         return spec.format
+    if spec.dataset is not None:
+        return "hf"
     if not spec.path:
         raise ConfigError(f"{field_path}.path", "required field is missing (the data file)")
     suffix = Path(spec.path).suffix.lower()
@@ -293,13 +487,17 @@ def infer_format(spec: SplitConfig, field_path: str) -> str:
     return EXTENSIONS[suffix]
 
 
-def source_name(spec: SplitConfig, fmt: str | None = None) -> str:
-    """The file a split's examples and errors cite: its path as given (the source file if parallel).
+def source_name(spec: SplitConfig, fmt: str | None = None, split_name: str | None = None) -> str:
+    """The file a split's examples and errors cite: its path as given (the source file if parallel), or
+    ``<Dataset SPLIT>`` for an in-memory ``datasets.Dataset``.
 
     Args:
         spec: the split's config.
         fmt: the split's format when it was inferred (default: ``spec.format``).
+        split_name: the split the config gives the data as (``train``, ``validation``, ``test``).
     """
+    if spec.dataset is not None:
+        return f"<Dataset {split_name}>" if split_name else "<Dataset>"
     return str(spec.source_path if (fmt or spec.format) == "parallel" else spec.path)
 
 
@@ -319,24 +517,57 @@ def read_split(spec: SplitConfig, base_dir: Path, split_name: str, field_path: s
         required: the fields that every record must have.
 
     Returns:
-        Examples: dicts of the canonical fields found, plus ``_file`` (the path as given) and ``_line``
-        (1-based line of the record in the file, or its row number for parquet and ``hf``).
+        Examples: dicts of the canonical fields found, plus ``_file`` (the path as given, or
+        ``<Dataset SPLIT>`` for an in-memory dataset) and ``_line`` (1-based line of the record in the file,
+        or its row number for parquet and ``hf``). ``ClassLabel`` values are their names.
 
     Raises:
         ConfigError: a missing or unreadable file, an unknown format, ``columns`` missing for a
-            headerless CSV, a ``datasets`` dataset that does not load.
+            headerless CSV, a ``datasets`` dataset that does not load or lacks the split, a mapped column
+            that a ``datasets`` dataset does not have, integer tags without names.
         DataError: a malformed record, a missing column, or a value not in ``target_map`` (file:line).
+    """
+    return read_split_with_labels(spec, base_dir, split_name, field_path, fields, required)[0]
+
+
+def read_split_with_labels(spec: SplitConfig, base_dir: Path, split_name: str, field_path: str,
+                           fields: Sequence[str], required: Sequence[str]
+                           ) -> tuple[list[dict], dict[str, list[str]]]:
+    """:func:`read_split`, plus the class names of the fields read from ``ClassLabel`` columns.
+
+    Args:
+        spec, base_dir, split_name, field_path, fields, required: as for :func:`read_split`.
+
+    Returns:
+        The examples, and canonical field (``label``, ``tags``, ...) -> the names of its ``ClassLabel``
+        column in the dataset's order (the dataset's id2label; through ``target_map`` when that maps every
+        name). Empty for data without ``datasets`` features.
+
+    Raises:
+        ConfigError, DataError: as for :func:`read_split`.
     """
     unknown = [k for k in fields if k not in CANONICAL_FIELDS]
     if unknown:
         raise ValueError(f"fields {unknown} are not canonical fields {CANONICAL_FIELDS}")
     fmt = infer_format(spec, field_path)
-    shown = source_name(spec, fmt)
+    shown = source_name(spec, fmt, split_name)
     ctx = ReadContext(Path(base_dir), split_name, field_path)
     columns = [(k, getattr(spec, k) or k, bool(getattr(spec, k)), k in required) for k in fields]
     map_key = ("target" if "target" in fields else "label") if spec.target_map is not None else None
+    label_names: dict[str, list[str]] = {}
+    if fmt in ("hf", "parquet"):  # typed tables: check columns and label types once, before the rows
+        if fmt == "hf":
+            table = _hf_table(spec, ctx)
+        else:
+            table = _parquet_table([ctx.resolve(spec, "path")], spec.path, all_features=False)
+        if table.features is not None:
+            _check_features(table.features, columns, shown, field_path, check_columns=fmt == "hf")
+            label_names = _label_names(table.features, columns, spec.target_map, map_key)
+        records = _records(table, shown)
+    else:
+        records = READERS[fmt](spec, ctx)
     examples = []
-    for line, record in READERS[fmt](spec, ctx):
+    for line, record in records:
         ex: dict[str, Any] = {}
         for key, column, explicit, needed in columns:
             if column in record:
@@ -352,7 +583,7 @@ def read_split(spec: SplitConfig, base_dir: Path, split_name: str, field_path: s
         _check_types(ex, shown, line)
         ex["_file"], ex["_line"] = shown, line
         examples.append(ex)
-    return examples
+    return examples, label_names
 
 
 def _check_types(ex: dict, file: str, line: int) -> None:

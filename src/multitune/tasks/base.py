@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,6 +36,36 @@ class TaskOutput:
     outputs: dict[str, torch.Tensor]
 
 
+#: sentences used to check that an exported model computes what the task computes (varied lengths, so that a
+#: batch of them is padded)
+PROBE_TEXTS = ("A wonderful film .", "The food was cold and the service was slow , but the view from the terrace "
+               "made up for it .", "Maria flew from Lisbon to Oslo on Monday .", "no", "It is what it is ?",
+               "The committee of the Royal Society met in London to discuss the budget for the next three years .")
+
+
+@dataclass
+class ExportSpec:
+    """How a task leaves multitune as a stock transformers model (see :mod:`multitune.export`).
+
+    Attributes:
+        kind: what the exported model is: ``sequence_classification``, ``token_classification``,
+            ``masked_lm`` (a head on token states, exported through the matching Auto class), ``generation``
+            (the backbone itself generates), ``sentence_embedding`` (the backbone and its pooling).
+        pipeline_tag: the Hub pipeline tag (``text-classification``, ``token-classification``, ...).
+        config: entries for the exported ``config.json`` (``num_labels``, ``id2label``, ``label2id``,
+            ``problem_type``, ``task_specific_params``, ...).
+        probes: prediction inputs on which the export is checked against the task.
+        logits: ``(model, head, batch) -> tensor``: what the exported model must return as ``logits`` for the
+            batch (None for ``generation`` and ``sentence_embedding``).
+    """
+
+    kind: str
+    pipeline_tag: str
+    config: dict = field(default_factory=dict)
+    probes: list = field(default_factory=list)
+    logits: Callable[[MultiTaskModel, nn.Module, dict], torch.Tensor] | None = None
+
+
 class Task(ABC):
     """One task of a multi-task run.
 
@@ -50,6 +80,8 @@ class Task(ABC):
             that drive the backbone themselves (generation).
         pair_input: prediction inputs are text pairs (``text`` + ``text_pair``); tasks that read pairs set it
             in :meth:`setup` from their training data and keep it in :meth:`state`.
+        label_field: the example field holding the task's label names (``label``, ``tags``), whose order a
+            dataset's ``ClassLabel`` gives when the config names no labels; None for tasks without a label set.
     """
 
     config_class: type[TaskConfig] = TaskConfig
@@ -60,6 +92,7 @@ class Task(ABC):
     greater_is_better: bool = True
     reads_token_states: bool = True
     pair_input: bool = False
+    label_field: str | None = None
 
     def __init__(self, name: str, config: TaskConfig):
         self.name = name
@@ -168,6 +201,16 @@ class Task(ABC):
         """
         return None
 
+    def warm_start_head(self, head: nn.Module, backbone: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Initialise a new head from the pretrained backbone before training (e.g. the pooler layer of a
+        ``head: pooler`` classifier from the backbone's own pooler). Called once, on a freshly built model;
+        a loaded model's heads come from its files. Default: nothing."""
+
+    def export_spec(self) -> ExportSpec | None:
+        """How this task exports as a stock transformers model (``multitune export``), or None when it has
+        no such form (default)."""
+        return None
+
     def state(self) -> dict:
         """What must be saved with the model to decode again (e.g. label maps)."""
         return {}
@@ -193,6 +236,45 @@ class LinearHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(hidden))
+
+
+class PoolerHead(nn.Module):
+    """First token -> dense -> tanh -> dropout -> linear: the layout of BERT's pooler and classifier, which
+    ``AutoModelForSequenceClassification`` computes for BERT-family backbones, so that a task trained with it
+    exports as the stock class (see :mod:`multitune.export`). ``dense`` starts from the backbone's own pooler
+    when it has one (:func:`warm_start_pooler`)."""
+
+    def __init__(self, hidden_size: int, num_outputs: int, dropout: float):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_outputs)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden``: token states [batch, tokens, hidden]; returns [batch, num_outputs]."""
+        return self.classifier(self.dropout(torch.tanh(self.dense(hidden[:, 0]))))
+
+
+#: the sentence heads of classification and cross-encoder regression (``tasks.<name>.head``)
+SENTENCE_HEADS = ("pooled", "pooler")
+
+
+def backbone_pooler(backbone: nn.Module) -> nn.Linear | None:
+    """The dense layer of the backbone's pretrained pooler (BERT's ``pooler.dense``), or None."""
+    for module in (backbone, getattr(backbone, "base_model", None)):
+        dense = getattr(getattr(module, "pooler", None), "dense", None)
+        if isinstance(dense, nn.Linear):
+            return dense
+    return None
+
+
+def warm_start_pooler(head: nn.Module, backbone: nn.Module) -> None:
+    """Copy the backbone's pretrained pooler into a :class:`PoolerHead` (when both exist and fit)."""
+    dense = backbone_pooler(backbone)
+    if isinstance(head, PoolerHead) and dense is not None and dense.weight.shape == head.dense.weight.shape:
+        with torch.no_grad():
+            head.dense.weight.copy_(dense.weight)
+            head.dense.bias.copy_(dense.bias)
 
 
 def pad(rows: Sequence[Sequence[int | float]], value: int | float, dtype: torch.dtype = torch.long) -> torch.Tensor:

@@ -16,8 +16,12 @@ from multitune.config.parse import field
 from multitune.config.schema import TaskConfig
 from multitune.errors import ConfigError, DataError
 from multitune.tasks.base import (
+    PROBE_TEXTS,
+    SENTENCE_HEADS,
     TASKS,
+    ExportSpec,
     LinearHead,
+    PoolerHead,
     Task,
     TaskOutput,
     check_class_weights,
@@ -25,6 +29,7 @@ from multitune.tasks.base import (
     collate_inputs,
     label_sort_key,
     tokenize_texts,
+    warm_start_pooler,
     where,
 )
 
@@ -33,6 +38,10 @@ from multitune.tasks.base import (
 class ClassificationConfig(TaskConfig):
     multi_label: bool = field(False, help="each example may carry several labels (sigmoid + BCE)")
     label_separator: str = field(",", help="multi-label: separator of labels inside one text field")
+    head: str = field("pooled", help="pooled: the pooled sentence embedding -> linear; pooler: first token -> "
+                                     "dense (from the backbone's pooler) -> tanh -> linear, BERT's layout, which "
+                                     "exports as the stock AutoModelForSequenceClassification",
+                      choices=list(SENTENCE_HEADS))
     dropout: float = field(0.1, help="dropout before the classifier", min=0.0, max=0.9)
     threshold: float = field(0.5, help="multi-label: probability above which a label is predicted",
                              gt=0.0, max=1.0)
@@ -67,6 +76,7 @@ class ClassificationTask(Task):
     required = ("text", "label")
     stratify_key = "label"
     main_metric = "accuracy"
+    label_field = "label"
 
     def __init__(self, name: str, config: ClassificationConfig):
         super().__init__(name, config)
@@ -152,11 +162,17 @@ class ClassificationTask(Task):
 
     # -- model -----------------------------------------------------------------------
     def build_head(self, hidden_size: int) -> nn.Module:
+        if self.config.head == "pooler":
+            return PoolerHead(hidden_size, len(self.labels), self.config.dropout)
         return LinearHead(hidden_size, len(self.labels), self.config.dropout)
+
+    def warm_start_head(self, head: nn.Module, backbone: nn.Module) -> None:
+        warm_start_pooler(head, backbone)
 
     def forward(self, model, head, batch) -> TaskOutput:
         hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-        logits = head(model.pool(hidden, batch["attention_mask"])).float()
+        pooled = hidden if isinstance(head, PoolerHead) else model.pool(hidden, batch["attention_mask"])
+        logits = head(pooled).float()
         loss = None
         if "labels" in batch:
             weight = None if self.weights is None else torch.tensor(self.weights, device=logits.device)
@@ -264,6 +280,22 @@ class ClassificationTask(Task):
         for p, ex in zip(predictions, examples):
             counts[self.label_index[self._example_labels(ex)[0]]][self.label_index[p["label"]]] += 1
         return list(self.labels), counts
+
+    def export_spec(self) -> ExportSpec:
+        """``AutoModelForSequenceClassification``: ``logits`` are the classifier's; the pipeline's softmax
+        (sigmoid for multi-label) gives :meth:`decode`'s scores. Tuned thresholds are in ``config.json``
+        (``multitune_thresholds``) and the model card; stock pipelines take the argmax / 0.5."""
+        probes = list(PROBE_TEXTS)
+        if self.pair_input:
+            probes = [(a, b) for a, b in zip(PROBE_TEXTS, PROBE_TEXTS[1:] + PROBE_TEXTS[:1])]
+        problem = "multi_label_classification" if self.config.multi_label else "single_label_classification"
+        config = {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
+                  "label2id": {lab: i for i, lab in enumerate(self.labels)}, "problem_type": problem}
+        if self.thresholds is not None:
+            config["multitune_thresholds"] = dict(zip(self.labels if self.config.multi_label else self.labels[1:],
+                                                      self.thresholds))
+        return ExportSpec("sequence_classification", "text-classification", config, probes,
+                          lambda model, head, batch: self.forward(model, head, batch).outputs["logits"])
 
     def state(self) -> dict:
         return {"labels": self.labels, "class_weights": self.weights, "thresholds": self.thresholds,

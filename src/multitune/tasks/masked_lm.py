@@ -14,7 +14,16 @@ from torch.nn import functional as F
 from multitune.config.parse import field
 from multitune.config.schema import TaskConfig
 from multitune.errors import ConfigError
-from multitune.tasks.base import IGNORE_INDEX, TASKS, Task, TaskOutput, collate_inputs, tokenize_texts
+from multitune.tasks.base import (
+    IGNORE_INDEX,
+    PROBE_TEXTS,
+    TASKS,
+    ExportSpec,
+    Task,
+    TaskOutput,
+    collate_inputs,
+    tokenize_texts,
+)
 
 
 @dataclass
@@ -96,6 +105,13 @@ class MaskedLMTask(Task):
     def build_head(self, hidden_size: int) -> nn.Module:
         return MaskedLMHead(hidden_size, self.vocab_size or 1)
 
+    def warm_start_head(self, head: nn.Module, backbone: nn.Module) -> None:
+        """The head's layer norm takes the backbone's epsilon (BERT: 1e-12), as the backbone's own MLM head
+        does, so that the exported ``AutoModelForMaskedLM`` computes the same logits."""
+        eps = getattr(getattr(backbone, "config", None), "layer_norm_eps", None)
+        if isinstance(head, MaskedLMHead) and eps is not None:
+            head.norm.eps = float(eps)
+
     def forward(self, model, head, batch) -> TaskOutput:
         hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         labels = batch["labels"]
@@ -128,6 +144,15 @@ class MaskedLMTask(Task):
         return {"perplexity": float(math.exp(min(loss / count, 50.0))),
                 "accuracy": sum(p["correct"] for p in predictions) / count,
                 "loss": loss / count}
+
+    def export_spec(self) -> ExportSpec:
+        """``AutoModelForMaskedLM`` (``pipeline("fill-mask")``): vocabulary ``logits`` at every position."""
+
+        def logits(model, head, batch):
+            hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            return head(hidden, model.input_embedding_weight()).float()
+
+        return ExportSpec("masked_lm", "fill-mask", {}, list(PROBE_TEXTS), logits)
 
     def state(self) -> dict:
         return {"mask_token_id": self.mask_token_id, "vocab_size": self.vocab_size,

@@ -15,7 +15,20 @@ from torch.nn import functional as F
 from multitune.config.parse import field
 from multitune.config.schema import TaskConfig
 from multitune.errors import ConfigError, DataError
-from multitune.tasks.base import TASKS, Task, TaskOutput, collate_inputs, parse_float, tokenize_texts, where
+from multitune.tasks.base import (
+    PROBE_TEXTS,
+    SENTENCE_HEADS,
+    TASKS,
+    ExportSpec,
+    PoolerHead,
+    Task,
+    TaskOutput,
+    collate_inputs,
+    parse_float,
+    tokenize_texts,
+    warm_start_pooler,
+    where,
+)
 
 
 @dataclass
@@ -24,6 +37,10 @@ class RegressionConfig(TaskConfig):
                          choices=["cross", "bi"])
     label_range: list[float] | None = field(None, help="[low, high] of the scores; scores outside are errors "
                                                        "and predictions are kept inside")
+    head: str = field("pooled", help="cross-encoder: pooled (the pooled sentence embedding -> linear) or pooler "
+                                     "(first token -> dense from the backbone's pooler -> tanh -> linear, BERT's "
+                                     "layout, which exports as the stock AutoModelForSequenceClassification)",
+                      choices=list(SENTENCE_HEADS))
     dropout: float = field(0.1, help="dropout before the regressor (cross-encoder)", min=0.0, max=0.9)
 
     def validate(self, path: str) -> None:
@@ -33,6 +50,9 @@ class RegressionConfig(TaskConfig):
                                                      f"got {self.label_range}")
         if self.encoder == "bi" and self.label_range is None:
             raise ConfigError(f"{path}.label_range", "required with encoder: bi (cosine is mapped onto it)")
+        if self.encoder == "bi" and self.head != "pooled":
+            raise ConfigError(f"{path}.head", "a bi-encoder has no head (it scores the cosine of two sentence "
+                                              "embeddings); head: pooler needs encoder: cross")
 
 
 class RegressionHead(nn.Module):
@@ -67,6 +87,27 @@ class RegressionTask(Task):
 
     def load_state(self, state: dict) -> None:
         self.pair_input = bool(state.get("pair_input", self.config.encoder == "bi"))
+
+    def export_spec(self) -> ExportSpec:
+        """A cross-encoder exports as ``AutoModelForSequenceClassification`` with one output
+        (``problem_type: regression``); its ``logits`` are the head's raw output: with ``label_range`` the score is
+        ``low + (high - low) * sigmoid(logit)`` (recorded as ``multitune_label_range`` in ``config.json``).
+        A bi-encoder exports as its backbone with the sentence-transformers layout (cosine of embeddings)."""
+        pairs = [(a, b) for a, b in zip(PROBE_TEXTS, PROBE_TEXTS[1:] + PROBE_TEXTS[:1])]
+        config = {"multitune_label_range": self.config.label_range}
+        if self.config.encoder == "bi":
+            return ExportSpec("sentence_embedding", "sentence-similarity", config, pairs)
+
+        def logits(model, head, batch):
+            hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            if isinstance(head, PoolerHead):
+                return head(hidden).float()
+            return head.regressor(model.pool(hidden, batch["attention_mask"])).float()
+
+        config.update({"num_labels": 1, "id2label": {0: self.name}, "label2id": {self.name: 0},
+                       "problem_type": "regression"})
+        return ExportSpec("sequence_classification", "text-classification", config,
+                          pairs if self.pair_input else list(PROBE_TEXTS), logits)
 
     def check_examples(self, examples: Sequence[dict]) -> None:
         rng = self.config.label_range
@@ -115,7 +156,14 @@ class RegressionTask(Task):
 
     def build_head(self, hidden_size: int) -> nn.Module:
         # The bi-encoder scores with a cosine and has no parameters of its own.
-        return nn.Identity() if self.config.encoder == "bi" else RegressionHead(hidden_size, self.config.dropout)
+        if self.config.encoder == "bi":
+            return nn.Identity()
+        if self.config.head == "pooler":
+            return PoolerHead(hidden_size, 1, self.config.dropout)
+        return RegressionHead(hidden_size, self.config.dropout)
+
+    def warm_start_head(self, head: nn.Module, backbone: nn.Module) -> None:
+        warm_start_pooler(head, backbone)
 
     def forward(self, model, head, batch) -> TaskOutput:
         if self.config.encoder == "bi":
@@ -125,7 +173,10 @@ class RegressionTask(Task):
             pred = (F.cosine_similarity(first.float(), second.float(), dim=-1) + 1) / 2
         else:
             hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-            pred = head(model.pool(hidden, batch["attention_mask"])).float()
+            if isinstance(head, PoolerHead):
+                pred = head(hidden).squeeze(-1).float()
+            else:
+                pred = head(model.pool(hidden, batch["attention_mask"])).float()
             if self.config.label_range is not None:
                 pred = torch.sigmoid(pred)
         loss = F.mse_loss(pred, batch["labels"]) if "labels" in batch else None

@@ -13,7 +13,7 @@ from torch import nn
 from multitune.config.parse import field
 from multitune.config.schema import TaskConfig
 from multitune.errors import ConfigError
-from multitune.tasks.base import TASKS, Task, TaskOutput
+from multitune.tasks.base import TASKS, ExportSpec, Task, TaskOutput
 
 # targets with at most this many distinct values, each seen ~10 times on average, form a label set
 MAX_INFERRED_LABELS = 32
@@ -157,6 +157,19 @@ class Text2TextTask(Task):
         # BLEU is on sacrebleu's 0-100 scale; the `mean` selection metric averages tasks on a 0-1 scale
         value = metrics[self.main_metric]
         return value / 100.0 if self.main_metric == "bleu" else value
+
+    def export_spec(self) -> ExportSpec:
+        """The backbone itself (``AutoModelForSeq2SeqLM`` / ``AutoModelForCausalLM``) with this task's generation
+        settings; the prefix is in ``task_specific_params`` under the task's name."""
+        g = self.config.generation
+        settings = {"num_beams": g.num_beams, "max_new_tokens": g.max_new_tokens,
+                    "no_repeat_ngram_size": g.no_repeat_ngram_size, "length_penalty": g.length_penalty}
+        tag = "text-generation" if self.architecture is not None and self.architecture.causal \
+            else "text2text-generation"
+        params = {"prefix": self.config.prefix, **settings, "chat_template": self.config.chat_template}
+        if self.labels:
+            params["labels"] = list(self.labels)
+        return ExportSpec("generation", tag, {"task_specific_params": {self.name: params}})
 
     def state(self) -> dict:
         return {"labels": self.labels, "lowercase": self.lowercase}

@@ -17,7 +17,9 @@ from multitune.config.schema import TaskConfig
 from multitune.errors import DataError
 from multitune.tasks.base import (
     IGNORE_INDEX,
+    PROBE_TEXTS,
     TASKS,
+    ExportSpec,
     LinearHead,
     Task,
     TaskOutput,
@@ -68,6 +70,7 @@ class TokenClassificationTask(Task):
     fields = ("tokens", "tags")
     required = ("tokens", "tags")
     main_metric = "f1"
+    label_field = "tags"
 
     def __init__(self, name: str, config: TokenClassificationConfig):
         super().__init__(name, config)
@@ -178,6 +181,14 @@ class TokenClassificationTask(Task):
         return {"precision": float(precision_score(gold, pred, zero_division=0)),
                 "recall": float(recall_score(gold, pred, zero_division=0)),
                 "f1": float(f1_score(gold, pred, zero_division=0))}
+
+    def export_spec(self) -> ExportSpec:
+        """``AutoModelForTokenClassification``: per sub-token ``logits``; a word's tag is its first sub-token's,
+        which ``pipeline("token-classification", aggregation_strategy="first")`` reproduces."""
+        config = {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
+                  "label2id": {lab: i for i, lab in enumerate(self.labels)}}
+        return ExportSpec("token_classification", "token-classification", config, list(PROBE_TEXTS),
+                          lambda model, head, batch: self.forward(model, head, batch).outputs["logits"])
 
     def state(self) -> dict:
         return {"labels": self.labels, "class_weights": self.weights}

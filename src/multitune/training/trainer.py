@@ -26,6 +26,7 @@ from multitune.config.schema import RunConfig
 from multitune.data import TaskData, load_task_data
 from multitune.errors import ConfigError, MultituneError
 from multitune.evaluation.evaluator import evaluate_task, selection_value
+from multitune.export.usage import run_model_card
 from multitune.fileio import read_jsonl, replace_dir, write_json_atomic, write_text_atomic
 from multitune.model import ADAPTERS_FILE, HEADS_FILE, MultiTaskModel
 from multitune.optim import (
@@ -72,6 +73,9 @@ def read_task_data(config: RunConfig, tasks: dict[str, Task]) -> dict[str, Prepa
     for i, (name, task) in enumerate(tasks.items()):
         data = load_task_data(name, config.tasks[name].data, Path.cwd(), config.seed + 7919 * i,
                               task.fields, task.required, task.stratify_key)
+        names = data.label_names.get(task.label_field) if task.label_field else None
+        if names and not getattr(task, "labels", None):  # a datasets ClassLabel: keep the dataset's label order
+            task.labels = list(names)
         task.setup(data.splits["train"])
         for examples in data.splits.values():
             task.check_examples(examples)
@@ -529,6 +533,8 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         if tmp.exists():
             shutil.rmtree(tmp)
         core.save(tmp, extra={"backbone_source": to_dict(config.backbone), "trained_steps": state["step"]})
+        run_model_card(tmp, out / "model", {**core.metadata(), "backbone_source": to_dict(config.backbone)},
+                       results, to_dict(config))
         replace_dir(tmp, out / "model")
         write_transfer(out, results)  # the mean affinity matrices (results["transfer"]) and affinity.png
         write_json_atomic(out / "results.json", results)
