@@ -167,7 +167,7 @@ def test_train_save_reload_predict(toy_data, tiny_backbone, tmp_path, method, ar
     assert backbone_rows and all(r["trainable"] == 0 for r in backbone_rows)
     assert any(r["group"].startswith("adapters") and r["trainable"] > 0 for r in table)
     # the saved backbone is the untouched pretrained one; adapters sit in their own file
-    saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    saved = load_file(str(tmp_path / "run" / "model" / "backbone" / "model.safetensors"))
     original = load_file(f"{tiny_backbone}/model.safetensors")
     assert all(torch.equal(saved[k], original[k]) for k in original)
     model = MultiTaskModel.load(tmp_path / "run")

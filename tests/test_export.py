@@ -37,6 +37,8 @@ def run(tiny_backbone, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     files = write_toy_data(root)
     raw = toy_config(files, tiny_backbone, root / "run", max_steps=12)
+    for name in ("sentiment", "similarity"):  # the pooled layout, whatever the default
+        raw["tasks"][name]["head"] = "pooled"
     rows = ["text\ttext_pair\tlabel"] + [f"{a}\t{b}\t{'same' if i % 2 else 'different'}"
                                           for i, (a, b) in enumerate(PAIRS * 2)]
     multi = ["sentence\tlabel"] + [f"{t}\t{'food' if i % 2 else 'place'}{',travel' if i % 3 == 0 else ''}"
@@ -44,9 +46,9 @@ def run(tiny_backbone, tmp_path_factory):
     raw["tasks"].update({
         "sentiment_pooler": {**raw["tasks"]["sentiment"], "head": "pooler"},
         "similarity_pooler": {**raw["tasks"]["similarity"], "head": "pooler"},
-        "paraphrase": {"type": "classification",
+        "paraphrase": {"type": "classification", "head": "pooled",
                        "data": {"train": {"path": str(write(root / "pairs.tsv", "\n".join(rows) + "\n"))}}},
-        "topics": {"type": "classification", "multi_label": True,
+        "topics": {"type": "classification", "multi_label": True, "head": "pooled",
                    "data": {"train": {"path": str(write(root / "multi.tsv", "\n".join(multi) + "\n")),
                                       "text": "sentence"}}},
         "bi_similarity": {**raw["tasks"]["similarity"], "encoder": "bi"},
@@ -247,10 +249,21 @@ def test_stock_task_classes_never_load_a_new_head(run):
 
 
 def test_exports_stay_multitune_models(run):
-    """multitune.load reads every export back with the task's predictions unchanged."""
+    """multitune.load reads every export back with the task's predictions unchanged (an ONNX export on ONNX
+    Runtime, to the last label and span)."""
     import multitune
+    from multitune.export.task import export_task
 
     model = multitune.load(run / "run")
+    export_task(run / "run", None, run / "onnx-all", overwrite=True, fmt="onnx")
+    onnx_model = multitune.load(run / "onnx-all")
+    assert type(onnx_model).__name__ == "OnnxMultiTaskModel"
+    assert [p["label"] for p in onnx_model.predict("sentiment", TEXTS)] == \
+        [p["label"] for p in model.predict("sentiment", TEXTS)]
+    def spans(predictions):
+        return [[(e["type"], e["start"], e["end"]) for e in p["entities"]] for p in predictions]
+
+    assert spans(onnx_model.predict("ner", TEXTS)) == spans(model.predict("ner", TEXTS))
     for task, inputs in (("sentiment", TEXTS), ("sentiment_pooler", TEXTS), ("ner", TEXTS), ("similarity", PAIRS),
                          ("bi_similarity", PAIRS)):
         out, _ = _export(run, task)
@@ -274,6 +287,12 @@ def test_export_and_run_model_cards_hold_code_that_runs(run, capsys):
         assert card.data.pipeline_tag == report["pipeline_tag"]
         assert "multitune" in card.data.tags
         directories.append(out)
+    from multitune.export.task import export_task
+
+    onnx_dir = run / "export-onnx"
+    report = export_task(run / "run", None, onnx_dir, overwrite=True, fmt="onnx")
+    assert report["output"] == str(onnx_dir) and (onnx_dir / "README.md").is_file()
+    directories.append(onnx_dir)
     for directory in directories:
         text = (directory / "README.md").read_text()
         blocks = code_blocks(text)

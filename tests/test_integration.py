@@ -22,7 +22,7 @@ def test_seed_mixture_trains_on_real_data(tmp_path):
         "tasks.sentiment.data.train.max_examples=1200", "tasks.sentiment.data.validation.max_examples=200",
         "tasks.ner.data.train.max_examples=600", "tasks.ner.data.validation.max_examples=200",
         "tasks.similarity.data.train.max_examples=800", "tasks.similarity.data.validation.max_examples=200",
-        "tasks.sentiment.head=pooler",
+        "tasks.sentiment.head=pooler", "tasks.similarity.head=pooled",
     ], base_dir=REPO)
     results = train(cfg, progress=False)
     run = tmp_path / "seed"

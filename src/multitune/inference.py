@@ -119,7 +119,6 @@ def predict_planned(model: Any, inputs: Sequence[tuple[str, str | None]], plan: 
     Returns:
         Per input, ``{task: prediction}`` as :meth:`MultiTaskModel.predict` gives it, in input order.
     """
-    from multitune.mixed import predict_mixed
 
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][0]) + len(inputs[i][1] or ""))
     out: list[dict[str, Any]] = [{} for _ in inputs]
@@ -131,7 +130,7 @@ def predict_planned(model: Any, inputs: Sequence[tuple[str, str | None]], plan: 
             for name in plan[i]:
                 requests.append((name, text if pair is None else (text, pair)))
                 owners.append((i, name))
-        for (i, name), pred in zip(owners, predict_mixed(model, requests)):
+        for (i, name), pred in zip(owners, model.predict_mixed(requests)):
             out[i][name] = pred
     return out
 

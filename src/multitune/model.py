@@ -168,6 +168,8 @@ class MultiTaskModel(nn.Module):
             raise MultituneError(f"the model has no task {task!r}; its tasks: {', '.join(self.tasks)}")
         t = self.tasks[task]
         examples = [t.example_from_input(x) for x in inputs]
+        if not examples:
+            return []
         was_training = self.training
         self.eval()
         out: list[Any] = [None] * len(examples)
@@ -279,16 +281,7 @@ class MultiTaskModel(nn.Module):
                    if not (path / f).is_file()]
         if missing:
             raise MultituneError(f"{path}: not a multitune model directory (missing {', '.join(missing)})")
-        tasks = {}
-        for name, entry in meta["tasks"].items():
-            impl = TASKS.get(entry["config"]["type"], f"{MODEL_FILE}: tasks.{name}.type")
-            try:
-                config = from_dict(impl.config_class, entry["config"], f"tasks.{name}")
-            except ConfigError as exc:
-                raise MultituneError(f"{path / MODEL_FILE}: {exc}") from None
-            task = impl(name, config)
-            task.load_state(entry["state"])
-            tasks[name] = task
+        tasks = restore_tasks(meta, path / MODEL_FILE)
         from multitune.backbones.loading import check_tokenizer_files
 
         try:
@@ -331,6 +324,25 @@ class MultiTaskModel(nn.Module):
         return model
 
 
+def restore_tasks(meta: dict, file: Path) -> dict[str, Task]:
+    """The tasks of a ``multitune.json`` (``meta``), each built from its config and given its saved state.
+
+    Raises:
+        MultituneError: an unknown task type or a config that does not parse, naming ``file``.
+    """
+    tasks = {}
+    for name, entry in (meta.get("tasks") or {}).items():
+        impl = TASKS.get(entry["config"]["type"], f"{MODEL_FILE}: tasks.{name}.type")
+        try:
+            config = from_dict(impl.config_class, entry["config"], f"tasks.{name}")
+        except ConfigError as exc:
+            raise MultituneError(f"{file}: {exc}") from None
+        task = impl(name, config)
+        task.load_state(entry["state"])
+        tasks[name] = task
+    return tasks
+
+
 def _load_weights(module: nn.Module, file: Path) -> None:
     """Load a safetensors file into ``module`` (all keys, exact shapes).
 
@@ -353,4 +365,8 @@ def load(path: str | Path, device: str | torch.device | None = None, precision: 
         >>> model = multitune.load("runs/quickstart")
         >>> model.predict("sentiment", ["a wonderful film"])
     """
+    from multitune.onnx.runtime import OnnxMultiTaskModel, is_onnx_model_dir
+
+    if is_onnx_model_dir(path):
+        return OnnxMultiTaskModel.load(path, device=device, precision=precision)
     return MultiTaskModel.load(path, device=device, precision=precision)

@@ -96,6 +96,10 @@ class AdapterMethod(ABC):
         fusable: the adapter adds a change to a sub-layer's output, so AdapterFusion can attend over the
             outputs of several adapters (implements :meth:`delta`).
         peft_type: the PEFT type whose on-disk layout :meth:`peft_export` writes (None: multitune's own).
+        peft_prompt_learning: the PEFT form is one tensor for the whole model (prompt and prefix tuning), not
+            one adapter per module.
+        peft_inexact: why PEFT's implementation computes something else than multitune's, so that no PEFT
+            export can predict what multitune predicts (None: it computes the same).
         families: backbone families the method supports.
 
     Args:
@@ -107,6 +111,8 @@ class AdapterMethod(ABC):
     mergeable: ClassVar[bool] = False
     fusable: ClassVar[bool] = False
     peft_type: ClassVar[str | None] = None
+    peft_prompt_learning: ClassVar[bool] = False
+    peft_inexact: ClassVar[str | None] = None
     families: ClassVar[tuple[str, ...]] = ("encoder", "encoder_decoder", "decoder_only")
 
     def __init__(self, config: AdapterConfig, backbone: nn.Module, architecture: Any):

@@ -1,28 +1,9 @@
-"""``multitune export``: one task of a trained model as a deployable directory.
-
-Which weights: by default the task's own best validation step (``source="per-task-best"``), when the run kept
-a snapshot of it (``training.per_task_best``, see :mod:`multitune.training.per_task`): the run's final model
-with the task's snapshot put over it. Without a snapshot, or with ``source="final"``, the run's model
-directory as it is (the checkpoint with the best selection metric). The report says which, and from which
-step.
-
-What is written:
-
-- A model without adapters (full or partial fine-tuning, or a frozen backbone): a one-task multitune model
-  directory, the backbone and the task's head (``multitune.load`` / ``predict`` work on it), with a
-  ``config.yaml`` that ``multitune evaluate`` reads.
-- ``merge=True``: the task's LoRA / DoRA / IA3 adapter folded into the backbone weights. The result is a
-  plain transformers model directory (``AutoModel.from_pretrained`` loads it, no adapter code needed) that
-  is also a one-task multitune model, as above.
-- ``merge=False`` on an adapter model: the task's adapter alone, in PEFT's layout (``adapter_config.json`` +
-  ``adapter_model.safetensors``; bottleneck adapters in multitune's own ``adapter.safetensors``), plus the
-  task's head (``head.safetensors``) and ``task.json`` with its labels and settings.
-"""
+"""Adapter exports: one task's adapter and head for the client that runs them exactly (PEFT's
+``AutoPeftModelFor<Class>``), or multitune's own layout where PEFT cannot reproduce the method. Called by
+``multitune export`` (:mod:`multitune.export.task`) for an adapter model exported without ``--merge``."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,158 +11,189 @@ from safetensors.torch import save_file
 
 from multitune.config.parse import to_dict
 from multitune.errors import ConfigError, MultituneError
-from multitune.fileio import replace_dir, write_text_atomic
-
-SOURCES = ("per-task-best", "final")
-# read_task_data seeds task i's data splits with seed + SPLIT_SEED_STRIDE * i: the exported one-task config
-# shifts its seed by the task's index so that its carved-out validation/test splits are the run's
-SPLIT_SEED_STRIDE = 7919
+from multitune.fileio import write_json_atomic
 
 
-def _size(directory: Path) -> int:
-    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-
-
-def export_task(run: str | Path, task: str, output: str | Path, merge: bool = False, overwrite: bool = False,
-                source: str = "per-task-best") -> dict:
-    """Write ``task`` of the model in ``run`` to ``output`` (see the module docstring).
+def base_model_path(meta: dict) -> str:
+    """What ``from_pretrained`` takes for the backbone a run started from: the hub id, or the local model
+    directory (absolute; the packaged ``default`` backbone's installed directory). PEFT exports name it as
+    ``base_model_name_or_path``.
 
     Args:
-        run: a run directory (or a model directory, which has no per-task snapshots).
-        task: the task to export.
-        output: the directory to write.
-        merge: fold the task's adapter into the backbone (LoRA, DoRA, IA3).
-        overwrite: replace a non-empty ``output``.
-        source: ``per-task-best`` (the task's own best step when the run has its snapshot, else the final
-            model with a ``note`` in the report) or ``final``.
+        meta: the run's ``multitune.json`` (its ``backbone_source`` is the config's ``backbone`` section).
 
     Returns:
-        A report: ``output``, ``task``, ``merged``, ``source`` and ``step`` (where the weights come from;
-        ``score`` and ``metrics`` for a per-task snapshot), ``files``, ``bytes`` (of the adapter files for
-        an unmerged adapter export), and ``note`` when it fell back to the final model.
+        A hub id or an absolute directory path.
 
     Raises:
-        MultituneError: no such task (naming the run and its tasks), ``--merge`` on a model without adapters,
-            a method that does not merge, a snapshot that does not fit the model, or a non-empty ``output``
-            without ``overwrite``.
+        MultituneError: no ``backbone_source`` is recorded, the backbone was warm-started from two checkpoints
+            (no single base model), or a packaged backbone is not installed.
     """
-    from multitune.model import MultiTaskModel
+    from multitune.backbones.loading import DEFAULT_BACKBONE, resolve_backbone
 
-    if source not in SOURCES:
-        raise MultituneError(f"--from: expected one of {', '.join(SOURCES)}, got {source!r}")
-    run, output = Path(run), Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise MultituneError(f"{output}: exists and is not empty (pass --overwrite to replace it)")
-    model = MultiTaskModel.load(run)
+    source = meta.get("backbone_source") if isinstance(meta, dict) else None
+    if isinstance(source, str):
+        source = {"name": source}
+    if not isinstance(source, dict):
+        raise MultituneError("multitune.json: no backbone_source (the backbone the run started from); expected "
+                             "the run's model directory")
+    if source.get("encoder") is not None or source.get("decoder") is not None:
+        raise MultituneError("the backbone is an encoder-decoder warm-started from two checkpoints, which no "
+                             "single base model id loads; export with --merge")
+    name = source.get("name") or DEFAULT_BACKBONE
+    try:
+        resolved = resolve_backbone(name, "multitune.json: backbone_source.name")
+    except ConfigError as exc:
+        raise MultituneError(str(exc)) from None
+    path = Path(resolved)
+    return str(path.resolve()) if path.exists() else resolved
+
+
+def export_adapter(model: Any, task: str, directory: Path, origin: dict, backbone_source: str) -> dict:
+    """Write ``task``'s adapter and head to ``directory`` for the client that can run them exactly.
+
+    PEFT's layout (LoRA, DoRA, IA3 on a task that a stock transformers class computes): the adapter
+    and the head (``modules_to_save``) in ``adapter_config.json`` + ``adapter_model.safetensors``, with
+    ``base_model_name_or_path`` and ``task_type`` set, the tokenizer, ``task.json`` and a ``README.md`` that
+    says how to load it. ``peft.AutoPeftModelFor<Class>.from_pretrained(directory, **load_kwargs)`` loads it;
+    ``load_kwargs`` (in the report and ``task.json``) are the label maps, which PEFT takes from no file of
+    the adapter, and are empty for text-to-text. Before returning, the directory is loaded with that call and
+    compared with ``model`` on probe inputs; an export that predicts differently raises.
+
+    Multitune's own layout (bottleneck, prompt- and prefix-tuning adapters, the task embedding of
+    ``shared_conditioned``, which PEFT cannot reproduce here): ``adapter.safetensors`` (keyed by backbone module path), multitune's
+    ``adapter_config.json``, ``head.safetensors`` and ``task.json``; the report's ``note`` says so.
+
+    Args:
+        model: the loaded :class:`~multitune.model.MultiTaskModel`, adapters unmerged, the task's weights in
+            place.
+        task: the task to export.
+        directory: an empty (or missing) directory; callers write into a temporary directory and rename it
+            into place (as :func:`export_task` does).
+        origin: where the weights come from (``source``, ``step``, maybe ``note``), recorded in ``task.json``.
+        backbone_source: ``base_model_name_or_path``: a hub id or a local model directory
+            (:func:`base_model_path`).
+
+    Returns:
+        ``layout`` (``peft`` or ``multitune``), ``client`` (what loads it, one line), ``bytes`` (of the weight
+        files), ``note`` (own layout, or the origin's note); for PEFT's layout also ``auto_class``,
+        ``task_type``, ``base_model_name_or_path``, ``load_kwargs``, ``inputs``, ``outputs``,
+        ``generate_kwargs`` (text-to-text), ``probes`` and ``max_difference`` (of the check).
+
+    Raises:
+        MultituneError: the model has no adapters or no such task, the task is an AdapterFusion target,
+            ``directory`` is not empty, the task or its head has no exact stock form (one line that says why
+            and what to do instead), or the written export does not reproduce the model.
+    """
+    from multitune.adapters import peft_layout
+
+    directory = Path(directory)
+    adapters = model.adapters
+    if adapters is None:
+        raise MultituneError(f"task {task!r}: the model has no adapters; export the task as a model instead")
     if task not in model.tasks:
-        raise MultituneError(f"{run}: the model has no task {task!r}; its tasks: {', '.join(model.tasks)}")
-    if merge and model.adapters is None:
-        raise MultituneError(f"--merge: the model in {run} has no adapters to fold into the backbone; leave "
-                             f"--merge out to export task {task!r} with its fine-tuned backbone")
-    if model.adapters is not None and task in model.adapters.fusion_targets:
+        raise MultituneError(f"the model has no task {task!r}; its tasks: {', '.join(model.tasks)}")
+    if task in adapters.fusion_targets:
         raise MultituneError(f"task {task!r} uses AdapterFusion over every task's adapter; it has no "
                              f"single-adapter export, deploy the run's model directory")
-    origin = _take_weights(run, model, task, source)
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        if model.adapters is None or merge:
-            extra: dict[str, Any] = {"exported_from": str(run), "exported_task": task,
-                                     "exported_source": origin["source"], "exported_step": origin["step"]}
-            if merge:
-                adapters = model.adapters
-                adapters.remove_hooks()
-                adapters.merge_into(model.backbone, task)
-                extra["merged_adapter"] = adapters.config.method
-            single = MultiTaskModel(model.backbone, {task: model.tasks[task]}, model.tokenizer, model.pooling,
-                                    model.normalize_embeddings, model.max_length,
-                                    architecture=model.architecture.type_name)
-            single.heads[task].load_state_dict(model.heads[task].state_dict())
-            single.save(tmp, extra=extra)
-            _write_eval_config(run, task, tmp, output, model.architecture.type_name, origin)
-            report_bytes = _size(tmp)
-        else:
-            tmp.mkdir(parents=True)
-            if model.adapters.method.peft_type is not None:
-                model.adapters.export_peft(model.backbone, task, tmp)
-            else:  # no PEFT equivalent (bottleneck): multitune's own layout
-                state = {f"{p}.{k}": v.detach().cpu().contiguous()
-                         for p, ad in model.adapters.modules_by_site(task).items() for k, v in ad.state_dict().items()}
-                save_file(state, str(tmp / "adapter.safetensors"), metadata={"format": "multitune-adapter"})
-                (tmp / "adapter_config.json").write_text(json.dumps(to_dict(model.adapters.config), indent=2))
-            report_bytes = _size(tmp)
-            head = {k: v.detach().cpu().contiguous() for k, v in model.heads[task].state_dict().items()}
-            save_file(head, str(tmp / "head.safetensors"), metadata={"format": "multitune-head"})
-            cfg = to_dict(model.tasks[task].config)
-            cfg.pop("data", None)
-            (tmp / "task.json").write_text(json.dumps({"name": task, "config": cfg, "state": model.tasks[task].state(),
-                                                      "pooling": model.pooling, "source": origin["source"],
-                                                      "step": origin["step"]}, indent=2))
-        replace_dir(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"output": str(output), "task": task, "merged": merge, **origin,
-            "files": sorted(f.name for f in output.iterdir()), "bytes": report_bytes}
+    directory.mkdir(parents=True, exist_ok=True)
+    if any(directory.iterdir()):
+        raise MultituneError(f"{directory}: expected an empty directory to write the export into")
+    model.eval()
+    method = adapters.method
+    if method.peft_type is None or method.peft_inexact or adapters.task_embeddings is not None:
+        return _export_own_layout(model, task, directory, origin)
+    plan = peft_layout.plan(model, task)
+    base = Path(backbone_source)
+    if base.is_dir() and not (base / "config.json").is_file():
+        ggufs = sorted(f.name for f in base.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise MultituneError(f"{base}: expected config.json or one GGUF file for the base model")
+        plan.load_kwargs["gguf_file"] = ggufs[0]  # transformers loads (dequantises) a GGUF backbone by name
+    size = peft_layout.write(model, task, plan, directory, backbone_source)
+    model.tokenizer.save_pretrained(directory)
+    info = peft_layout.usage(model, task, plan)
+    _write_task_json(model, task, directory, origin, {"layout": "peft", "base_model_name_or_path": backbone_source,
+                                                      **info})
+    check = peft_layout.verify(model, task, plan, directory)
+    extra = "" if not info["load_kwargs"] else ", **load_kwargs"
+    client = f"peft.{plan.auto_peft}.from_pretrained(directory{extra})"
+    if "id2label" in info["load_kwargs"]:
+        client += " with load_kwargs from task.json (id2label keys as int)"
+    if "generate_kwargs" in info:
+        client += ", then .generate(**inputs, **generate_kwargs)"
+    report = {"layout": "peft", "client": client, "base_model_name_or_path": backbone_source, **info, **check,
+              "bytes": size, "auto_peft": plan.auto_peft,
+              "pipeline_tag": model.tasks[task].export_spec().pipeline_tag}
+    if origin.get("note"):
+        report["note"] = origin["note"]
+    return report
 
 
-def _take_weights(run: Path, model: Any, task: str, source: str) -> dict:
-    """Put ``task``'s per-task snapshot over ``model`` when asked for and present; say where the weights
-    come from (``source``, ``step``, and ``note`` on a fallback to the final model)."""
-    from multitune.training.per_task import META_FILE, STATE_KEY, find_snapshot, load_snapshot
-    from multitune.training.trainer import CHECKPOINTS
-
-    train = _run_results(run).get("train")
-    train = train if isinstance(train, dict) else {}
-    final = {"source": "final", "step": train.get("best_step")}
-    if source == "final":
-        return final
-    snapshot = find_snapshot(run / CHECKPOINTS, task)
-    if snapshot is None:
-        return {**final, "note": f"{run} has no per-task snapshot of task {task!r} (training.per_task_best off, "
-                                 f"or not a run directory): exported the final model"}
-    meta = load_snapshot(snapshot, model, task)
-    recorded = (train.get(STATE_KEY) or {}).get(task)
-    if recorded is not None and recorded.get("step") != meta["step"]:
-        raise MultituneError(f"{snapshot / META_FILE}: snapshot of step {meta['step']}, but results.json records "
-                             f"task {task!r}'s best at step {recorded.get('step')}; use --from final")
-    return {"source": "per-task-best", "step": meta["step"], "score": meta.get("score"),
-            "metrics": meta.get("metrics")}
-
-
-def _run_results(run: Path) -> dict:
-    try:
-        results = json.loads((run / "results.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return results if isinstance(results, dict) else {}
+def _export_own_layout(model: Any, task: str, directory: Path, origin: dict) -> dict:
+    """Multitune's own layout, for adapters that PEFT cannot reproduce (see :func:`export_adapter`)."""
+    adapters = model.adapters
+    method = adapters.method
+    state = {f"{p}.{k}": v.detach().cpu().contiguous()
+             for p, ad in adapters.modules_by_site(task).items() for k, v in ad.state_dict().items()}
+    if adapters.task_embeddings is not None:
+        row = adapters.task_names.index(task)
+        state["task_embedding"] = adapters.task_embeddings[row].detach().cpu().contiguous()
+    save_file(state, str(directory / "adapter.safetensors"), metadata={"format": "multitune-adapter"})
+    write_json_atomic(directory / "adapter_config.json", {**to_dict(adapters.config), "sites": list(state)})
+    head = {k: v.detach().cpu().contiguous() for k, v in model.heads[task].state_dict().items()}
+    save_file(head, str(directory / "head.safetensors"), metadata={"format": "multitune-head"})
+    if method.peft_type is None:
+        why = f"{adapters.config.method} adapters have no PEFT equivalent"
+    elif method.peft_inexact:
+        why = method.peft_inexact
+    else:
+        why = "the shared adapter's task embedding is part of no PEFT method"
+    note = (f"{why}: written in multitune's own layout (adapter.safetensors keyed by backbone module, "
+            f"head.safetensors, task.json), which no stock client loads; deploy the run's model directory "
+            f"with multitune.load")
+    _write_task_json(model, task, directory, origin, {"layout": "multitune", "note": note})
+    size = sum((directory / f).stat().st_size for f in ("adapter.safetensors", "head.safetensors"))
+    return {"layout": "multitune", "client": "multitune (the run's model directory); no stock client",
+            "note": "; ".join(n for n in (origin.get("note"), note) if n), "bytes": size}
 
 
-def _write_eval_config(run: Path, task: str, directory: Path, output: Path, family: str, origin: dict) -> None:
-    """``config.yaml`` of the one-task model, so that ``multitune evaluate OUTPUT`` scores it on the task's
-    data: the run's task section, its seed shifted so that carved-out splits are the run's, and the exported
-    directory as the backbone. Not written when ``run`` has no ``config.yaml`` (a model directory)."""
-    import yaml
+def _write_task_json(model: Any, task: str, directory: Path, origin: dict, export: dict) -> None:
+    """``task.json``: the task's labels and settings, for multitune, and how the export loads."""
+    cfg = to_dict(model.tasks[task].config)
+    cfg.pop("data", None)
+    write_json_atomic(directory / "task.json", {
+        "name": task, "config": cfg, "state": model.tasks[task].state(), "pooling": model.pooling,
+        "max_length": model.max_length, "adapters": to_dict(model.adapters.config), "source": origin["source"],
+        "step": origin["step"], "export": export})
 
-    from multitune.config.loader import parse_config, read_yaml
 
-    if not (run / "config.yaml").is_file():
-        return
-    raw = read_yaml(run / "config.yaml")
-    if task not in (raw.get("tasks") or {}):
-        return
-    index = list(raw["tasks"]).index(task)
-    training = {**raw.get("training", {}), "early_stopping": None}
-    one = {"backbone": {"type": family, "name": str(output.resolve())}, "pooling": raw.get("pooling"),
-           "normalize_embeddings": raw.get("normalize_embeddings", False), "output_dir": str(output.resolve()),
-           "seed": raw.get("seed", 42) + SPLIT_SEED_STRIDE * index, "tasks": {task: raw["tasks"][task]},
-           "training": training, "trust_remote_code": raw.get("trust_remote_code", False)}
-    try:
-        config = parse_config(one, check_files=False)
-    except ConfigError as exc:
-        raise MultituneError(f"{run / 'config.yaml'}: cannot derive the exported task's config: {exc}") from None
-    header = (f"# task {task!r} exported from {run.resolve()} ({origin['source']}, step {origin['step']}).\n"
-              f"# `multitune evaluate {output}` scores it on the task's data. The seed is the run's plus "
-              f"{SPLIT_SEED_STRIDE} x {index}\n# (the task's index in the run), so that splits carved out of "
-              f"train hold the run's examples.\n")
-    write_text_atomic(directory / "config.yaml",
-                      header + yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+def peft_usage(path: str, report: dict) -> tuple[str, list[str]]:
+    """The code that loads a PEFT export at ``path`` and runs it, and notes for its model card.
+
+    Args:
+        path: the export directory.
+        report: what :func:`export_adapter` returned for it.
+
+    Returns:
+        ``(python code, notes)``.
+    """
+    code = ["import json", "", "import peft", "from transformers import AutoTokenizer", "",
+            f"path = {path!r}", 'task = json.load(open(f"{path}/task.json"))',
+            "tokenizer = AutoTokenizer.from_pretrained(path)"]
+    if report["load_kwargs"]:
+        code += ['kwargs = task["export"]["load_kwargs"]',
+                 'if "id2label" in kwargs:  # JSON keys are strings; transformers looks labels up by int',
+                 '    kwargs["id2label"] = {int(i): label for i, label in kwargs["id2label"].items()}',
+                 f"model = peft.{report['auto_peft']}.from_pretrained(path, **kwargs)"]
+    else:
+        code.append(f"model = peft.{report['auto_peft']}.from_pretrained(path)")
+    code.append("print(type(model.base_model.model).__name__)")
+    notes = [f"Inputs: {report['inputs']}.", f"Outputs: {report['outputs']}."]
+    if report["load_kwargs"]:
+        notes.append("`load_kwargs` (in `task.json`) are the label maps: PEFT builds the base model's task class "
+                     "from the base model's own config, which does not know this task's labels.")
+    if "generate_kwargs" in report:
+        notes.append("Generate with `model.generate(**inputs, **task['export']['generate_kwargs'])`: the task's "
+                     "decoding settings and the special ids multitune generates with.")
+    return "\n".join(code) + "\n", notes

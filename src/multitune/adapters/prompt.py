@@ -39,6 +39,8 @@ def _vocab_sample(embedding: nn.Embedding, n: int) -> torch.Tensor:
 
 
 class _SoftPromptMethod(AdapterMethod):
+    peft_prompt_learning = True
+
     def sites(self, backbone):
         return [_token_model_path(backbone, self.architecture.token_model(backbone))]
 
@@ -77,6 +79,8 @@ class _SoftPromptMethod(AdapterMethod):
 @METHODS.register("prompt")
 class PromptTuningMethod(_SoftPromptMethod):
     peft_type = "PROMPT_TUNING"
+    peft_inexact = ("PEFT's prompt tuning keeps the virtual positions in the token states (heads and the decoder "
+                    "see them), multitune removes them")
     families = ("encoder", "encoder_decoder")
 
     def new_adapter(self, backbone, path, module):
@@ -112,6 +116,10 @@ class PrefixTuningMethod(_SoftPromptMethod):
     """Prefix tuning for encoder backbones: the prefix enters every layer as a pre-filled key/value cache."""
 
     peft_type = "PREFIX_TUNING"
+    # PEFT 0.21 runs prefix tuning in a task class only through a forward argument named past_key_values,
+    # which the encoders of transformers 5 no longer name (they take cache): the stock client raises
+    peft_inexact = ("PEFT's task classes cannot run prefix tuning on this backbone (its forward takes no "
+                    "past_key_values argument)")
     families = ("encoder",)
 
     def _shape(self, backbone):

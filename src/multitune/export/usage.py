@@ -20,7 +20,7 @@ def _read(path: Path) -> Any:
         return None
 
 
-def _run_files(run: Path) -> tuple[dict | None, dict | None]:
+def run_files(run: Path) -> tuple[dict | None, dict | None]:
     import yaml
 
     results = _read(run / "results.json")
@@ -98,7 +98,7 @@ def export_card(directory: Path, final: Path, run: Path, task: str, meta: dict, 
     Returns:
         The card's path.
     """
-    results, config = _run_files(run)
+    results, config = run_files(run)
     hub_id, license_ = base_model_info(meta.get("backbone_source"))
     tasks = [t for t in task_cards(meta, _task_results(results, task, report), config) if t.name == task]
     usage, notes = _usage(str(Path(final).resolve()), task, meta, report)

@@ -256,7 +256,16 @@ class PoolerHead(nn.Module):
 
 
 #: the sentence heads of classification and cross-encoder regression (``tasks.<name>.head``)
-SENTENCE_HEADS = ("pooled", "pooler")
+SENTENCE_HEADS = ("auto", "pooled", "pooler")
+
+
+def resolve_sentence_head(setting: str, architecture: BackboneArchitecture) -> str:
+    """The head layout a ``head:`` setting means on a backbone family: ``auto`` is ``pooler`` on encoders (the
+    layout their stock sequence-classification class computes) and ``pooled`` on the other families, whose
+    first token has seen nothing (decoder-only) or that have no stock pooler."""
+    if setting != "auto":
+        return setting
+    return "pooler" if architecture.type_name == "encoder" else "pooled"
 
 
 def backbone_pooler(backbone: nn.Module) -> nn.Linear | None:

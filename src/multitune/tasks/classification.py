@@ -28,6 +28,7 @@ from multitune.tasks.base import (
     class_weights,
     collate_inputs,
     label_sort_key,
+    resolve_sentence_head,
     tokenize_texts,
     warm_start_pooler,
     where,
@@ -40,7 +41,8 @@ class ClassificationConfig(TaskConfig):
     label_separator: str = field(",", help="multi-label: separator of labels inside one text field")
     head: str = field("pooled", help="pooled: the pooled sentence embedding -> linear; pooler: first token -> "
                                      "dense (from the backbone's pooler) -> tanh -> linear, BERT's layout, which "
-                                     "exports as the stock AutoModelForSequenceClassification",
+                                     "exports as the stock AutoModelForSequenceClassification; auto: pooler on "
+                                     "encoder backbones, pooled on the others",
                       choices=list(SENTENCE_HEADS))
     dropout: float = field(0.1, help="dropout before the classifier", min=0.0, max=0.9)
     threshold: float = field(0.5, help="multi-label: probability above which a label is predicted",
@@ -83,6 +85,12 @@ class ClassificationTask(Task):
         self.labels: list[str] = list(config.labels) if config.labels else []
         self.weights: list[float] | None = None
         self.thresholds: list[float] | None = None  # binary: [p(second label)]; multi-label: one per label
+        self.head_layout: str | None = None  # config.head resolved on the backbone (bind), or a saved model's
+
+    def bind(self, architecture, tokenizer) -> None:
+        super().bind(architecture, tokenizer)
+        if self.head_layout is None:
+            self.head_layout = resolve_sentence_head(self.config.head, architecture)
 
     # -- labels ----------------------------------------------------------------------
     def _example_labels(self, example: dict) -> list[str]:
@@ -162,7 +170,7 @@ class ClassificationTask(Task):
 
     # -- model -----------------------------------------------------------------------
     def build_head(self, hidden_size: int) -> nn.Module:
-        if self.config.head == "pooler":
+        if self.head_layout == "pooler":
             return PoolerHead(hidden_size, len(self.labels), self.config.dropout)
         return LinearHead(hidden_size, len(self.labels), self.config.dropout)
 
@@ -299,7 +307,7 @@ class ClassificationTask(Task):
 
     def state(self) -> dict:
         return {"labels": self.labels, "class_weights": self.weights, "thresholds": self.thresholds,
-                "pair_input": self.pair_input}
+                "pair_input": self.pair_input, "head": self.head_layout}
 
     def load_state(self, state: dict) -> None:
         self.labels = list(state["labels"])
@@ -307,6 +315,7 @@ class ClassificationTask(Task):
         self.weights = state.get("class_weights")
         self.thresholds = state.get("thresholds")
         self.pair_input = bool(state.get("pair_input", False))
+        self.head_layout = state.get("head", "pooled")  # models saved before head layouts were all pooled
 
 
 def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:

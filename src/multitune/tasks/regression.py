@@ -25,6 +25,7 @@ from multitune.tasks.base import (
     TaskOutput,
     collate_inputs,
     parse_float,
+    resolve_sentence_head,
     tokenize_texts,
     warm_start_pooler,
     where,
@@ -37,9 +38,10 @@ class RegressionConfig(TaskConfig):
                          choices=["cross", "bi"])
     label_range: list[float] | None = field(None, help="[low, high] of the scores; scores outside are errors "
                                                        "and predictions are kept inside")
-    head: str = field("pooled", help="cross-encoder: pooled (the pooled sentence embedding -> linear) or pooler "
+    head: str = field("pooled", help="cross-encoder: pooled (the pooled sentence embedding -> linear), pooler "
                                      "(first token -> dense from the backbone's pooler -> tanh -> linear, BERT's "
-                                     "layout, which exports as the stock AutoModelForSequenceClassification)",
+                                     "layout, which exports as the stock AutoModelForSequenceClassification) or "
+                                     "auto (pooler on encoder backbones, pooled on the others)",
                       choices=list(SENTENCE_HEADS))
     dropout: float = field(0.1, help="dropout before the regressor (cross-encoder)", min=0.0, max=0.9)
 
@@ -50,7 +52,7 @@ class RegressionConfig(TaskConfig):
                                                      f"got {self.label_range}")
         if self.encoder == "bi" and self.label_range is None:
             raise ConfigError(f"{path}.label_range", "required with encoder: bi (cosine is mapped onto it)")
-        if self.encoder == "bi" and self.head != "pooled":
+        if self.encoder == "bi" and self.head == "pooler":
             raise ConfigError(f"{path}.head", "a bi-encoder has no head (it scores the cosine of two sentence "
                                               "embeddings); head: pooler needs encoder: cross")
 
@@ -79,14 +81,24 @@ class RegressionTask(Task):
     required = ("text", "label")
     main_metric = "pearson"
 
+    def __init__(self, name: str, config: RegressionConfig):
+        super().__init__(name, config)
+        self.head_layout: str | None = None  # config.head resolved on the backbone (bind), or a saved model's
+
+    def bind(self, architecture, tokenizer) -> None:
+        super().bind(architecture, tokenizer)
+        if self.head_layout is None:
+            self.head_layout = resolve_sentence_head(self.config.head, architecture)
+
     def setup(self, train_examples: Sequence[dict]) -> None:
         self.pair_input = self.config.encoder == "bi" or any(ex.get("text_pair") for ex in train_examples)
 
     def state(self) -> dict:
-        return {"pair_input": self.pair_input}
+        return {"pair_input": self.pair_input, "head": self.head_layout}
 
     def load_state(self, state: dict) -> None:
         self.pair_input = bool(state.get("pair_input", self.config.encoder == "bi"))
+        self.head_layout = state.get("head", "pooled")  # models saved before head layouts were all pooled
 
     def export_spec(self) -> ExportSpec:
         """A cross-encoder exports as ``AutoModelForSequenceClassification`` with one output
@@ -158,7 +170,7 @@ class RegressionTask(Task):
         # The bi-encoder scores with a cosine and has no parameters of its own.
         if self.config.encoder == "bi":
             return nn.Identity()
-        if self.config.head == "pooler":
+        if self.head_layout == "pooler":
             return PoolerHead(hidden_size, 1, self.config.dropout)
         return RegressionHead(hidden_size, self.config.dropout)
 
