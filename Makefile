@@ -58,7 +58,7 @@ bench-extra: $(VENV)/.dev
 	$(BIN)/python bench/seed_mixture.py
 	$(BIN)/python bench/heads.py
 	$(BIN)/python bench/export_agreement.py runs/bench-heads/pooled-42
-	$(BIN)/python bench/onnx.py
+	$(BIN)/python bench/onnx_inference.py
 	$(BIN)/python bench/transfer.py
 	$(BIN)/python bench/adapters.py
 	$(BIN)/python bench/weighting.py

@@ -51,12 +51,24 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     dest = REPO / "bench" / "results"
     dest.mkdir(parents=True, exist_ok=True)
+    previous = dest / f"heads-{date}.json"
+    if previous.is_file():  # runs of other seeds on the same day stay in the table
+        done = {(r["head"], r["seed"]) for r in rows}
+        rows = [r for r in json.loads(previous.read_text())["rows"] if (r["head"], r["seed"]) not in done] + rows
+        rows.sort(key=lambda r: (r["seed"], r["head"]))
     info = {"date": date, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "steps": args.steps,
             "settings": "seed-mixture.yaml, precision auto, group_by_length, dev sets", "rows": rows}
     (dest / f"heads-{date}.json").write_text(json.dumps(info, indent=2))
     lines = ["| head | seed | steps | wall s | sentiment acc | ner F1 | similarity Pearson |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['head']} | {r['seed']} | {r['steps']} | {r['wall_s']} | {r['sentiment/accuracy']:.4f} | "
               f"{r['ner/f1']:.4f} | {r['similarity/pearson']:.4f} |" for r in rows]
+    for head in ("pooled", "pooler"):
+        mine = [r for r in rows if r["head"] == head]
+        if len(mine) > 1:
+            mean = {k: sum(r[k] for r in mine) / len(mine) for k in ("sentiment/accuracy", "ner/f1",
+                                                                     "similarity/pearson")}
+            lines.append(f"| {head} | mean of {len(mine)} | {args.steps} | - | {mean['sentiment/accuracy']:.4f} | "
+                         f"{mean['ner/f1']:.4f} | {mean['similarity/pearson']:.4f} |")
     (dest / f"heads-{date}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -61,7 +61,8 @@ def _export(run_root: Path, task: str, **kwargs) -> tuple[Path, dict]:
     from multitune.export.task import export_task
 
     out = run_root / f"export-{task}"
-    report = export_task(run_root / "run", task, out, overwrite=True, **kwargs)
+    # the run's final model, which the tests compare with (per-task-best exports: test_per_task_best.py)
+    report = export_task(run_root / "run", task, out, overwrite=True, source="final", **kwargs)
     return out, report
 
 
@@ -203,7 +204,7 @@ def test_text2text_exports_generate_as_multitune(tiny_t5, tiny_llama, toy_data, 
         multitune.train(multitune.parse_config(raw), overwrite=True, progress=False)
         model = multitune.load(tmp_path / "run")
         out = tmp_path / f"export-{Path(backbone).name}"
-        report = export_task(tmp_path / "run", "translate", out, overwrite=True)
+        report = export_task(tmp_path / "run", "translate", out, overwrite=True, source="final")
         params = json.loads((out / "config.json").read_text())["task_specific_params"]["translate"]
         assert params["prefix"] == "translate: "
         stock = loader.from_pretrained(out).eval()

@@ -157,7 +157,7 @@ def test_trainer_feature_extraction_keeps_the_backbone_and_logs_unfreezing(tiny_
     raw["freeze"] = "backbone"
     train(parse_config(raw), progress=False)
     initial = load_file(f"{tiny_backbone}/model.safetensors")
-    trained = load_file(str(tmp_path / "fx" / "model" / "model.safetensors"))
+    trained = load_file(str(tmp_path / "fx" / "model" / "backbone" / "model.safetensors"))
     assert all(torch.equal(initial[k], trained[k]) for k in initial)
     table = json.loads((tmp_path / "fx" / "parameters.json").read_text())
     assert all(r["trainable"] == 0 for r in table if r["group"].startswith("backbone/"))

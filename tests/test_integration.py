@@ -63,7 +63,7 @@ def _exports_agree_with_multitune(run, tmp_path):
         pairs = [(row[0], row[1]) for row in csv.reader(fh)][:24]
     sentences = [" ".join(line.split()[0] for line in block.splitlines()) for block in
                  (SHARED_DATA / "wnut17" / "dev.conll").read_text(encoding="utf-8").split("\n\n")[:24]]
-    reports = {t: export_task(run, t, tmp_path / t) for t in ("sentiment", "ner", "similarity")}
+    reports = {t: export_task(run, t, tmp_path / t, source="final") for t in ("sentiment", "ner", "similarity")}
     assert reports["sentiment"]["model_class"] == "BertForSequenceClassification"
     assert reports["similarity"]["trust_remote_code"]
     clf = pipeline("text-classification", model=str(tmp_path / "sentiment"))

@@ -15,7 +15,7 @@ the largest difference of the raw outputs (logits, scores) on the first 256 item
 Without RUN_DIR the quickstart model is trained first (quickstart data and config, ``--steps`` steps, into
 ``--out``; reused when it exists). Writes bench/results/onnx-<date>.json and .md.
 
-    python bench/onnx.py [RUN_DIR] [--items 2000] [--batch-size 32] [--steps 150] [--out runs/bench-onnx]
+    python bench/onnx_inference.py [RUN_DIR] [--items 2000] [--batch-size 32] [--steps 150] [--out runs/bench-onnx]
 
 Run from the repository root with ../shared/data beside it.
 """
@@ -35,9 +35,6 @@ from typing import Any
 
 import numpy as np
 
-# Python puts this script's folder first on the path, where this file would shadow the onnx package that
-# torch.onnx and onnxruntime's tools import: take it off before anything imports onnx.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
