@@ -9,7 +9,7 @@ what each stock client predicts with ``multitune predict`` / ``embed`` on the fi
 
     python bench/export_agreement.py RUN [--n 200]
 
-Writes bench/results/export-agreement-<date>.json and .md. Run from the repository root with ../shared/data
+Writes bench/results/export-agreement-<run name>-<date>.json and .md. Run from the repository root with ../shared/data
 beside it.
 """
 
@@ -46,6 +46,31 @@ def dev_inputs(n: int) -> dict[str, list]:
     return {"sentiment": sst, "ner": sentences[:n], "similarity": pairs}
 
 
+def _word_spans(entities: list[dict], words: list[str]) -> list[tuple[str, int, int]]:
+    """(type, first word, last word + 1) of pipeline entities over pre-split words (joined by single spaces)."""
+    starts = []
+    pos = 0
+    for word in words:
+        starts.append(pos)
+        pos += len(word) + 1
+    spans = []
+    for e in entities:
+        first = starts.index(e["start"]) if e["start"] in starts else -1
+        last = max(i for i, st in enumerate(starts) if st < e["end"])
+        spans.append((e["entity_group"], first, last + 1))
+    return spans
+
+
+def _same(ours: dict, theirs: dict, key: str | None) -> bool:
+    """Equal predictions: the label, the entity spans (type, start, end), or the score within 1e-4."""
+    if key == "entities":
+        return [(e["type"], e["start"], e["end"]) for e in ours[key]] == \
+            [(e["type"], e["start"], e["end"]) for e in theirs[key]]
+    if key:
+        return ours[key] == theirs[key]
+    return abs(ours["score"] - theirs["score"]) <= 1e-4
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
@@ -59,6 +84,7 @@ def main() -> None:
 
     import multitune
     from multitune.export.task import export_task
+    from multitune.tasks.token_classification import WORD_PATTERN as WORD
 
     run, out = Path(args.run), Path(args.out)
     model = multitune.load(run)
@@ -90,6 +116,14 @@ def main() -> None:
                     for o, t in zip(ours, tagger(sentences)))
         row(f"pipeline token-classification ({strategy})", "ner", agree, len(sentences),
             reports["ner"]["model_class"])
+    tagger = pipeline("token-classification", model=str(out / "ner"), aggregation_strategy="first",
+                      trust_remote_code=remote["ner"])
+    words = [[m.group() for m in WORD.finditer(s)] for s in sentences]
+    theirs = tagger(words, is_split_into_words=True)
+    agree = sum([(e["type"], e["start_token"], e["end_token"]) for e in o["entities"]]
+                == _word_spans(t, w) for o, t, w in zip(ours, theirs, words))
+    row("pipeline token-classification (first, words given)", "ner", agree, len(sentences),
+        "is_split_into_words=True with multitune's words")
     pairs = inputs["similarity"]
     ours = [p["score"] for p in model.predict("similarity", pairs)]
     low, high = model.tasks["similarity"].config.label_range
@@ -117,7 +151,7 @@ def main() -> None:
         for task, items in inputs.items():
             a, b = model.predict(task, items), onnx_model.predict(task, items)
             key = {"sentiment": "label", "ner": "entities"}.get(task)
-            agree = sum((x[key] == y[key]) if key else abs(x["score"] - y["score"]) <= 1e-4 for x, y in zip(a, b))
+            agree = sum(_same(x, y, key) for x, y in zip(a, b))
             row("onnxruntime", task, agree, len(items), "one graph of the whole model")
     except Exception as exc:  # the onnx extra is optional
         print(f"onnx skipped: {exc}")
@@ -126,10 +160,11 @@ def main() -> None:
     dest.mkdir(parents=True, exist_ok=True)
     info = {"date": date, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "run": str(run),
             "heads": {t: model.tasks[t].config.head for t in ("sentiment", "similarity")}, "rows": rows}
-    (dest / f"export-agreement-{date}.json").write_text(json.dumps(info, indent=2))
+    name = f"export-agreement-{run.name}-{date}"
+    (dest / f"{name}.json").write_text(json.dumps(info, indent=2))
     lines = ["| client | task | agree | detail |", "|---|---|---|---|"]
     lines += [f"| {r['client']} | {r['task']} | {r['agree']}/{r['total']} | {r['detail']} |" for r in rows]
-    (dest / f"export-agreement-{date}.md").write_text("\n".join(lines) + "\n")
+    (dest / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

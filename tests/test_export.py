@@ -301,3 +301,18 @@ def test_export_and_run_model_cards_hold_code_that_runs(run, capsys):
         for code in blocks:
             exec(compile(code, f"{directory}/README.md", "exec"), {})
     assert capsys.readouterr().out.count("\n") >= len(directories)
+
+
+def test_saved_head_layout_survives_defaults():
+    """A model keeps the head layout it was trained with: from its saved state, or for a model saved before
+    the state held it, from its config (before `auto` existed every model was `pooled` unless it said so)."""
+    from multitune.tasks.classification import ClassificationConfig, ClassificationTask
+    from multitune.tasks.regression import RegressionConfig, RegressionTask
+
+    for impl, config_class in ((ClassificationTask, ClassificationConfig), (RegressionTask, RegressionConfig)):
+        for setting, saved, expected in (("pooler", {}, "pooler"), ("pooled", {}, "pooled"), ("auto", {}, "pooled"),
+                                         ("auto", {"head": "pooler"}, "pooler"), ("pooled", {"head": "pooler"}, "pooler")):
+            task = impl("t", config_class(type="regression", head=setting, label_range=[0, 5])
+                        if config_class is RegressionConfig else config_class(type="classification", head=setting))
+            task.load_state({"labels": ["a", "b"], **saved})
+            assert task.head_layout == expected, (impl.__name__, setting, saved)

@@ -315,7 +315,8 @@ class ClassificationTask(Task):
         self.weights = state.get("class_weights")
         self.thresholds = state.get("thresholds")
         self.pair_input = bool(state.get("pair_input", False))
-        self.head_layout = state.get("head", "pooled")  # models saved before head layouts were all pooled
+        # a model saved before the layout was kept in the state: its config's choice (auto did not exist yet)
+        self.head_layout = state.get("head") or (self.config.head if self.config.head != "auto" else "pooled")
 
 
 def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:

@@ -98,7 +98,8 @@ class RegressionTask(Task):
 
     def load_state(self, state: dict) -> None:
         self.pair_input = bool(state.get("pair_input", self.config.encoder == "bi"))
-        self.head_layout = state.get("head", "pooled")  # models saved before head layouts were all pooled
+        # a model saved before the layout was kept in the state: its config's choice (auto did not exist yet)
+        self.head_layout = state.get("head") or (self.config.head if self.config.head != "auto" else "pooled")
 
     def export_spec(self) -> ExportSpec:
         """A cross-encoder exports as ``AutoModelForSequenceClassification`` with one output

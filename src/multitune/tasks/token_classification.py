@@ -32,7 +32,7 @@ from multitune.tasks.base import (
 )
 
 # Words and single punctuation marks, the way CoNLL-style corpora split raw text.
-_WORD = re.compile(r"\w+(?:[-']\w+)*|[^\w\s]")
+WORD_PATTERN = re.compile(r"\w+(?:[-']\w+)*|[^\w\s]")
 
 
 @dataclass
@@ -113,7 +113,7 @@ class TokenClassificationTask(Task):
         if isinstance(item, dict) and "tokens" in item:
             return dict(item)
         text = item["text"] if isinstance(item, dict) else str(item)
-        matches = list(_WORD.finditer(text))
+        matches = list(WORD_PATTERN.finditer(text))
         return {"text": text, "tokens": [m.group() for m in matches],
                 "offsets": [(m.start(), m.end()) for m in matches]}
 
