@@ -316,3 +316,25 @@ def test_saved_head_layout_survives_defaults():
                         if config_class is RegressionConfig else config_class(type="classification", head=setting))
             task.load_state({"labels": ["a", "b"], **saved})
             assert task.head_layout == expected, (impl.__name__, setting, saved)
+
+
+def test_serve_answers_from_an_onnx_export(run):
+    """`multitune serve` on an ONNX export: every head task over HTTP on ONNX Runtime, as the PyTorch model."""
+    import httpx
+
+    import multitune
+    from multitune.export.task import export_task
+    from multitune.serving import ServerSettings, create_app
+    from tests.test_serving import LiveServer
+
+    export_task(run / "run", None, run / "onnx-serve", overwrite=True, fmt="onnx")
+    model = multitune.load(run / "run")
+    with LiveServer(create_app(multitune.load(run / "onnx-serve"), ServerSettings(max_inputs=32))) as live:
+        with httpx.Client(base_url=live.url, timeout=60) as client:
+            assert {t["name"] for t in client.get("/v1/tasks").json()["tasks"]} >= {"sentiment", "ner"}
+            r = client.post("/v1/predict", json={"inputs": TEXTS, "tasks": ["sentiment", "ner"]})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["sentiment"]["label"] for p in preds] == [p["label"] for p in model.predict("sentiment", TEXTS)]
+    assert [[(e["type"], e["start"], e["end"]) for e in p["ner"]["entities"]] for p in preds] == \
+        [[(e["type"], e["start"], e["end"]) for e in p["entities"]] for p in model.predict("ner", TEXTS)]
