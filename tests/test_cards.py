@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from multitune.card_sources import DEFAULT_HUB_ID
 from multitune.cards import (
-    DEFAULT_HUB_ID,
     ModelCard,
     base_model_info,
     code_blocks,
