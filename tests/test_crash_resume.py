@@ -153,6 +153,19 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(tiny_backbone, tm
     assert same_tensors(tmp_path / "new/model/backbone/model.safetensors", reference / "model/backbone/model.safetensors")
 
 
+def test_resume_discards_a_stale_checkpoint_copy(tiny_backbone, tmp_path):
+    """A run killed after replace_dir put the new checkpoint in place but before it deleted the old copy: the
+    resumed run (with nothing left to train, so it never writes that checkpoint again) removes the copy."""
+    config = load_config(run_config(tmp_path, tiny_backbone, tmp_path / "run"), ["training.max_steps=4",
+                                                                               "training.eval_every=4"])
+    train(config, progress=False)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for name in ("last", "best"):
+        shutil.copytree(checkpoints / name, checkpoints / f"{name}.old")
+    train(config, resume=True, progress=False)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "best-per-task", "last"]
+
+
 # -- replace_dir / recover_dir: a crash at every step ---------------------------------------------------------
 
 class Crash(Exception):

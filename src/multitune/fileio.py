@@ -108,6 +108,14 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def discard_stale_copy(final: Path) -> None:
+    """Delete ``final.old`` when a complete ``final`` exists: a process killed after :func:`replace_dir` put
+    the new directory in place, but before it deleted the old one, leaves that copy behind."""
+    old = final.with_name(final.name + ".old")
+    if old.exists() and final.exists():
+        shutil.rmtree(old)
+
+
 def recover_dir(final: Path) -> Path | None:
     """The directory to read after a possible crash inside :func:`replace_dir` (``final``, else the complete
     ``final.old`` a crash between its two renames left), or None. Reads only."""

@@ -27,7 +27,7 @@ from multitune.data import TaskData, load_task_data
 from multitune.errors import ConfigError, MultituneError
 from multitune.evaluation.evaluator import evaluate_task, selection_value
 from multitune.export.usage import run_model_card
-from multitune.fileio import read_jsonl, replace_dir, write_json_atomic, write_text_atomic
+from multitune.fileio import discard_stale_copy, read_jsonl, replace_dir, write_json_atomic, write_text_atomic
 from multitune.model import ADAPTERS_FILE, HEADS_FILE, MultiTaskModel
 from multitune.optim import (
     GradualUnfreezer,
@@ -290,6 +290,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     running: dict[str, list[float]] = {n: [] for n in names}  # train losses since the last log line
     if resuming:  # before anything is written: a checkpoint that does not load leaves the run as it was
         state = load_checkpoint(find_checkpoint(ckpt_last), core, weighting, optimizer, scheduler, restore_rng=True)
+        if accelerator.is_main_process:  # a run killed just after replacing a checkpoint may not write it again
+            for directory in (ckpt_last, ckpt_best):
+                discard_stale_copy(directory)
         sampler.load_state_dict(state.pop("sampler"))
         running = state.pop("running")
         for n, b in batchers.items():
