@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from multitune.errors import MultituneError
+from multitune.errors import MultituneError, printable, shorten_message
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             _quiet_transformers()
         return COMMANDS[args.command](args)
     except MultituneError as exc:
-        print(f"multitune: error: {exc}", file=sys.stderr)
+        print(f"multitune: error: {printable(shorten_message(str(exc)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("multitune: interrupted", file=sys.stderr)
