@@ -1,6 +1,10 @@
 # multitune for serving and training. CPU by default:
 #   docker build -t multitune .
-#   docker run -p 8000:8000 -v $PWD/runs/quickstart:/model:ro multitune
+#   export MULTITUNE_API_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')
+#   docker run -p 127.0.0.1:8000:8000 -e MULTITUNE_API_KEY -v $PWD/runs/quickstart:/model:ro multitune
+# Inside the container the server listens on every interface, so give it an API key (clients then send
+# "Authorization: Bearer $MULTITUNE_API_KEY"; /health stays open for probes). Without one it prints a
+# warning. Publish the port on the host's loopback and put a TLS proxy in front (docs/serving.md).
 # CUDA: a CUDA base image and the matching torch wheels, e.g.
 #   docker build -t multitune:cuda --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04 \
 #                --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
@@ -31,4 +35,5 @@ RUN useradd --create-home multitune
 USER multitune
 EXPOSE 8000
 ENTRYPOINT ["multitune"]
+# the API key comes from the environment (MULTITUNE_API_KEY), never from this line: flags show in `ps`
 CMD ["serve", "/model", "--host", "0.0.0.0", "--port", "8000"]

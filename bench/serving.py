@@ -7,10 +7,18 @@ in each request vs one task per request.
 - one task: each request holds one input and names one task, cycling through the tasks: 1 prediction.
 
 Texts come from the quickstart's validation data. The server runs in its own process with its default
-batching (max batch 32 inputs, 5 ms wait); clients are threads with keep-alive connections, each sending
-its next request when the last one is answered. Writes bench/results/serving-<date>.json and .md.
+batching (max batch 32 inputs, 5 ms wait) and limits; clients are threads with keep-alive connections, each
+sending its next request when the last one is answered.
 
-    python bench/serving.py [RUN_DIR] [--clients 1 4 16] [--seconds 20]
+Attack: normal clients (one task per request) measured quiet, then again while hostile clients are connected
+(in a process of their own): 100 slow clients trickling their headers one byte per 0.5 s, and 300 clients
+that each declare a 1 MB body, send all of it but 1,000 bytes and stall. Each reconnects when the server
+closes it, so the pressure lasts the whole measurement. The server's RSS is sampled every 0.1 s: its peak in
+each phase, and what is left 5 s after the attackers are gone.
+
+Writes bench/results/serving-<date>.json and .md.
+
+    python bench/serving.py [RUN_DIR] [--clients 1 4 16] [--seconds 20] [--attack-only | --no-attack]
 
 Run from the repository root after `multitune quickstart --output-dir runs/quickstart`.
 """
@@ -18,10 +26,12 @@ Run from the repository root after `multitune quickstart --output-dir runs/quick
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import datetime
 import itertools
 import json
+import multiprocessing
 import os
 import platform
 import socket
@@ -97,6 +107,162 @@ def _cell(url: str, mode: str, clients: int, seconds: float, texts, pairs, tasks
             "inputs_per_batch": round((after["inputs"] - before["inputs"]) / max(batches, 1), 2)}
 
 
+# -- attack: slow and stalled clients ---------------------------------------------------------------------------
+
+SLOW_CLIENTS, STALLED_BODIES, BODY_BYTES = 100, 300, 1_000_000
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` in MB (Linux /proc)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class _RssSampler(threading.Thread):
+    """The server's RSS every 0.1 s, and the request-body bytes it holds (``/metrics``) every 0.5 s; ``peaks``
+    and ``buffered`` keep the largest of each per phase (the phase set when the sample was taken)."""
+
+    def __init__(self, pid: int, url: str):
+        super().__init__(daemon=True)
+        self.pid, self.url, self.phase, self.peaks, self.buffered = pid, url, "start", {}, {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import httpx
+
+        for tick in itertools.count():
+            if self.done.wait(0.1):
+                return
+            phase = self.phase
+            self.peaks[phase] = max(self.peaks.get(phase, 0.0), _rss_mb(self.pid))
+            if tick % 5 == 0:
+                held = httpx.get(f"{self.url}/metrics", timeout=30).json()["buffered_bytes"]
+                self.buffered[phase] = max(self.buffered.get(phase, 0), held)
+
+
+async def _connect(port: int, stats: dict, counter: str) -> tuple | None:
+    """A connection to the server (counted), or None after a pause when it refused one."""
+    try:
+        conn = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        await asyncio.sleep(1)
+        return None
+    stats[counter] += 1
+    return conn
+
+
+async def _slow_client(port: int, deadline: float, stats: dict) -> None:
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 4000
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        if (conn := await _connect(port, stats, "slow_connects")) is None:
+            continue
+        reader, writer = conn
+        try:
+            for byte in request:
+                if loop.time() >= deadline:
+                    break
+                writer.write(bytes([byte]))
+                try:  # anything from the server (its 408, or the end of the connection) ends this one
+                    if await asyncio.wait_for(reader.read(4096), 0.5) or reader.at_eof():
+                        stats["slow_cut"] += 1
+                        break
+                except asyncio.TimeoutError:
+                    pass
+        except OSError:
+            stats["slow_cut"] += 1
+        writer.close()
+        await asyncio.sleep(0.1)
+
+
+async def _stalled_client(port: int, deadline: float, stats: dict) -> None:
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {BODY_BYTES}\r\n\r\n").encode()
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        if (conn := await _connect(port, stats, "stalled_connects")) is None:
+            continue
+        reader, writer = conn
+        try:
+            writer.write(head)
+            try:  # a server that refuses at once (no room for the body) answers before the body is sent
+                answer = await asyncio.wait_for(reader.read(4096), 0.3)
+            except asyncio.TimeoutError:
+                writer.write(b" " * (BODY_BYTES - 1000))
+                await asyncio.wait_for(writer.drain(), max(deadline - loop.time(), 0.1))
+                stats["bodies_sent"] += 1
+                answer = await asyncio.wait_for(reader.read(4096), max(deadline - loop.time(), 0.1))
+            stats["stalled_answers"][answer[9:12].decode("ascii", "replace") or "closed"] += 1
+        except asyncio.TimeoutError:  # still held by the server when the attack ended (before OSError: a subclass)
+            stats["stalled_answers"]["held at the end"] += 1
+        except OSError:  # refused while its body was on the way
+            stats["stalled_answers"]["reset"] += 1
+        writer.close()
+        await asyncio.sleep(1)
+
+
+def _attack(port: int, seconds: float, results) -> None:
+    """The attackers, in a process of their own (their work must not slow the normal clients' threads)."""
+    import collections
+
+    async def run() -> dict:
+        stats = collections.Counter()
+        stats["stalled_answers"] = collections.Counter()
+        deadline = asyncio.get_running_loop().time() + seconds
+        await asyncio.gather(*(_slow_client(port, deadline, stats) for _ in range(SLOW_CLIENTS)),
+                             *(_stalled_client(port, deadline, stats) for _ in range(STALLED_BODIES)))
+        return {k: dict(v) if isinstance(v, collections.Counter) else v for k, v in stats.items()}
+
+    results.put(asyncio.run(run()))
+
+
+def _attack_rows(url: str, pid: int, seconds: float, texts, pairs, tasks, clients: int = 4) -> dict:
+    """Normal clients quiet, then under attack; the server's peak RSS in each phase and after."""
+    import httpx
+
+    port = int(url.rsplit(":", 1)[1])
+    rss_start = round(_rss_mb(pid), 1)
+    sampler = _RssSampler(pid, url)
+    sampler.start()
+    sampler.phase = "quiet"
+    quiet = _cell(url, "one", clients, seconds, texts, pairs, tasks)
+    results = multiprocessing.get_context("spawn").Queue()
+    ramp = 5.0  # the attackers connect and send their bodies before the measurement starts
+    attackers = multiprocessing.get_context("spawn").Process(target=_attack, args=(port, ramp + seconds + 2,
+                                                                                  results))
+    before = httpx.get(f"{url}/metrics").json()
+    sampler.phase = "ramp"
+    attackers.start()
+    time.sleep(ramp)
+    sampler.phase = "attack"
+    attacked = _cell(url, "one", clients, seconds, texts, pairs, tasks)
+    attack_stats = results.get(timeout=120)
+    attackers.join(timeout=30)
+    sampler.phase = "after"
+    time.sleep(5)
+    sampler.done.set()
+    sampler.join()
+    after = httpx.get(f"{url}/metrics").json()
+    refused = {k: v - before["refused_connections"].get(k, 0) for k, v in after["refused_connections"].items()}
+    statuses = {s: n - before["requests"].get("POST /v1/predict", {}).get(s, 0)
+                for s, n in after["requests"].get("POST /v1/predict", {}).items() if s in ("408", "503")}
+    rows = []
+    for phase, cell in (("quiet", quiet), ("attack", attacked)):
+        rows.append({"phase": phase, "clients": clients, "requests_per_s": cell["requests_per_s"],
+                     "p50_ms": cell["p50_ms"], "p95_ms": cell["p95_ms"], "errors": cell["errors"],
+                     "peak_rss_mb": round(sampler.peaks.get(phase, float("nan")), 1),
+                     "peak_buffered_mb": round(sampler.buffered.get(phase, 0) / 1e6, 1)})
+    return {"rows": rows, "rss_after_mb": round(_rss_mb(pid), 1), "rss_before_quiet_mb": rss_start,
+            "attackers": attack_stats,
+            "server_refused_connections": refused, "server_predict_408_503": statuses,
+            "setup": f"{SLOW_CLIENTS} slow clients (headers, 1 byte per 0.5 s) and {STALLED_BODIES} stalled "
+                     f"{BODY_BYTES:,}-byte bodies (all but 1,000 bytes sent), reconnecting when closed; "
+                     f"{clients} normal clients, one task per request, {seconds:g} s per phase"}
+
+
 def main() -> None:
     import httpx
 
@@ -105,6 +271,9 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="quickstart data directory (default: RUN_DIR-data)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per cell")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--attack-only", action="store_true", help="only the quiet and attack rows")
+    group.add_argument("--no-attack", action="store_true", help="only the throughput cells")
     args = ap.parse_args()
     run_dir = Path(args.run_dir).resolve()
     texts, pairs = _inputs(Path(args.data) if args.data else run_dir.parent / f"{run_dir.name}-data")
@@ -129,12 +298,15 @@ def main() -> None:
         tasks = httpx.get(f"{url}/v1/tasks").json()["tasks"]
         _cell(url, "all", 2, 3, texts, pairs, tasks)  # warm-up
         load = os.getloadavg()[0]
-        cells = []
-        for mode in ("all", "one"):
+        cells, attack = [], None
+        for mode in ("all", "one") if not args.attack_only else ():
             for clients in args.clients:
                 cell = _cell(url, mode, clients, args.seconds, texts, pairs, tasks)
                 print(json.dumps(cell), flush=True)
                 cells.append(cell)
+        if not args.no_attack:
+            attack = _attack_rows(url, server.pid, args.seconds, texts, pairs, tasks)
+            print(json.dumps(attack), flush=True)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -142,7 +314,8 @@ def main() -> None:
     result = {"date": date, "run_dir": str(run_dir), "tasks": [t["name"] for t in tasks],
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "load_average_at_start": round(load, 2)},
-              "server": "multitune serve defaults: max batch 32 inputs, max wait 5 ms", "cells": cells}
+              "server": "multitune serve defaults: max batch 32 inputs, max wait 5 ms", "cells": cells,
+              "attack": attack}
     dest = REPO / "bench" / "results"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"serving-{date}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -155,6 +328,17 @@ def main() -> None:
     for c in cells:
         lines.append(f"| {c['mode']} | {c['clients']} | {c['requests_per_s']} | {c['predictions_per_s']} | "
                      f"{c['p50_ms']} | {c['p95_ms']} | {c['inputs_per_batch']} |")
+    if attack is not None:
+        lines += ["", f"Attack: {attack['setup']}.", "",
+                  "| phase | clients | requests/s | p50 ms | p95 ms | errors | server peak RSS MB | "
+                  "peak body bytes held MB |", "|---|---|---|---|---|---|---|---|"]
+        for r in attack["rows"]:
+            lines.append(f"| {r['phase']} | {r['clients']} | {r['requests_per_s']} | {r['p50_ms']} | "
+                         f"{r['p95_ms']} | {r['errors']} | {r['peak_rss_mb']} | {r['peak_buffered_mb']} |")
+        lines += ["", f"Server RSS before the quiet phase: {attack['rss_before_quiet_mb']} MB; 5 s after the attackers "
+                      f"left: {attack['rss_after_mb']} MB. Refused connections: "
+                      f"{attack['server_refused_connections']}; predict answers 408/503: "
+                      f"{attack['server_predict_408_503']}."]
     (dest / f"serving-{date}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

@@ -9,6 +9,7 @@ config field path the message must contain, ``words`` what it must say besides.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -114,8 +115,16 @@ def _out_busy(ws: Workspace) -> None:
     (ws.out / "precious.txt").write_text("keep me")
 
 
-def _overwrite_late_error(ws: Workspace) -> list[str]:
+def _out_of_an_earlier_run(ws: Workspace) -> None:
+    """A non-empty directory that multitune wrote, so --overwrite may replace it (once the run passed its checks)."""
+    from multitune.rundir import write_marker
+
     _out_busy(ws)
+    write_marker(ws.out, "run")
+
+
+def _overwrite_late_error(ws: Workspace) -> list[str]:
+    _out_of_an_earlier_run(ws)
     task = ws.cls_task(labels=["neg", "pos"], data={"validation": {
         "path": ws.file("val.tsv", "label\tsentence\npos\tfine\nneutral\tmeh\n"), "text": "sentence"}})
     return [*ws.train(tasks={"sentiment": task}), "--overwrite"]
@@ -123,7 +132,7 @@ def _overwrite_late_error(ws: Workspace) -> list[str]:
 
 def _stages_late_error(ws: Workspace) -> list[str]:
     """A sequential run whose first stage meets a bad validation label: the busy directory stays as it was."""
-    _out_busy(ws)
+    _out_of_an_earlier_run(ws)
     task = ws.cls_task(labels=["neg", "pos"], data={"validation": {
         "path": ws.file("val.tsv", "label\tsentence\npos\tfine\nneutral\tmeh\n"), "text": "sentence"}})
     return [*ws.train(tasks={"sentiment": task}, stages=[{"tasks": ["sentiment"]}]), "--overwrite"]
@@ -183,6 +192,76 @@ def _ner_labels(ws: Workspace) -> list[str]:
     return _ner(ws, "Anna\tB-PER\nin\tO\nOslo\tB-LOC\n", labels=["O", "B-PER", "I-PER"])
 
 
+def _alias_bomb(ws: Workspace) -> list[str]:
+    """A "billion laughs" in a list value: nine levels of nine aliases, 9**9 strings from about 500 bytes. The
+    values themselves are shared, but an error message that shows the whole value would expand them all."""
+    levels = ["&a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    levels += [f"&{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    text = ws.config()
+    text = Path(text).read_text().replace("training:\n", "training:\n  report_to:\n  - [" + ",\n     ".join(levels)
+                                          + "]\n", 1)
+    return ["train", ws.file("run.yaml", text), "--no-progress"]
+
+
+def _huge_config(ws: Workspace) -> list[str]:
+    """A 50 MB config (data pasted into it): refused from its size, before it is read."""
+    path = ws.root / "run.yaml"
+    with path.open("w", encoding="utf-8") as f:
+        f.write(Path(ws.config()).read_text())
+        line = "# " + "x" * 1022 + "\n"
+        f.write(line * (50 * 1024))
+    return ["train", str(path), "--no-progress"]
+
+
+def _tiny_model(ws: Workspace, edit: Callable[[Path], object]) -> str:
+    """A copy of the tiny backbone with ``edit`` applied to its directory."""
+    copy = ws.root / "tiny-copy"
+    shutil.copytree(ws.backbone, copy)
+    edit(copy)
+    return str(copy)
+
+
+def _trained_model(ws: Workspace, edit: Callable[[Path], object]) -> list[str]:
+    """``predict`` on a copy of the trained model with ``edit`` applied to its directory."""
+    copy = Path(_without(ws, ws.trained / "model"))
+    edit(copy)
+    return ["predict", str(copy), "--task", "sentiment", "x"]
+
+
+def _edit_json(path: Path, edit: Callable[[dict], object]) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _meta(edit: Callable[[dict], object]) -> Callable[[Workspace], list[str]]:
+    """``predict`` on the trained model whose multitune.json was edited (a hand-edited or truncated file)."""
+    return lambda ws: _trained_model(ws, lambda d: _edit_json(d / "multitune.json", edit))
+
+
+def _custom_model_type(d: Path) -> None:
+    """config.json of a model type that only code in the directory defines (auto_map), which is not there."""
+    _edit_json(d / "config.json", lambda c: c.update(model_type="wonderbert", auto_map={
+        "AutoConfig": "configuration_wonder.WonderConfig", "AutoModel": "modeling_wonder.WonderModel"}))
+
+
+def _pickle_as_safetensors(d: Path) -> None:
+    torch.save({"w": torch.zeros(1)}, d / "model.safetensors")
+
+
+def _resume_saved_config(ws: Workspace, text: str) -> list[str]:
+    """``--resume`` with a good config on a run whose saved config.yaml is ``text``."""
+    saved = _copy_trained(ws)
+    (ws.out / "config.yaml").write_text(text)
+    return ["train", ws.config(text=yaml.safe_dump(saved)), "--resume", "--no-progress"]
+
+
+def _evaluate_saved_config(ws: Workspace, text: str) -> list[str]:
+    _copy_trained(ws)
+    (ws.out / "config.yaml").write_text(text)
+    return ["evaluate", str(ws.out)]
+
+
 CASES = [
     # -- the config file ------------------------------------------------------------------------------
     Case("config_missing", lambda ws: ["train", str(ws.root / "nope.yaml")], "nope.yaml", ("not found",)),
@@ -196,6 +275,17 @@ CASES = [
     Case("task_name_used_twice", lambda ws: ws.train(text=(
         "tasks:\n  sentiment: {type: classification}\n  ner: {type: token_classification}\n"
         "  sentiment: {type: regression}\n")), "run.yaml:4", ("'sentiment'", "twice", "line 2")),
+    Case("yaml_alias_bomb", _alias_bomb, "run.yaml:", ("aliases stand for more than 100,000 values", "alias *")),
+    Case("yaml_recursive_alias", lambda ws: ws.train(text="training: &t {max_steps: 3, again: *t}\n"),
+         "run.yaml:1", ("recursive alias",)),
+    Case("yaml_nested_1000_deep", lambda ws: ws.train(text="tasks: " + "[" * 1000 + "]" * 1000 + "\n"),
+         "run.yaml:1", ("nested more than 100 levels",)),
+    Case("yaml_nested_1000_deep_in_blocks", lambda ws: ws.train(text="tasks:\n" + "".join(
+        "  " * (i + 1) + f"k{i}:\n" for i in range(1000))), "run.yaml:100", ("nested more than 100 levels",)),
+    Case("config_file_of_50_mb", _huge_config, "run.yaml", ("50.0 MB", "at most 1 MB")),
+    Case("set_alias_bomb", lambda ws: ws.train("training.report_to=[&a [x, x, x, x, x, x, x, x, x, x], " + ", ".join(
+        f"&{b} [{', '.join([f'*{a}'] * 10)}]" for a, b in zip("abcde", "bcdef")) + "]"), "--set",
+        ("training.report_to", "aliases stand for more than 100,000 values")),
     # -- fields: unknown keys, types, ranges ------------------------------------------------------------
     Case("unknown_top_level_key", lambda ws: ws.train("trainig.max_steps=3"), "trainig",
          ("unknown key", "did you mean 'training'")),
@@ -259,6 +349,10 @@ CASES = [
         "tasks.sentiment.tune_threshold", ("binary or multi-label", "3 labels")),
     Case("device_cuda_without_cuda", lambda ws: ws.train("training.device=cuda"), "training.device",
          ("no CUDA device",)),
+    Case("seed_negative", lambda ws: ws.train(seed=-5), "seed", ("must be at least 0", "-5")),
+    Case("seed_too_large", lambda ws: ws.train("seed=1.0e+23"), "seed", ("must be at most 4294967295",)),
+    Case("huge_value_in_a_message", lambda ws: ws.train("training.max_steps=[" + ", ".join(["999999"] * 5000) + "]"),
+         "training.max_steps", ("expected an integer", "<list of 5000 items>")),
     # -- data files ----------------------------------------------------------------------------------------
     Case("data_file_missing", lambda ws: ws.train(f"tasks.sentiment.data.train.path={ws.root}/gone.tsv"),
          "tasks.sentiment.data.train.path", ("file not found", "gone.tsv")),
@@ -353,11 +447,20 @@ CASES = [
          "backbone.name", ("tokenizer",)),
     Case("backbone_unknown_hub_id", lambda ws: ws.train(backbone="no-such-org/no-such-model"), "backbone.name",
          ("no-such-org/no-such-model",)),
+    Case("backbone_tokenizer_json_garbage", lambda ws: ws.train(backbone=_tiny_model(
+        ws, lambda d: (d / "tokenizer.json").write_text('{"version": "1.0", "model": 42}'))), "backbone.name",
+        ("tokenizer.json", "not a tokenizer file")),
+    Case("backbone_pickle_named_safetensors", lambda ws: ws.train(backbone=_tiny_model(ws, _pickle_as_safetensors)),
+         "backbone.name", ("model.safetensors", "pickled data")),
+    Case("backbone_auto_map_unknown_model_type", lambda ws: ws.train(backbone=_tiny_model(ws, _custom_model_type)),
+         "backbone.name", ("config.json", "'wonderbert'", "auto_map", "trust_remote_code")),
+    Case("max_length_over_the_position_embeddings", lambda ws: ws.train("training.max_length=512"),
+         "training.max_length", ("must be at most 128", "max_position_embeddings", "got 512")),
     Case("text2text_on_an_encoder", lambda ws: ws.task(type="text2text", data=_data(
         ws, "t.tsv", "source\ttarget\na\tb\nc\td\n")), "tasks.t.type", ("text2text needs a generative backbone",)),
     # -- the run directory -------------------------------------------------------------------------------------
-    Case("output_dir_not_empty", lambda ws: _out_busy(ws) or ws.train(), "output_dir",
-         ("is not empty", "--overwrite", "--resume"), keep_out=True),
+    Case("output_dir_not_empty", lambda ws: _out_busy(ws) or ws.train(), "output_dir", ("is not empty",),
+         keep_out=True),
     Case("output_dir_is_a_file", lambda ws: ws.file("out", "x") and ws.train(), "output_dir",
          ("not a directory",), keep_out=True),
     Case("overwrite_then_late_data_error", _overwrite_late_error, "val.tsv:3", ("'neutral'",), keep_out=True),
@@ -366,6 +469,13 @@ CASES = [
          ("--resume with a different config",), keep_out=True),
     Case("resume_from_a_pickled_optimizer", _resume_pickled_optimizer, "optimizer.pt",
          ("cannot load checkpoint", "weights_only"), keep_out=True),
+    Case("resume_with_a_corrupt_saved_config", lambda ws: _resume_saved_config(ws, "tasks: [unclosed\n"),
+         "config.yaml", ("cannot read",), keep_out=True),
+    Case("resume_with_a_saved_config_nested_1000_deep", lambda ws: _resume_saved_config(
+        ws, "tasks: " + "[" * 1000 + "]" * 1000 + "\n"), "config.yaml", ("nested more than 100 levels",),
+        keep_out=True),
+    Case("evaluate_with_a_corrupt_saved_config", lambda ws: _evaluate_saved_config(ws, "tasks: [unclosed\n"),
+         "config.yaml:2", ("invalid YAML",), keep_out=True),
     # -- predict, evaluate --------------------------------------------------------------------------------------
     Case("predict_task_the_model_lacks", lambda ws: ["predict", str(ws.trained), "--task", "ner", "x"], "--task",
          ("no task 'ner'", "sentiment")),
@@ -379,6 +489,28 @@ CASES = [
                                                         "--task", "sentiment", "x"], "model", ("tokenizer",)),
     Case("predict_torn_heads_file", lambda ws: ["predict", _torn(ws, "heads.safetensors"), "--task", "sentiment", "x"],
          "heads.safetensors", ("cannot load",)),
+    Case("predict_metadata_not_json", lambda ws: _trained_model(
+        ws, lambda d: (d / "multitune.json").write_text('{"tasks": {\n')), "multitune.json:2", ("invalid JSON",)),
+    Case("predict_metadata_labels_not_a_list", _meta(lambda m: m["tasks"]["sentiment"]["state"].update(labels="neg")),
+         "multitune.json: tasks.sentiment.state.labels", ("expected a list of strings", "'neg'")),
+    Case("predict_metadata_without_labels", _meta(lambda m: m["tasks"]["sentiment"]["state"].pop("labels")),
+         "multitune.json: tasks.sentiment.state.labels", ("required by a classification task",)),
+    Case("predict_metadata_without_pooling", _meta(lambda m: m.pop("pooling")), "multitune.json: pooling",
+         ("expected one of mean, cls, max, last", "missing")),
+    Case("predict_metadata_task_type_not_a_string", _meta(lambda m: m["tasks"]["sentiment"]["config"].update(
+        type=["classification"])), "multitune.json: tasks.sentiment.config.type", ("expected a task type",)),
+    Case("predict_metadata_max_length_not_an_integer", _meta(lambda m: m.update(max_length="32")),
+         "multitune.json: max_length", ("expected a positive integer", "'32'")),
+    Case("predict_metadata_max_length_over_the_position_embeddings", _meta(lambda m: m.update(max_length=4096)),
+         "multitune.json: max_length", ("must be at most 128", "max_position_embeddings", "got 4096")),
+    Case("predict_tokenizer_json_garbage", lambda ws: _trained_model(
+        ws, lambda d: (d / "backbone/tokenizer.json").write_text("garbage{{")), "backbone/tokenizer.json",
+        ("not a tokenizer file",)),
+    Case("predict_pickle_named_safetensors", lambda ws: _trained_model(
+        ws, lambda d: _pickle_as_safetensors(d / "backbone")), "backbone/model.safetensors", ("pickled data",)),
+    Case("predict_auto_map_unknown_model_type", lambda ws: _trained_model(
+        ws, lambda d: _custom_model_type(d / "backbone")), "backbone/config.json",
+        ("'wonderbert'", "auto_map", "never runs")),
     Case("predict_input_missing", lambda ws: ["predict", str(ws.trained), "--task", "sentiment", "--input",
                                               str(ws.root / "in.jsonl")], "--input", ("file not found",)),
     Case("predict_input_bad_json_line", lambda ws: ["predict", str(ws.trained), "--task", "sentiment", "--input",

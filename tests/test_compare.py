@@ -151,7 +151,7 @@ def test_compare_refusals(toy_data, tmp_path):
         compare(parse_config(staged), tmp_path / "cmp")
     (tmp_path / "cmp").mkdir()
     (tmp_path / "cmp" / "keep.txt").write_text("x")
-    with pytest.raises(MultituneError, match="is not empty; pass --overwrite"):
+    with pytest.raises(MultituneError, match="is not empty and was not written by multitune"):
         compare(parse_config(raw), tmp_path / "cmp")
     assert (tmp_path / "cmp" / "keep.txt").is_file()
     assert not Path(raw["output_dir"]).exists()

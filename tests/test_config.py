@@ -109,3 +109,92 @@ def test_overrides_reach_into_lists():
         apply_overrides(data, ["stages.5.replay=0"])
     with pytest.raises(ConfigError, match=r"stages.0.tasks.0: is not a mapping"):
         apply_overrides(data, ["stages.0.tasks.0.x=1"])
+
+
+# -- bounds on what a config file may turn into ------------------------------------------------------------
+
+def _laughs(levels: int, width: int = 9) -> str:
+    """A "billion laughs": each list holds ``width`` aliases of the one before (width**levels strings)."""
+    names = [f"l{i}" for i in range(levels)]
+    rows = [f"{names[0]}: &{names[0]} [{', '.join(['lol'] * width)}]"]
+    rows += [f"{b}: &{b} [{', '.join([f'*{a}'] * width)}]" for a, b in zip(names, names[1:])]
+    return "\n".join(rows) + "\n"
+
+
+def test_aliases_that_stand_for_too_many_values_are_refused_at_their_line():
+    from multitune.config.safe_yaml import load_yaml
+
+    assert len(load_yaml(_laughs(4), "c.yaml")["l3"]) == 9  # 9**4 values in all: a config may share that much
+    with pytest.raises(ConfigError, match=r"^c\.yaml:6: aliases stand for more than 100,000 values"):
+        load_yaml(_laughs(9), "c.yaml")
+
+
+def test_shared_sections_still_load():
+    from multitune.config.safe_yaml import load_yaml
+
+    text = ("defaults: &d {type: classification, labels: [a, b]}\n"
+            "tasks:\n  x: {<<: *d, data: {train: {path: x.tsv}}}\n  y: {<<: *d, labels: [c]}\n  z: *d\n")
+    data = load_yaml(text, "c.yaml")
+    assert data["tasks"]["x"]["labels"] == ["a", "b"] and data["tasks"]["y"]["labels"] == ["c"]
+    assert data["tasks"]["z"] == data["defaults"]
+
+
+@pytest.mark.parametrize("text, line", [
+    ("a: " + "[" * 101 + "]" * 101 + "\n", 1),
+    ("a:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(150)), 100),
+    # 60 levels, then an alias of another 60 levels: deeper than either alone
+    ("deep: &d " + "[" * 60 + "]" * 60 + "\nb: " + "[" * 60 + "*d" + "]" * 60 + "\n", 2),
+])
+def test_nesting_past_the_limit_is_refused_at_its_line(text, line):
+    from multitune.config.safe_yaml import load_yaml
+
+    with pytest.raises(ConfigError, match=rf"^c\.yaml:{line}: values are nested more than 100 levels deep"):
+        load_yaml(text, "c.yaml")
+    load_yaml("a: " + "[" * 99 + "]" * 99 + "\n", "c.yaml")  # 100 levels with the mapping: the limit
+
+
+def test_a_recursive_alias_is_refused():
+    from multitune.config.safe_yaml import load_yaml
+
+    with pytest.raises(ConfigError, match=r"^c\.yaml:2: alias \*a refers to a value that contains it"):
+        load_yaml("x: &a\n  - *a\n", "c.yaml")
+
+
+def test_the_config_file_size_is_capped(tmp_path):
+    from multitune.config.safe_yaml import MAX_CONFIG_BYTES, read_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text("a: 1\n" + "#" * (MAX_CONFIG_BYTES - 5))
+    assert read_yaml(path) == {"a": 1}
+    with path.open("a") as f:
+        f.write("#")
+    with pytest.raises(ConfigError, match=r"c\.yaml: the config file is 1\.0 MB; a config is at most 1 MB"):
+        read_yaml(path)
+
+
+def test_overrides_are_read_with_the_same_bounds():
+    with pytest.raises(ConfigError, match=r"^--set: 'a': values are nested more than 100 levels"):
+        apply_overrides({}, ["a=" + "[" * 200 + "]" * 200])
+    with pytest.raises(ConfigError, match=r"^--set: .* is more than 100 levels deep"):
+        apply_overrides({}, [".".join(["k"] * 101) + "=1"])
+
+
+@pytest.mark.parametrize("seed, ok", [(0, True), (2**32 - 1, True), (-5, False), (2**32, False), (1.0e23, False)])
+def test_seeds_are_32_bit(tmp_path, seed, ok):
+    data = {**base(tmp_path), "seed": seed}
+    if ok:
+        assert parse_config(data).seed == seed
+    else:
+        with pytest.raises(ConfigError, match=r"^seed: must be at (least 0|most 4294967295), got"):
+            parse_config(data)
+
+
+def test_messages_show_a_huge_value_cut_short(tmp_path):
+    data = {**base(tmp_path), "training": {"max_steps": ["x" * 1000] * 1000}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert str(err.value) == "training.max_steps: expected an integer, got <list of 1000 items>"
+    data["training"]["max_steps"] = "y" * 10_000
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert len(str(err.value)) < 300 and "(10002 chars)" in str(err.value)

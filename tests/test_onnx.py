@@ -199,7 +199,7 @@ def test_one_task_exports_alone(model, tmp_path):
     with pytest.raises(MultituneError, match="the model has no task 'sentiment'"):
         alone.predict("sentiment", TEXTS[:1])
     # a non-empty output is only replaced on request
-    with pytest.raises(MultituneError, match="exists and is not empty .pass --overwrite to replace it."):
+    with pytest.raises(MultituneError, match="is not empty; pass --overwrite to replace it"):
         export_onnx(model, tmp_path / "ner", tasks=["sentiment"])
     assert list(OnnxMultiTaskModel.load(tmp_path / "ner").tasks) == ["ner"]
 

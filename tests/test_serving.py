@@ -28,7 +28,7 @@ import uvicorn  # noqa: E402
 from multitune.config import parse_config  # noqa: E402
 from multitune.inference import InputError, UnknownTaskError, predict_all  # noqa: E402
 from multitune.model import load  # noqa: E402
-from multitune.serving import ServerSettings, create_app  # noqa: E402
+from multitune.serving import ServerSettings, create_app, uvicorn_config  # noqa: E402
 from multitune.training import train  # noqa: E402
 from tests.conftest import text2text_config, write_toy_data  # noqa: E402
 
@@ -55,13 +55,16 @@ def model(run_dir):
 
 
 class LiveServer:
-    """uvicorn on 127.0.0.1 (a free port) in a background thread."""
+    """uvicorn on 127.0.0.1 (a free port) in a background thread, configured as ``multitune serve`` does it
+    (header timeout, connection bound, keep-alive) from the app's settings."""
 
     def __init__(self, app):
-        self.sock = socket.socket()
+        # proto IPPROTO_TCP, as uvicorn's own sockets have it: asyncio sets TCP_NODELAY only then, and without
+        # it every response (headers and body: two writes) waits ~40 ms for a delayed ACK
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.server = uvicorn.Server(uvicorn_config(app, app.state.settings, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
@@ -343,5 +346,30 @@ def test_cli_serve_bad_run_dir_is_one_line(tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("multitune: error:") and "not a multitune model directory" in err and "\n" not in err
-    assert main(["serve", str(tmp_path), "--max-batch-size", "0"]) == 2
-    assert "max_batch_size: must be at least 1" in capsys.readouterr().err
+    for flag, value, message in (("--max-batch-size", "0", "must be at least 1, got 0"),
+                                 ("--port", "0", "expected a port number from 1 to 65535, got '0'"),
+                                 ("--port", "65536", "from 1 to 65535"), ("--port", "http", "got 'http'"),
+                                 ("--max-wait-ms", "nan", "expected a finite number"),
+                                 ("--header-timeout", "-1", "must be greater than 0"),
+                                 ("--max-connections", "2.5", "expected an integer, got '2.5'")):
+        with pytest.raises(SystemExit) as exit_info:  # argparse, in the CLI's form: one line, status 2
+            main(["serve", str(tmp_path), flag, value])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"multitune: error: argument {flag}: ") and message in err and "\n" not in err, err
+        assert err.endswith("(see multitune serve --help)")
+    # checked before the model loads: the run directory does not matter
+    assert main(["serve", str(tmp_path), "--max-body-bytes", "2000", "--max-buffered-bytes", "1000"]) == 2
+    assert "max_body_bytes: 2000 is more than max_buffered_bytes (1000)" in capsys.readouterr().err
+
+
+def test_cli_serve_flags_match_server_settings():
+    """Every ServerSettings field is a flag of multitune serve, with the field's default."""
+    import dataclasses
+
+    from multitune.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "RUN"])
+    for f in dataclasses.fields(ServerSettings):
+        assert getattr(args, f.name) == f.default, f.name
+    assert args.host == "127.0.0.1" and args.port == 8000

@@ -85,8 +85,13 @@ def test_non_empty_output_dir_is_refused_and_kept(tiny_backbone, toy_data, tmp_p
     out = tmp_path / "busy"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(MultituneError, match=r"is not empty; pass --overwrite"):
+    with pytest.raises(MultituneError, match=r"is not empty and was not written by multitune"):
         train(run_cfg(toy_data, tiny_backbone, out), progress=False)
+    with pytest.raises(MultituneError, match=r"--overwrite only replaces multitune's own directories"):
+        train(run_cfg(toy_data, tiny_backbone, out), overwrite=True, progress=False)
+    with pytest.raises(MultituneError, match=r"is not a multitune run directory .* nothing to resume"):
+        train(run_cfg(toy_data, tiny_backbone, out), resume=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
     assert (out / "precious.txt").read_text() == "keep me"
 
 

@@ -9,10 +9,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
-from multitune.errors import MultituneError, printable, shorten_message
+from multitune.errors import MultituneError, printable, shorten_message, shown
+from multitune.fileio import finite_json
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the CLI's error form: one line, ``multitune: error: ...`` with the command and the
+    ``--help`` hint, exit status 2 (argparse's own form prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"multitune: error: {printable(shorten_message(message))} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes (``--batch-size``, ``--steps``, ``--trials``, ...): an integer of at
+    least 1; anything else is argparse's usage error, before any model is loaded."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {shown(text)}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (1 or more), got {value}")
+    return value
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -21,7 +44,7 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multitune", description="Multi-task fine-tuning of transformer models.")
+    parser = OneLineParser(prog="multitune", description="Multi-task fine-tuning of transformer models.")
     parser.add_argument("--version", action="version", version=f"multitune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -29,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run config (YAML)")
     _add_set(p)
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace output_dir when it holds an earlier "
+                                                            "multitune run (never a folder multitune did not write)")
+    p.add_argument("--accept-changed-data", action="store_true",
+                   help="with --resume: continue although a data file changed since the checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar (logs only)")
 
     p = sub.add_parser("evaluate", help="evaluate a trained run on its validation or test data")
@@ -42,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("texts", nargs="*", help="inputs; a pair is 'first<TAB>second'")
     p.add_argument("--input", help="file of inputs: .jsonl objects (text, text_pair, tokens) or one text per line")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
                    help="inference precision: bf16 weights, or dynamic int8 quantisation (CPU)")
 
@@ -50,11 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory, a model directory or 'default' (the packaged backbone)")
     p.add_argument("--input", required=True, help="one text per line (or .jsonl with a text field)")
     p.add_argument("--output", help="output file (.npy or .jsonl); default: INPUT.embeddings.npy")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
 
     p = sub.add_parser("quickstart", help="train sentiment + NER + similarity on bundled data, offline")
     p.add_argument("--output-dir", default="runs/quickstart")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the quickstart's own)")
+    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: the quickstart's own)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("vocab", help="vocabulary tools for domain adaptation")
@@ -64,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--corpus", required=True, help="domain text: one text per line, or .jsonl with a text field")
     v.add_argument("--backbone", default="default", help="model to extend: 'default', a directory or a hub id")
     v.add_argument("--output", required=True, help="directory for the extended model and tokenizer")
-    v.add_argument("--min-freq", type=int, default=5, help="keep words seen at least this often")
-    v.add_argument("--max-new", type=int, default=2000, help="add at most this many words")
+    v.add_argument("--min-freq", type=positive_int, default=5, help="keep words seen at least this often")
+    v.add_argument("--max-new", type=positive_int, default=2000, help="add at most this many words")
 
     p = sub.add_parser("export", help="write one task of a trained model, from its own best step, as the "
                                       "transformers model its tools load (or a merged adapter, the adapter for PEFT, "
@@ -83,23 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "weights (a plain transformers model directory)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
+    from multitune.serving.settings import add_server_flags, port_number  # no FastAPI needed for the flags
+
     p = sub.add_parser("serve", help="serve every task of a trained model over HTTP (needs multitune[serve])")
     p.add_argument("run_dir")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=32, help="most inputs per model batch")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
-    p.add_argument("--max-inputs", type=int, default=64, help="most inputs per request (more: 413)")
-    p.add_argument("--max-chars", type=int, default=4000, help="most characters per text (more: 413)")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (more: 413)")
-    p.add_argument("--max-queue", type=int, default=4096, help="most inputs waiting for the model (more: 429)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                                                       "only; 0.0.0.0: every interface, set an API key)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default: 8000)")
+    add_server_flags(p)  # --max-batch-size, ..., --api-key, timeouts and limits: one per ServerSettings field
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     p = sub.add_parser("search", help="search hyperparameters of a config with Optuna (needs multitune[search])")
     p.add_argument("config", help="run config (YAML) every trial starts from")
     p.add_argument("--space", required=True, help="search space (YAML): config field path -> values or range")
     p.add_argument("--strategy", default="tpe", choices=["tpe", "random", "grid"])
-    p.add_argument("--trials", type=int, default=None,
+    p.add_argument("--trials", type=positive_int, default=None,
                    help="finished trials the study should hold (default: 20; grid: its size)")
     p.add_argument("--metric", default=None, help="objective on validation: mean or task/metric (default: the "
                                                   "config's early-stopping metric, else mean)")
@@ -138,6 +162,11 @@ def _version() -> str:
 
 
 def _read_inputs(path: str) -> list:
+    return [item for _, item in _read_numbered(path)]
+
+
+def _read_numbered(path: str) -> list[tuple[str, Any]]:
+    """``(FILE:LINE, input)`` for each input of an ``--input`` file (blank lines are skipped)."""
     p = Path(path)
     if not p.is_file():
         raise MultituneError(f"--input: file not found: {p}")
@@ -152,10 +181,24 @@ def _read_inputs(path: str) -> list:
                 raise MultituneError(f"{p}:{n}: invalid JSON: {exc.msg}") from None
             if not isinstance(obj, dict):
                 raise MultituneError(f"{p}:{n}: expected a JSON object with a 'text' field")
-            items.append(obj)
+            items.append((f"{p}:{n}", obj))
         else:
-            items.append(_text_or_pair(line))
+            items.append((f"{p}:{n}", _text_or_pair(line)))
     return items
+
+
+# JSON output stays terminal-safe where json.dumps(ensure_ascii=False) is not: it escapes C0 controls (ESC is
+# \u001b) but writes DEL, the C1 controls (U+009B is a one-character escape sequence to many terminals) and lone
+# surrogates (which cannot be printed as UTF-8) as they are. They only occur inside JSON strings, where the
+# \uXXXX form is valid.
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\ud800-\udfff]")
+
+
+def json_text(value: Any, **kwargs: Any) -> str:
+    """``value`` as JSON for the terminal or a file: non-ASCII text as it is, but no control character or
+    lone surrogate unescaped, and no ``NaN`` (ValueError: callers check numbers first)."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, **kwargs)
+    return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _text_or_pair(text: str):
@@ -167,29 +210,45 @@ def cmd_train(args) -> int:
     from multitune.training import train
 
     config = load_config(args.config, args.overrides)
-    train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if args.accept_changed_data and not args.resume:
+        raise MultituneError("--accept-changed-data: only applies with --resume")
+    train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+          accept_changed_data=args.accept_changed_data, protect=(Path(args.config),))
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from multitune.evaluation.run import evaluate_run
+    from multitune.inference import non_finite_fields
 
-    print(json.dumps(evaluate_run(args.run_dir, args.split, args.overrides), indent=2))
+    results = evaluate_run(args.run_dir, args.split, args.overrides)
+    bad = [path for path, _ in non_finite_fields(results)]
+    if bad:  # e.g. a Pearson correlation of constant predictions: no number, said once, null in the JSON
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        print(printable(f"multitune: warning: not a finite number, written as null: {', '.join(bad[:3])}{more}"),
+              file=sys.stderr)
+    print(json_text(finite_json(results), indent=2))
     return 0
 
 
 def cmd_predict(args) -> int:
+    from multitune.inference import check_finite
     from multitune.model import load
 
-    inputs = [_text_or_pair(t) for t in args.texts] + (_read_inputs(args.input) if args.input else [])
+    numbered = [(f"inputs[{i}]", _text_or_pair(t)) for i, t in enumerate(args.texts)]
+    numbered += _read_numbered(args.input) if args.input else []
+    inputs = [item for _, item in numbered]
     if not inputs:
         raise MultituneError("predict: give texts as arguments or a file with --input")
     model = load(args.run_dir, precision=args.precision)
     if args.task not in model.tasks:
         raise MultituneError(f"--task: the model in {args.run_dir} has no task {args.task!r}; its tasks: "
                              f"{', '.join(model.tasks)}")
-    for pred in model.predict(args.task, inputs, batch_size=args.batch_size):
-        print(json.dumps(pred, ensure_ascii=False))
+    preds = model.predict(args.task, inputs, batch_size=args.batch_size)
+    for (where, _), pred in zip(numbered, preds):  # every line is checked before the first is printed
+        check_finite(pred, f"{where} (task {args.task})")
+    for pred in preds:
+        print(json_text(pred))
     return 0
 
 
@@ -198,8 +257,8 @@ def cmd_embed(args) -> int:
 
     from multitune.model import load
 
-    items = _read_inputs(args.input)
-    texts = [x["text"] if isinstance(x, dict) else (x if isinstance(x, str) else x[0]) for x in items]
+    numbered = _read_numbered(args.input)
+    texts = [x["text"] if isinstance(x, dict) else (x if isinstance(x, str) else x[0]) for _, x in numbered]
     if args.run_dir == "default":
         from multitune.backbones import load_backbone
         from multitune.model import MultiTaskModel
@@ -209,6 +268,10 @@ def cmd_embed(args) -> int:
     else:
         model = load(args.run_dir)
     emb = model.embed_texts(texts, batch_size=args.batch_size).numpy()
+    bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+    if len(bad):
+        raise MultituneError(f"{numbered[bad[0]][0]}: the embedding holds NaN or infinity (the model computes no "
+                             f"number for this text; are its weights finite?); nothing was written")
     out = Path(args.output or f"{args.input}.embeddings.npy")
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
     if out.suffix == ".jsonl":
@@ -218,7 +281,7 @@ def cmd_embed(args) -> int:
     else:
         np.save(tmp, emb)
     os.replace(tmp, out)
-    print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {out}", file=sys.stderr)
+    print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {printable(out)}", file=sys.stderr)
     return 0
 
 
@@ -241,15 +304,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from multitune.config.parse import from_dict
+    from multitune.serving.settings import settings_from_flags
 
+    settings = settings_from_flags(args)  # a bad combination or API key fails before the model loads
     try:
-        from multitune.serving import ServerSettings, serve
+        from multitune.serving.app import serve
     except ImportError as exc:
         raise MultituneError(f"serve needs the optional extra: pip install 'multitune[serve]' ({exc})") from None
-    settings = from_dict(ServerSettings, {k: getattr(args, k) for k in ("max_batch_size", "max_wait_ms",
-                                                                        "max_inputs", "max_chars",
-                                                                        "max_body_bytes", "max_queue")})
     serve(args.run_dir, args.host, args.port, settings, args.log_level)
     return 0
 
@@ -263,9 +324,10 @@ def cmd_search(args) -> int:
                         metric=args.metric, storage=args.storage, study_name=args.study_name,
                         overrides=args.overrides, seed=args.seed, pruner=args.pruner, baseline=args.baseline,
                         keep_checkpoints=args.keep_checkpoints)
-    print(json.dumps({"best_value": result.best_value, "best_trial": result.best_trial,
-                      "best_params": result.best_params, "finished_trials": result.finished,
-                      "baseline_value": result.baseline_value, "best_config": str(Path(output) / "best.yaml")}))
+    print(json.dumps(finite_json({"best_value": result.best_value, "best_trial": result.best_trial,
+                                  "best_params": result.best_params, "finished_trials": result.finished,
+                                  "baseline_value": result.baseline_value,
+                                  "best_config": str(Path(output) / "best.yaml")})))
     return 0
 
 
@@ -276,7 +338,7 @@ def cmd_compare(args) -> int:
                          progress=not args.no_progress)
     summary = {t: {k: r[k] for k in ("metric", "multitask", "single", "delta", "transfer")}
                for t, r in report["validation"].items()}
-    print(json.dumps({"validation": summary, "compare": str(Path(report["output"]) / "compare.json")}))
+    print(json.dumps(finite_json({"validation": summary, "compare": str(Path(report["output"]) / "compare.json")})))
     return 0
 
 
@@ -307,7 +369,7 @@ def cmd_vocab(args) -> int:
     if args.min_freq < 1 or args.max_new < 1:
         raise MultituneError("vocab extend: --min-freq and --max-new must be at least 1")
     report = extend_backbone_dir(args.backbone, args.corpus, args.output, args.min_freq, args.max_new)
-    print(json.dumps(report, ensure_ascii=False))
+    print(json_text(report))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -37,14 +38,27 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None: JSON has no such numbers, and its readers
+    (jq, JavaScript, most JSON libraries) refuse the ``NaN`` that Python's json module writes by default."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    """Write ``data`` as JSON (non-finite numbers as null, see :func:`finite_json`) atomically."""
+    write_text_atomic(path, json.dumps(finite_json(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one JSON line (a torn last line from a crash is skipped by :func:`read_jsonl`)."""
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        fh.write(json.dumps(finite_json(record), ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -52,9 +66,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if Path(path).exists():
         for line in Path(path).read_text(encoding="utf-8").splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict):  # a damaged line can still parse (a number, a string): skip it too
+                rows.append(row)
     return rows
 
 

@@ -8,6 +8,8 @@ Without an explicit task list each input goes to every task that takes its form.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +34,48 @@ class UnknownTaskError(MultituneError):
         self.task = task
         self.valid = list(valid)
         super().__init__(f"the model has no task {task!r}; its tasks: {', '.join(self.valid)}")
+
+
+class NonFiniteError(MultituneError):
+    """A prediction holds a score that is not a finite number (NaN or infinity), which JSON cannot carry.
+
+    Attributes:
+        where: the input it belongs to, e.g. ``inputs[3]``.
+        field: the path of the first such number inside the prediction, e.g. ``scores.positive``.
+    """
+
+    def __init__(self, where: str, field: str, value: float):
+        self.where = where
+        self.field = field
+        super().__init__(f"{where}: the prediction's {field} is {value} (not a finite number); the model computes "
+                         f"NaN or infinity for this input (are its weights finite?), so no output was written")
+
+
+def non_finite_fields(value: Any, path: str = "") -> list[tuple[str, float]]:
+    """Every number in a JSON-able value (dicts, lists, numbers) that is NaN or infinite, as
+    ``(path, value)`` with paths such as ``scores.positive`` or ``entities[2].score``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return [] if math.isfinite(value) else [(path or "value", float(value))]
+    found: list[tuple[str, float]] = []
+    if isinstance(value, Mapping):
+        for key, sub in value.items():
+            found += non_finite_fields(sub, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, sub in enumerate(value):
+            found += non_finite_fields(sub, f"{path}[{i}]")
+    return found
+
+
+def check_finite(prediction: Any, where: str) -> None:
+    """Raise :class:`NonFiniteError` when ``prediction`` holds a NaN or infinite number.
+
+    Args:
+        prediction: one input's prediction (as :meth:`MultiTaskModel.predict` gives it).
+        where: the input, for the message (``inputs[3]``, ``texts.jsonl:7``).
+    """
+    bad = non_finite_fields(prediction)
+    if bad:
+        raise NonFiniteError(where, *bad[0])
 
 
 def input_form(task: Any) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from multitune.backbones.architectures import ARCHITECTURES, architecture_for
-from multitune.backbones.pooling import pool
+from multitune.backbones.checks import check_max_length
+from multitune.backbones.pooling import POOLERS, pool
 from multitune.config.parse import from_dict, to_dict
-from multitune.errors import ConfigError, MultituneError
+from multitune.errors import ConfigError, MultituneError, shown
 from multitune.fileio import write_json_atomic
 from multitune.tasks.base import TASKS, Task, TaskOutput
 
@@ -47,7 +47,8 @@ class MultiTaskModel(nn.Module):
             per task (see :class:`multitune.adapters.AdapterSet`).
 
     Raises:
-        ConfigError: a task cannot run on this backbone family.
+        ConfigError: a task cannot run on this backbone family, or ``max_length`` is longer than the backbone's
+            position embeddings (named ``training.max_length``).
     """
 
     def __init__(self, backbone: nn.Module, tasks: dict[str, Task], tokenizer: Any = None,
@@ -58,6 +59,8 @@ class MultiTaskModel(nn.Module):
         self.tasks = dict(tasks)
         self.tokenizer = tokenizer
         self.architecture = architecture_for(backbone, tokenizer, architecture)
+        # here, not at the first long example: a longer input runs past the position embeddings mid-training
+        check_max_length(backbone.config, max_length, "training.max_length")
         self.pooling = pooling or self.architecture.default_pooling
         self.normalize_embeddings = normalize_embeddings
         self.max_length = max_length
@@ -262,18 +265,26 @@ class MultiTaskModel(nn.Module):
             MultituneError: the directory is missing files or is not a multitune model.
         """
         import transformers
-        from transformers import AutoTokenizer
+        from safetensors import SafetensorError
+
+        from multitune.backbones.checks import (
+            SAVED_MODEL_CODE,
+            check_safetensors_files,
+            load_tokenizer,
+            read_json_file,
+            read_model_config,
+        )
+        from multitune.backbones.loading import check_tokenizer_files
 
         path = Path(path)
         if (path / "model" / MODEL_FILE).is_file():  # a run directory
             path = path / "model"
-        if not (path / MODEL_FILE).is_file():
+        file = path / MODEL_FILE
+        if not file.is_file():
             raise MultituneError(f"{path}: not a multitune model directory (missing {MODEL_FILE})")
-        try:
-            meta = json.loads((path / MODEL_FILE).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise MultituneError(f"{path / MODEL_FILE}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-        export = meta.get("export") if isinstance(meta, dict) else None
+        meta = read_json_file(file, "the model's metadata")
+        check_metadata(meta, file)
+        export = meta.get("export")
         # where the backbone lives: BACKBONE_DIR (format 2), the top (format 1), or inside a task model (export)
         weights_dir = path if export or meta.get("format_version", 1) < 2 else path / BACKBONE_DIR
         rel = weights_dir.relative_to(path)
@@ -281,23 +292,33 @@ class MultiTaskModel(nn.Module):
                    if not (path / f).is_file()]
         if missing:
             raise MultituneError(f"{path}: not a multitune model directory (missing {', '.join(missing)})")
-        tasks = restore_tasks(meta, path / MODEL_FILE)
-        from multitune.backbones.loading import check_tokenizer_files
-
+        tasks = restore_tasks(meta, file)
+        if not export:  # an export's config.json is its task model's; the export entry rebuilds the backbone
+            read_model_config(weights_dir, trust_remote_code, remote_code=SAVED_MODEL_CODE)
         try:
             check_tokenizer_files(weights_dir, "")
         except ConfigError as exc:
             raise MultituneError(str(exc)) from None
-        tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(weights_dir, trust_remote_code)
+        for directory in dict.fromkeys((path, weights_dir)):  # heads (and adapters), then the backbone's weights
+            check_safetensors_files(directory)
         family = meta.get("backbone_type", "encoder")
-        auto_class = getattr(transformers, ARCHITECTURES.get(family, f"{MODEL_FILE}: backbone_type").auto_class)
+        auto_class = getattr(transformers, ARCHITECTURES.get(family, f"{file}: backbone_type").auto_class)
         if export:
             from multitune.export.loading import load_exported_backbone
 
             backbone = load_exported_backbone(path, export, auto_class)
         else:
-            backbone = auto_class.from_pretrained(weights_dir, use_safetensors=True,
-                                                  trust_remote_code=trust_remote_code)
+            try:
+                backbone = auto_class.from_pretrained(weights_dir, use_safetensors=True,
+                                                      trust_remote_code=trust_remote_code)
+            except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+                raise MultituneError(f"{weights_dir}: cannot load the backbone: "
+                                     f"{' '.join(str(exc).split())[:300]}") from None
+        try:
+            check_max_length(backbone.config, meta["max_length"], "max_length")
+        except ConfigError as exc:
+            raise MultituneError(f"{file}: {exc}") from None
         adapters = None
         try:
             if meta.get("adapters"):
@@ -309,7 +330,7 @@ class MultiTaskModel(nn.Module):
             model = cls(backbone, tasks, tokenizer, meta["pooling"], meta["normalize_embeddings"],
                         meta["max_length"], architecture=family, adapters=adapters)
         except ConfigError as exc:
-            raise MultituneError(f"{path / MODEL_FILE}: {exc}") from None
+            raise MultituneError(f"{file}: {exc}") from None
         _load_weights(model.heads, path / HEADS_FILE)
         if adapters is not None:
             if model.adapters.site_paths != sites or not (path / ADAPTERS_FILE).is_file():
@@ -328,19 +349,119 @@ def restore_tasks(meta: dict, file: Path) -> dict[str, Task]:
     """The tasks of a ``multitune.json`` (``meta``), each built from its config and given its saved state.
 
     Raises:
-        MultituneError: an unknown task type or a config that does not parse, naming ``file``.
+        MultituneError: a malformed task entry, an unknown task type, a config that does not parse or a state
+            the task cannot restore, naming ``file`` and the field.
     """
+    if not isinstance(meta, dict):
+        raise MultituneError(f"{file}: expected a JSON object, got {type(meta).__name__}")
+    _check_tasks(meta.get("tasks", _MISSING), file)
     tasks = {}
-    for name, entry in (meta.get("tasks") or {}).items():
-        impl = TASKS.get(entry["config"]["type"], f"{MODEL_FILE}: tasks.{name}.type")
+    for name, entry in meta["tasks"].items():
+        impl = TASKS.get(entry["config"]["type"], f"{file}: tasks.{name}.config.type")
         try:
-            config = from_dict(impl.config_class, entry["config"], f"tasks.{name}")
+            config = from_dict(impl.config_class, entry["config"], f"tasks.{name}.config")
         except ConfigError as exc:
             raise MultituneError(f"{file}: {exc}") from None
         task = impl(name, config)
-        task.load_state(entry["state"])
+        try:
+            task.load_state(entry["state"])
+        except KeyError as exc:
+            raise MultituneError(f"{file}: tasks.{name}.state.{exc.args[0]}: required by a {config.type} task, "
+                                 f"missing") from None
+        except (TypeError, ValueError) as exc:
+            raise MultituneError(f"{file}: tasks.{name}.state: cannot restore the task: "
+                                 f"{' '.join(str(exc).split())[:200]}") from None
         tasks[name] = task
     return tasks
+
+
+# -- the shape of multitune.json, checked before anything is built from it -------------------------------
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _list_of(check: Any) -> Any:
+    return lambda v: isinstance(v, list) and all(check(x) for x in v)
+
+
+def _or_null(check: Any) -> Any:
+    return lambda v: v is None or check(v)
+
+
+#: top-level fields: name -> (expected, check, required); other keys (backbone_source, trained_steps, export
+#: details...) are informational and left to their readers
+_META_FIELDS = {
+    "format_version": (f"an integer from 1 to {FORMAT_VERSION}",
+                       lambda v: _is_int(v) and 1 <= v <= FORMAT_VERSION, False),
+    "backbone_type": ("one of " + ", ".join(ARCHITECTURES.names()), lambda v: v in ARCHITECTURES.names(), False),
+    "pooling": ("one of mean, cls, max, last", lambda v: isinstance(v, str) and v in POOLERS, True),
+    "normalize_embeddings": ("true or false", lambda v: isinstance(v, bool), True),
+    "max_length": ("a positive integer", lambda v: _is_int(v) and v > 0, True),
+    "tasks": ("a mapping of task name -> {config, state}", lambda v: isinstance(v, dict), True),
+    "adapters": ("a mapping with the adapter config and its sites", lambda v: isinstance(v, dict), False),
+    "export": ("a mapping", lambda v: isinstance(v, dict), False),
+}
+#: what the task types keep in their state (``Task.state``): key -> (expected, check)
+_STATE_FIELDS = {
+    "labels": ("a list of strings", _list_of(lambda x: isinstance(x, str))),
+    "class_weights": ("a list of numbers or null", _or_null(_list_of(_is_number))),
+    "thresholds": ("a list of numbers or null", _or_null(_list_of(_is_number))),
+    "pair_input": ("true or false", lambda v: isinstance(v, bool)),
+    "head": ("a string or null", _or_null(lambda v: isinstance(v, str))),
+    "lowercase": ("true or false", lambda v: isinstance(v, bool)),
+    "mask_token_id": ("an integer", _is_int),
+    "vocab_size": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "special_ids": ("a list of integers", _list_of(_is_int)),
+}
+_MISSING = object()
+
+
+def _expected(file: Path, field: str, expected: str, value: Any) -> MultituneError:
+    got = "nothing (the key is missing)" if value is _MISSING else shown(value)
+    return MultituneError(f"{file}: {field}: expected {expected}, got {got}")
+
+
+def check_metadata(meta: Any, file: Path) -> None:
+    """Check the shape of a ``multitune.json`` (``meta``, read from ``file``): a missing key or a value of the
+    wrong type (a hand-edited or truncated file) is one line naming the field, e.g.
+    ``model/multitune.json: tasks.sentiment.state.labels: expected a list of strings, got 'neg'``.
+
+    Raises:
+        MultituneError: naming ``file``, the field and what was expected.
+    """
+    if not isinstance(meta, dict):
+        raise MultituneError(f"{file}: expected a JSON object, got {type(meta).__name__}")
+    for key, (expected, check, required) in _META_FIELDS.items():
+        value = meta.get(key, _MISSING)
+        if (value is _MISSING and required) or (value is not _MISSING and not check(value)):
+            raise _expected(file, key, expected, value)
+    _check_tasks(meta["tasks"], file)
+    adapters = meta.get("adapters")
+    if adapters and not _list_of(lambda x: isinstance(x, str))(adapters.get("sites", _MISSING)):
+        raise _expected(file, "adapters.sites", "a list of module names", adapters.get("sites", _MISSING))
+
+
+def _check_tasks(tasks: Any, file: Path) -> None:
+    if not isinstance(tasks, dict):
+        raise _expected(file, "tasks", _META_FIELDS["tasks"][0], tasks)
+    for name, entry in tasks.items():
+        where = f"tasks.{name}"
+        if not isinstance(entry, dict):
+            raise _expected(file, where, "a mapping with config and state", entry)
+        for part in ("config", "state"):
+            if not isinstance(entry.get(part, _MISSING), dict):
+                raise _expected(file, f"{where}.{part}", "a mapping", entry.get(part, _MISSING))
+        kind = entry["config"].get("type", _MISSING)
+        if not isinstance(kind, str):
+            raise _expected(file, f"{where}.config.type", "a task type (a string)", kind)
+        for key, value in entry["state"].items():
+            if key in _STATE_FIELDS and not _STATE_FIELDS[key][1](value):
+                raise _expected(file, f"{where}.state.{key}", _STATE_FIELDS[key][0], value)
 
 
 def _load_weights(module: nn.Module, file: Path) -> None:

@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from multitune.errors import ConfigError
+from multitune.errors import ConfigError, shown
 
 T = TypeVar("T")
 
@@ -39,9 +39,10 @@ class Registry(Generic[T]):
         """
         if name not in self._items:
             valid = ", ".join(self.names())
-            close = difflib.get_close_matches(str(name), self.names(), n=1)
+            close = difflib.get_close_matches(name, self.names(), n=1) if isinstance(name, str) and len(name) < 100 \
+                else []
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(field, f"unknown {self.kind} {name!r}{hint}; valid: {valid}")
+            raise ConfigError(field, f"unknown {self.kind} {shown(name)}{hint}; valid: {valid}")
         return self._items[name]
 
     def names(self) -> list[str]:

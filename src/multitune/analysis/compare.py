@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,10 @@ from rich.console import Console
 
 from multitune.analysis.affinity import Matrix, plot_affinity
 from multitune.config.schema import AnalysisConfig, RunConfig
-from multitune.errors import ConfigError, MultituneError
+from multitune.data.fingerprint import data_files
+from multitune.errors import ConfigError
 from multitune.fileio import write_json_atomic, write_text_atomic
+from multitune.rundir import check_output_dir, clear_dir, lock_dir, lock_scope, write_marker
 
 AFFINITY_SAMPLES = 20  # measurements in the multi-task run when the config does not set analysis.affinity_every
 MAX_GROUPING_TASKS = 10  # exhaustive search over set partitions: Bell(10) = 115,975 partitions
@@ -179,78 +180,80 @@ def compare(config: RunConfig, output: str | Path | None = None, overwrite: bool
         raise ConfigError("adapters.arrangement", "compare does not support fusion (a two-stage run); use "
                                                   "per_task or shared adapters")
     out = Path(output) if output is not None else Path(f"{config.output_dir}-compare")
-    if out.exists() and not out.is_dir():
-        raise MultituneError(f"--output: {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise MultituneError(f"--output: {out} is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    tasks = list(config.tasks)
-    total = 1 + len(tasks)
+    protected = (*([Path(config_path)] if config_path else []), *data_files(config))
+    owned = check_output_dir(out, overwrite=overwrite, resume=False, protected=protected, field="--output",
+                             kind="comparison")
+    with lock_scope():  # one writer; the runs inside take their own locks
+        lock_dir(out)
+        if owned:
+            clear_dir(out, protected)
+        write_marker(out, "comparison")
+        tasks = list(config.tasks)
+        total = 1 + len(tasks)
 
-    multi_cfg = copy.deepcopy(config)
-    multi_cfg.output_dir = str(out / "multitask")
-    chosen_every = multi_cfg.analysis.affinity_every == 0
-    if chosen_every:
-        multi_cfg.analysis.affinity_every = default_affinity_every(multi_cfg.training.max_steps)
-    console.rule(f"compare: run 1/{total}, multi-task ({', '.join(tasks)}) -> {multi_cfg.output_dir}")
-    try:
-        multi = train(multi_cfg, overwrite=True, console=console, progress=progress)
-    except ConfigError as exc:
-        if not (chosen_every and exc.path == "analysis.affinity_every"):
-            raise
-        console.print(f"[yellow]note:[/] no gradient affinity: {exc.args[0]}")  # e.g. per-task adapters
-        multi_cfg.analysis.affinity_every = 0
-        multi = train(multi_cfg, overwrite=True, console=console, progress=progress)
+        multi_cfg = copy.deepcopy(config)
+        multi_cfg.output_dir = str(out / "multitask")
+        chosen_every = multi_cfg.analysis.affinity_every == 0
+        if chosen_every:
+            multi_cfg.analysis.affinity_every = default_affinity_every(multi_cfg.training.max_steps)
+        console.rule(f"compare: run 1/{total}, multi-task ({', '.join(tasks)}) -> {multi_cfg.output_dir}")
+        try:
+            multi = train(multi_cfg, overwrite=True, console=console, progress=progress)
+        except ConfigError as exc:
+            if not (chosen_every and exc.path == "analysis.affinity_every"):
+                raise
+            console.print(f"[yellow]note:[/] no gradient affinity: {exc.args[0]}")  # e.g. per-task adapters
+            multi_cfg.analysis.affinity_every = 0
+            multi = train(multi_cfg, overwrite=True, console=console, progress=progress)
 
-    accumulation = config.training.gradient_accumulation_steps
-    budget: dict[str, dict] = {}
-    single: dict[str, dict] = {}
-    for k, task in enumerate(tasks, 2):
-        batches = int(multi["train"]["batches"][task])
-        steps = single_task_steps(batches, accumulation)
-        run_dir = out / f"single-{task}"
-        budget[task] = {"multitask_batches": batches, "single_steps": steps, "run": run_dir.name}
-        if steps == 0:
-            console.rule(f"compare: run {k}/{total}, single-task {task}: skipped (the multi-task run drew no "
-                         f"batch of it)")
-            continue
-        console.rule(f"compare: run {k}/{total}, single-task {task}: {steps} steps ({batches} batches, as in the "
-                     f"multi-task run) -> {run_dir}")
-        single[task] = train(single_task_config(config, task, steps, run_dir), overwrite=True, console=console,
-                             progress=progress, plan=StagePlan(active=[task], seen=[task]))
-        budget[task]["single_batches"] = int(single[task]["train"]["batches"][task])
+        accumulation = config.training.gradient_accumulation_steps
+        budget: dict[str, dict] = {}
+        single: dict[str, dict] = {}
+        for k, task in enumerate(tasks, 2):
+            batches = int(multi["train"]["batches"][task])
+            steps = single_task_steps(batches, accumulation)
+            run_dir = out / f"single-{task}"
+            budget[task] = {"multitask_batches": batches, "single_steps": steps, "run": run_dir.name}
+            if steps == 0:
+                console.rule(f"compare: run {k}/{total}, single-task {task}: skipped (the multi-task run drew no "
+                             f"batch of it)")
+                continue
+            console.rule(f"compare: run {k}/{total}, single-task {task}: {steps} steps ({batches} batches, as in the "
+                         f"multi-task run) -> {run_dir}")
+            single[task] = train(single_task_config(config, task, steps, run_dir), overwrite=True, console=console,
+                                 progress=progress, plan=StagePlan(active=[task], seen=[task]))
+            budget[task]["single_batches"] = int(single[task]["train"]["batches"][task])
 
-    report: dict[str, Any] = {
-        "config": config_path, "output": str(out), "tasks": tasks, "seed": config.seed,
-        "budget": {"definition": "each single-task run sees as many batches of its task as the multi-task run drew "
-                                 "(single_steps = ceil(multitask_batches / gradient_accumulation_steps))",
-                   "gradient_accumulation_steps": accumulation, "tasks": budget},
-        "runs": {"multitask": {"dir": "multitask", "steps": multi["train"]["steps"],
-                               "wall_s": multi["train"]["wall_s"]},
-                 **{f"single-{t}": {"dir": f"single-{t}", "steps": r["train"]["steps"], "wall_s": r["train"]["wall_s"]}
-                    for t, r in single.items()}},
-        "validation": _task_rows(config, multi, single, "validation"),
-    }
-    test = _task_rows(config, multi, single, "test")
-    if test:
-        report["test"] = test
-    transfer = multi.get("transfer")
-    if transfer is not None:
-        report["transfer"] = transfer
-        if len(tasks) >= 3 and len(tasks) <= MAX_GROUPING_TASKS:
-            table = grouping_table(transfer["tag"])
-            report["groups"] = {"by_max_groups": table, "suggested": table[str(len(tasks))],
-                                "criterion": "maximise the sum over pairs in a group of TAG[i][j] + TAG[j][i] "
-                                             "(mean look-ahead affinities of the multi-task run)"}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "compare.json", report)
-    write_text_atomic(out / "compare.md", render_markdown(report))
-    _plot_outputs(report, out)
-    console.print(render_markdown(report, summary_only=True))
-    console.print(f"comparison written to {out} (compare.json, compare.md, compare.png"
-                  + (", affinity.png)" if transfer is not None else ")"))
-    return report
+        report: dict[str, Any] = {
+            "config": config_path, "output": str(out), "tasks": tasks, "seed": config.seed,
+            "budget": {"definition": "each single-task run sees as many batches of its task as the multi-task run drew "
+                                     "(single_steps = ceil(multitask_batches / gradient_accumulation_steps))",
+                       "gradient_accumulation_steps": accumulation, "tasks": budget},
+            "runs": {"multitask": {"dir": "multitask", "steps": multi["train"]["steps"],
+                                   "wall_s": multi["train"]["wall_s"]},
+                     **{f"single-{t}": {"dir": f"single-{t}", "steps": r["train"]["steps"], "wall_s": r["train"]["wall_s"]}
+                        for t, r in single.items()}},
+            "validation": _task_rows(config, multi, single, "validation"),
+        }
+        test = _task_rows(config, multi, single, "test")
+        if test:
+            report["test"] = test
+        transfer = multi.get("transfer")
+        if transfer is not None:
+            report["transfer"] = transfer
+            if len(tasks) >= 3 and len(tasks) <= MAX_GROUPING_TASKS:
+                table = grouping_table(transfer["tag"])
+                report["groups"] = {"by_max_groups": table, "suggested": table[str(len(tasks))],
+                                    "criterion": "maximise the sum over pairs in a group of TAG[i][j] + TAG[j][i] "
+                                                 "(mean look-ahead affinities of the multi-task run)"}
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "compare.json", report)
+        write_text_atomic(out / "compare.md", render_markdown(report))
+        _plot_outputs(report, out)
+        console.print(render_markdown(report, summary_only=True))
+        console.print(f"comparison written to {out} (compare.json, compare.md, compare.png"
+                      + (", affinity.png)" if transfer is not None else ")"))
+        return report
 
 
 def run_compare(config_path: str, output: str | None = None, overrides: Sequence[str] = (), overwrite: bool = False,

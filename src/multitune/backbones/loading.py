@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from multitune.errors import ConfigError
+from multitune.backbones.checks import check_safetensors_files, load_tokenizer, read_model_config
+from multitune.errors import ConfigError, DataError, shown
 
 if TYPE_CHECKING:
     from multitune.config.schema import BackboneConfig
@@ -62,8 +63,8 @@ def detect_type(source: str, trust_remote_code: bool, field: str) -> str:
 
     try:
         cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(field, f"cannot read the model config of {source!r}: "
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(field, f"cannot read the model config of {shown(source)}: "
                                  f"{' '.join(str(exc).split())[:300]}") from None
     if getattr(cfg, "is_encoder_decoder", False):
         return "encoder_decoder"
@@ -90,34 +91,42 @@ def check_tokenizer_files(path: str | Path, field: str) -> None:
 
 
 def _tokenizer(source: str, name: str, field: str, trust_remote_code: bool, **kwargs: Any) -> Any:
-    from transformers import AutoTokenizer
-
     if "gguf_file" not in kwargs:
         check_tokenizer_files(source, field)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(field, f"cannot load the tokenizer of {name!r}: {' '.join(str(exc).split())[:300]}"
-                          ) from None
+        tokenizer = load_tokenizer(source, trust_remote_code, **kwargs)
+    except DataError as exc:  # names the file, or the hub id
+        raise ConfigError(field, str(exc)) from None
     if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(field, f"backbone {name!r} has no fast tokenizer (tokenizer.json); multitune needs one "
-                                 "to align word labels with sub-tokens")
+        raise ConfigError(field, f"backbone {shown(name)} has no fast tokenizer (tokenizer.json); multitune needs "
+                                 "one to align word labels with sub-tokens")
     if tokenizer.pad_token is None:  # decoder-only LMs often have none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
     tokenizer.padding_side = "right"
     return tokenizer
 
 
-def _check_safetensors(source: str, field: str) -> None:
-    if Path(source).is_dir() and not any(Path(source).glob("*.safetensors")):
+def _check_local_model(source: str, field: str, trust_remote_code: bool) -> None:
+    """A local model directory holds a readable config.json and complete safetensors weights (no pickles)."""
+    if not Path(source).is_dir():
+        return
+    if not any(Path(source).glob("*.safetensors")):
         raise ConfigError(field, f"{source} has no .safetensors weights (multitune loads no pickled weights)")
+    try:
+        read_model_config(source, trust_remote_code)
+        check_safetensors_files(source)
+    except DataError as exc:
+        raise ConfigError(field, str(exc)) from None
 
 
 def _from_pretrained(auto_class: Any, source: str, name: str, field: str, **kwargs: Any) -> Any:
+    from safetensors import SafetensorError
+
     try:
         return auto_class.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(field, f"cannot load backbone {name!r}: {' '.join(str(exc).split())[:300]}") from None
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ConfigError(field, f"cannot load backbone {shown(name)}: {' '.join(str(exc).split())[:300]}"
+                          ) from None
 
 
 def _warm_start(config: BackboneConfig, trust_remote_code: bool, field: str) -> tuple[Any, Any]:
@@ -130,20 +139,20 @@ def _warm_start(config: BackboneConfig, trust_remote_code: bool, field: str) -> 
     encoder = resolve_backbone(config.encoder, f"{field}.encoder")
     decoder = resolve_backbone(config.decoder, f"{field}.decoder")
     for src, sub in ((encoder, "encoder"), (decoder, "decoder")):
-        _check_safetensors(src, f"{field}.{sub}")
+        _check_local_model(src, f"{field}.{sub}", trust_remote_code)
     tokenizer = _tokenizer(encoder, config.encoder, f"{field}.encoder", trust_remote_code)
     try:
         model = EncoderDecoderModel.from_encoder_decoder_pretrained(
             encoder, decoder, tie_encoder_decoder=config.tie_encoder_decoder, use_safetensors=True,
             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ConfigError(field, f"cannot build an encoder-decoder from {config.encoder!r} + {config.decoder!r}: "
-                                 f"{' '.join(str(exc).split())[:300]}") from None
+        raise ConfigError(field, f"cannot build an encoder-decoder from {shown(config.encoder)} + "
+                                 f"{shown(config.decoder)}: {' '.join(str(exc).split())[:300]}") from None
     start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     if start is None or end is None:
-        raise ConfigError(f"{field}.encoder", f"the tokenizer of {config.encoder!r} has no start ([CLS]/<s>) or "
-                                              "end ([SEP]/</s>) token to begin and end generated text")
+        raise ConfigError(f"{field}.encoder", f"the tokenizer of {shown(config.encoder)} has no start ([CLS]/<s>) "
+                                              "or end ([SEP]/</s>) token to begin and end generated text")
     for cfg in (model.config, model.generation_config):
         cfg.decoder_start_token_id = start
         cfg.bos_token_id = start
@@ -193,7 +202,7 @@ def load_backbone(spec: str | BackboneConfig, trust_remote_code: bool = False, f
         weights: dict[str, Any] = {"gguf_file": gguf_file}
         tokenizer = _tokenizer(source, name, name_field, trust_remote_code, gguf_file=gguf_file)
     else:
-        _check_safetensors(source, name_field)
+        _check_local_model(source, name_field, trust_remote_code)
         weights = {"use_safetensors": True}
         if kind == "auto":
             kind = detect_type(source, trust_remote_code, name_field)

@@ -10,58 +10,13 @@ import yaml
 
 from multitune.backbones.loading import PACKAGED_BACKBONES
 from multitune.config.parse import datasets_kind, from_dict, to_dict
+from multitune.config.safe_yaml import MAX_DEPTH, BoundedLoader, YamlLimitError, read_yaml
 from multitune.config.schema import RunConfig
-from multitune.errors import ConfigError
+from multitune.errors import ConfigError, shown
 from multitune.fileio import write_text_atomic
 
 FREEZE_SHORTHANDS = {"none": {}, "backbone": {"backbone": True}, "embeddings": {"embeddings": True}}
 SPLITS = ("train", "validation", "test")
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses a key given twice in one mapping (plain YAML keeps the last one silently,
-    so a task defined twice would lose its first definition)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` keys may be overridden
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                if key in first:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice in one mapping (first on line {first[key]})",
-                        key_node.start_mark)
-                first[key] = key_node.start_mark.line + 1
-            except TypeError:  # an unhashable key: the base class reports it
-                continue
-        return super().construct_mapping(node, deep)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping.
-
-    Raises:
-        ConfigError: the file is missing, is not valid YAML (with its line) or is not a mapping.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("", f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("", f"{path}: cannot read the config: {exc}") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError("", f"{where}: invalid YAML: {problem}") from None
-    if not isinstance(data, dict):
-        raise ConfigError("", f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
-    return data
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -73,25 +28,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError("--set", f"expected dotted.key=value, got {item!r}")
+            raise ConfigError("--set", f"expected dotted.key=value, got {shown(item)}")
+        parts = key.split(".")
+        if len(parts) > MAX_DEPTH:
+            raise ConfigError("--set", f"{shown(key)} is more than {MAX_DEPTH} levels deep")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.load(raw, Loader=BoundedLoader) if raw != "" else ""  # noqa: S506 - a SafeLoader
+        except YamlLimitError as exc:
+            raise ConfigError("--set", f"{shown(key)}: {exc.problem}") from None
         except yaml.YAMLError:
             value = raw
         node: Any = data
-        parts = key.split(".")
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             if isinstance(node, list):  # `stages.1.replay`: a list index
                 if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(".".join(parts[:i]), f"has {len(node)} entries, cannot set {key!r}")
+                    raise ConfigError(".".join(parts[:i]), f"has {len(node)} entries, cannot set {shown(key)}")
                 if last:
                     node[int(part)] = value
                 else:
                     node = node[int(part)]
                 continue
             if not isinstance(node, dict):
-                raise ConfigError(".".join(parts[:i]), f"is not a mapping, cannot set {key!r}")
+                raise ConfigError(".".join(parts[:i]), f"is not a mapping, cannot set {shown(key)}")
             if last:
                 node[part] = value
             else:
@@ -103,7 +62,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _typed_section(section: Any, registry: Any, key: str, path: str) -> Any:
     if not isinstance(section, dict):
-        raise ConfigError(path, f"expected a mapping, got {section!r}")
+        raise ConfigError(path, f"expected a mapping, got {shown(section)}")
     name = section.get(key)
     if name is None:
         raise ConfigError(f"{path}.{key}", f"required field is missing; valid: {', '.join(registry.names())}")
@@ -127,7 +86,7 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
     if isinstance(data.get("freeze"), str):  # `freeze: backbone` is short for `freeze: {backbone: true}`
         short = data["freeze"]
         if short not in FREEZE_SHORTHANDS:
-            raise ConfigError("freeze", f"got {short!r}; expected one of: {', '.join(FREEZE_SHORTHANDS)} "
+            raise ConfigError("freeze", f"got {shown(short)}; expected one of: {', '.join(FREEZE_SHORTHANDS)} "
                                         f"or a mapping (backbone, embeddings, layers, heads)")
         data = {**data, "freeze": FREEZE_SHORTHANDS[short]}
     config = from_dict(RunConfig, data)
@@ -146,7 +105,7 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
     config.loss_weighting = _typed_section(config.loss_weighting, WEIGHTINGS, "strategy", "loss_weighting")
     for head in config.freeze.heads or []:
         if head not in tasks:
-            raise ConfigError("freeze.heads", f"no task {head!r} in this run (tasks: {', '.join(tasks)})")
+            raise ConfigError("freeze.heads", f"no task {shown(head)} in this run (tasks: {', '.join(tasks)})")
     if config.freeze.backbone and config.training.gradual_unfreezing is not None:
         raise ConfigError("training.gradual_unfreezing", "cannot unfreeze a backbone that freeze.backbone keeps "
                                                          "frozen")
@@ -159,7 +118,7 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
         if task not in tasks or not metric:
             raise ConfigError("training.early_stopping.metric",
                               f"expected 'mean' or 'task/metric' with a task of this run "
-                              f"({', '.join(tasks)}), got {es.metric!r}")
+                              f"({', '.join(tasks)}), got {shown(es.metric)}")
     resolve_paths(config, Path(base_dir) if base_dir else Path.cwd(), check_files)
     return config
 
@@ -232,7 +191,7 @@ def _check_adapters(config: RunConfig, tasks: dict[str, Any]) -> None:
                                                       "has one task")
         for t in config.adapters.fusion_targets or []:
             if t not in tasks:
-                raise ConfigError("adapters.fusion_targets", f"no task {t!r} in this run (tasks: "
+                raise ConfigError("adapters.fusion_targets", f"no task {shown(t)} in this run (tasks: "
                                                              f"{', '.join(tasks)})")
 
 
@@ -248,10 +207,10 @@ def _check_stages(config: RunConfig, tasks: dict[str, Any]) -> None:
             raise ConfigError(f"stages[{i}].tasks", "a stage trains at least one task")
         for t in stage.tasks:
             if t not in tasks:
-                raise ConfigError(f"stages[{i}].tasks", f"no task {t!r} in this run (tasks: {', '.join(tasks)})")
+                raise ConfigError(f"stages[{i}].tasks", f"no task {shown(t)} in this run (tasks: {', '.join(tasks)})")
         stage.name = stage.name or "+".join(stage.tasks)
         if stage.name in names:
-            raise ConfigError(f"stages[{i}].name", f"stage name {stage.name!r} is used twice")
+            raise ConfigError(f"stages[{i}].name", f"stage name {shown(stage.name)} is used twice")
         names.add(stage.name)
         if stage.replay and i == 0:
             raise ConfigError(f"stages[{i}].replay", "the first stage has no earlier tasks to replay")
@@ -259,7 +218,7 @@ def _check_stages(config: RunConfig, tasks: dict[str, Any]) -> None:
         staged.update(stage.tasks)
     unstaged = [t for t in tasks if t not in staged]
     if unstaged:
-        raise ConfigError("stages", f"task {unstaged[0]!r} is in no stage; list it in one")
+        raise ConfigError("stages", f"task {shown(unstaged[0])} is in no stage; list it in one")
 
 
 def resolve_paths(config: RunConfig, base_dir: Path, check_files: bool) -> None:

@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
-from multitune.errors import ConfigError
+from multitune.errors import ConfigError, shown
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
@@ -71,35 +71,35 @@ def convert(value: Any, tp: Any, path: str) -> Any:
             for arg, exc in errors:
                 if dataclasses.is_dataclass(arg) or exc.path != path:
                     raise exc
-        raise ConfigError(path, f"expected {_describe(tp)}, got {value!r}")
+        raise ConfigError(path, f"expected {_describe(tp)}, got {shown(value)}")
     if origin is Literal:
         if value not in get_args(tp):
             raise _choice_error(path, value, get_args(tp))
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(path, f"expected a mapping, got {value!r}")
+            raise ConfigError(path, f"expected a mapping, got {shown(value)}")
         return from_dict(tp, value, path)
     if origin in (list, tuple):
         (item_tp, *_) = get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(path, f"expected a list, got {value!r}")
+            raise ConfigError(path, f"expected a list, got {shown(value)}")
         return [convert(v, item_tp, _join(path, i)) for i, v in enumerate(value)]
     if origin is dict:
         key_tp, val_tp = get_args(tp) or (Any, Any)
         if not isinstance(value, dict):
-            raise ConfigError(path, f"expected a mapping, got {value!r}")
+            raise ConfigError(path, f"expected a mapping, got {shown(value)}")
         return {convert(k, key_tp, path) if key_tp is not Any else k: convert(v, val_tp, _join(path, str(k)))
                 for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(path, f"expected true or false, got {value!r}")
+            raise ConfigError(path, f"expected true or false, got {shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(path, f"expected an integer, got {value!r}")
+            raise ConfigError(path, f"expected an integer, got {shown(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -107,24 +107,25 @@ def convert(value: Any, tp: Any, path: str) -> Any:
                 try:  # YAML reads 5e-5 (no dot) as a string
                     value = float(value)
                 except ValueError:
-                    raise ConfigError(path, f"expected a number, got {value!r}") from None
+                    raise ConfigError(path, f"expected a number, got {shown(value)}") from None
             else:
-                raise ConfigError(path, f"expected a number, got {value!r}")
+                raise ConfigError(path, f"expected a number, got {shown(value)}")
         if not math.isfinite(float(value)):
-            raise ConfigError(path, f"expected a finite number, got {value!r}")
+            raise ConfigError(path, f"expected a finite number, got {shown(value)}")
         return float(value)
     if tp is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ConfigError(path, f"expected a string, got {value!r}")
+            raise ConfigError(path, f"expected a string, got {shown(value)}")
         return str(value)
     raise TypeError(f"unsupported config annotation {tp!r} at {path}")
 
 
 def _choice_error(path: str, value: Any, choices: typing.Iterable[Any]) -> ConfigError:
     choices = list(choices)
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    # only a string gets a did-you-mean: str() of anything else may be huge (a YAML alias bomb)
+    close = difflib.get_close_matches(value, [str(c) for c in choices], n=1) if isinstance(value, str) else []
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(path, f"got {value!r}{hint}; expected one of: {', '.join(str(c) for c in choices)}")
+    return ConfigError(path, f"got {shown(value)}{hint}; expected one of: {', '.join(str(c) for c in choices)}")
 
 
 def check_field(value: Any, meta: typing.Mapping[str, Any], path: str) -> None:
@@ -134,11 +135,11 @@ def check_field(value: Any, meta: typing.Mapping[str, Any], path: str) -> None:
     if "choices" in meta and value not in meta["choices"]:
         raise _choice_error(path, value, meta["choices"])
     if "gt" in meta and not value > meta["gt"]:
-        raise ConfigError(path, f"must be greater than {meta['gt']}, got {value!r}")
+        raise ConfigError(path, f"must be greater than {meta['gt']}, got {shown(value)}")
     if "min" in meta and value < meta["min"]:
-        raise ConfigError(path, f"must be at least {meta['min']}, got {value!r}")
+        raise ConfigError(path, f"must be at least {meta['min']}, got {shown(value)}")
     if "max" in meta and value > meta["max"]:
-        raise ConfigError(path, f"must be at most {meta['max']}, got {value!r}")
+        raise ConfigError(path, f"must be at most {meta['max']}, got {shown(value)}")
 
 
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
@@ -151,7 +152,7 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(path, f"expected a mapping, got {data!r}")
+        raise ConfigError(path, f"expected a mapping, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:

@@ -11,10 +11,13 @@ from typing import Any
 
 from multitune.config.adapters import AdapterConfig
 from multitune.config.parse import check_field, datasets_kind, field
-from multitune.errors import ConfigError
+from multitune.errors import ConfigError, shown
 
 TRACKERS = ["tensorboard", "mlflow"]
 FORMATS = ["csv", "tsv", "jsonl", "parquet", "conll", "text", "parallel", "hf"]
+#: largest seed: the unsigned 32-bit range that every random generator accepts (numpy's legacy ones too), with
+#: room for the offsets each task and epoch adds to it
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -271,7 +274,7 @@ class FreezeConfig:
         if self.layers is not None:
             if len(self.layers) != 2 or self.layers[0] < 0 or self.layers[0] > self.layers[1]:
                 raise ConfigError(f"{path}.layers", f"expected [first, last] with 0 <= first <= last, "
-                                                    f"got {self.layers}")
+                                                    f"got {shown(self.layers)}")
 
 
 @dataclass
@@ -295,7 +298,7 @@ class RunConfig:
                                            "decoder_only backbones)", choices=["mean", "cls", "max", "last"])
     normalize_embeddings: bool = field(False, help="L2-normalise pooled sentence embeddings")
     output_dir: str = field("runs/run", help="run directory")
-    seed: int = field(42, help="seed of every random choice in the run")
+    seed: int = field(42, help="seed of every random choice in the run (0 to 4294967295)", min=0, max=MAX_SEED)
     sampling: dict[str, Any] = field(help="task sampling strategy", factory=lambda: {"strategy": "proportional"})
     loss_weighting: dict[str, Any] = field(help="loss combination", factory=lambda: {"strategy": "sum"})
     freeze: FreezeConfig = field(help="parameters that never train (none | backbone | embeddings | a mapping)",

@@ -1,15 +1,64 @@
-"""Plots of a run: learning curves of every task's validation metrics and training losses."""
+"""Plots of a run: learning curves of every task's validation metrics and training losses.
+
+A run draws its plots after its model is saved, so a plot never ends a run: each plotting function is a
+:func:`plotting_step`, whose failure is one warning line on stderr.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+from multitune.errors import printable, shorten_message
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
+def plotting_step(what: str) -> Callable[[F], F]:
+    """Make a plotting function safe to call after a run's model is saved: any failure (a broken
+    matplotlib, a full disk, a label matplotlib cannot draw, memory) prints one line
+    ``multitune: warning: <what> not written to <path> (<error>)`` on stderr and returns None.
+    An interrupt (Ctrl-C) still stops the command."""
+
+    def wrap(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - a plot must not end a finished run
+                path = signature.bind_partial(*args, **kwargs).arguments.get("path")
+                where = f" to {path}" if path is not None else ""
+                print(printable(shorten_message(f"multitune: warning: {what} not written{where} "
+                                                f"({type(exc).__name__}: {exc})", 500)), file=sys.stderr)
+                return None
+
+        return guarded  # type: ignore[return-value]
+
+    return wrap
+
+
+def plot_label(text: object, limit: int = 40) -> str:
+    """A label as a plot shows it: control characters escaped (:func:`~multitune.errors.printable`), cut to
+    ``limit`` characters, and ``$`` escaped so that matplotlib never parses a label as math (an unbalanced
+    ``$x^$`` would fail the whole plot)."""
+    text = printable(text)
+    if len(text) > limit:
+        text = text[: limit - 1] + "\u2026"
+    return text.replace("$", r"\$")
+
+
+@plotting_step("learning curves")
 def plot_learning_curves(records: list[dict], path: Path) -> Path | None:
     """Write a PNG with one panel per task (validation metrics over steps) plus the training losses.
 
     Returns:
-        The written path, or None when there is nothing to plot.
+        The written path, or None when there is nothing to plot (or the plot failed: a warning line).
     """
     import matplotlib
 
@@ -47,6 +96,7 @@ def plot_learning_curves(records: list[dict], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+@plotting_step("sampling shares")
 def plot_sampling_shares(records: list[dict], path: Path) -> Path | None:
     """Write a PNG of each task's sampling share over the steps of a run with two or more tasks.
 
@@ -55,7 +105,8 @@ def plot_sampling_shares(records: list[dict], path: Path) -> Path | None:
     (``{"kind": "sampling", "shares"}``); a share holds until the next record changes it.
 
     Returns:
-        The written path, or None when the run has fewer than two tasks or no shares were logged.
+        The written path, or None when the run has fewer than two tasks or no shares were logged (or the plot
+        failed: a warning line).
     """
     points: list[tuple[int, dict[str, float]]] = []
     for r in records:
@@ -89,9 +140,12 @@ def save_figure(fig, path: Path) -> Path:
     """Lay out, write ``fig`` to ``path`` atomically (temp file, then rename) and close it."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path

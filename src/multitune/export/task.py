@@ -17,6 +17,7 @@ What is written (``format="hf"``, the default):
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 from multitune.config.parse import to_dict
 from multitune.errors import ConfigError, MultituneError
 from multitune.fileio import replace_dir, write_json_atomic, write_text_atomic
+from multitune.rundir import MARKER, check_output_dir, lock_dir, lock_scope, write_marker
 
 FORMATS = ("hf", "onnx")
 SOURCES = ("per-task-best", "final")
@@ -63,8 +65,7 @@ def export_task(run: str | Path, task: str | None, output: str | Path, merge: bo
     if fmt not in FORMATS:
         raise MultituneError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     run, output = Path(run), Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise MultituneError(f"{output}: exists and is not empty (pass --overwrite to replace it)")
+    check_output_dir(output, overwrite=overwrite, resume=False, protected=(run,), field="--output", kind="export")
     model = MultiTaskModel.load(run)
     if task is None and fmt != "onnx":
         raise MultituneError(f"--task: required for --format {fmt}; the model's tasks: {', '.join(model.tasks)}")
@@ -77,7 +78,12 @@ def export_task(run: str | Path, task: str | None, output: str | Path, merge: bo
         raise MultituneError(f"task {task!r} uses AdapterFusion over every task's adapter; it has no "
                              f"single-adapter export, deploy the run's model directory")
     origin = take_weights(run, model, task, source) if task is not None else {"source": "final", "step": None}
-    tmp = output.with_name(f".{output.name}.tmp")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    scope = lock_scope()
+    scope.__enter__()
+    lock_dir(output.parent)  # one export at a time into this folder
+    check_output_dir(output, overwrite=overwrite, resume=False, protected=(run,), field="--output", kind="export")
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if merge:
@@ -99,11 +105,13 @@ def export_task(run: str | Path, task: str | None, output: str | Path, merge: bo
                 _peft_card(tmp, output, run, task, model, details)
         else:
             details = _export_hf(run, model, task, tmp, output, origin, merged=merge)
+        write_marker(tmp, "export")
         replace_dir(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        scope.__exit__(None, None, None)
     return {**origin, **details, "output": str(output), "task": task, "format": fmt, "merged": merge,
-            "files": sorted(f.name for f in output.iterdir()), "bytes": _size(output)}
+            "files": sorted(f.name for f in output.iterdir() if f.name != MARKER), "bytes": _size(output)}
 
 
 def _export_hf(run: Path, model: Any, task: str, tmp: Path, output: Path, origin: dict, merged: bool) -> dict:

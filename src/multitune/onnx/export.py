@@ -36,6 +36,7 @@ from multitune.onnx.files import (
     require,
 )
 from multitune.onnx.graph import INPUT_NAMES, MultiTaskGraph, TaskPlan, plan_task
+from multitune.rundir import check_output_dir, write_marker
 
 #: texts of the batch that is traced and of the one that checks the written graph (other sizes, padded)
 _TRACE_TEXTS = ["the first text of the trace batch, the longest of the three", "a second text", "third"]
@@ -86,8 +87,7 @@ def export_onnx(model: Any, output: str | Path, tasks: Sequence[str] | None = No
     output = Path(output)
     plans, excluded = select_tasks(model, tasks)
     _check_model(model)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise MultituneError(f"{output}: exists and is not empty (pass --overwrite to replace it)")
+    check_output_dir(output, overwrite=overwrite, resume=False, field="--output", kind="export")
     output.parent.mkdir(parents=True, exist_ok=True)
     # a plain mkdir (not mkdtemp, which makes it private): the directory keeps the umask's permissions
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -114,6 +114,7 @@ def export_onnx(model: Any, output: str | Path, tasks: Sequence[str] | None = No
             "exporter": f"torch {torch.__version__.split('+')[0]}, torch.onnx.export(dynamo=True)"})
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         size = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+        write_marker(tmp, "export")
         replace_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

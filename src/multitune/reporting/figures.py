@@ -3,7 +3,8 @@
 Learning curves, sampling shares, confusion matrices, the forgetting matrix and the affinity heat maps come from
 the plots the run already makes (:mod:`multitune.evaluation.plots`, :mod:`multitune.evaluation.confusion`,
 :mod:`multitune.training.stages`, :mod:`multitune.analysis.affinity`). Every function writes one PNG atomically and returns its path, or None
-when its records hold nothing to plot.
+when its records hold nothing to plot; a plot that fails is one warning line and None
+(:func:`~multitune.evaluation.plots.plotting_step`), so the report is still written.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from multitune.evaluation.plots import plot_label, plotting_step
 
 Matrix = Mapping[str, Mapping[str, float]]
 
@@ -46,13 +49,14 @@ def _number(value: Any) -> bool:
 def _lines(ax: Any, series: dict[str, list[tuple[int, float]]]) -> None:
     for label, pts in sorted(series.items()):
         steps, values = zip(*sorted(pts))
-        ax.plot(steps, values, marker="." if len(pts) < 30 else None, label=label)
+        ax.plot(steps, values, marker="." if len(pts) < 30 else None, label=plot_label(label))
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     if 1 < len(series) <= 12:
         ax.legend(fontsize=8)
 
 
+@plotting_step("loss weights plot")
 def plot_loss_weights(records: list[dict], path: Path) -> Path | None:
     """Each task's loss weight over the steps (``loss_weights`` of the train lines)."""
     series: dict[str, list[tuple[int, float]]] = {}
@@ -84,6 +88,7 @@ def grad_stat_series(records: list[dict]) -> dict[str, dict[str, list[tuple[int,
     return stats
 
 
+@plotting_step("gradient statistics plot")
 def plot_grad_stats(records: list[dict], path: Path) -> Path | None:
     """One panel per gradient statistic the loss weighting logged (norms, cosines, conflicts, ...)."""
     stats = grad_stat_series(records)
@@ -95,7 +100,7 @@ def plot_grad_stats(records: list[dict], path: Path) -> Path | None:
     fig, axes = _pyplot().subplots(rows, cols, figsize=(4.4 * cols, 3.2 * rows), squeeze=False)
     for ax, (stat, series) in zip(axes.flat, sorted(stats.items())):
         _lines(ax, series)
-        ax.set_title(stat)
+        ax.set_title(plot_label(stat))
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     return _save(fig, path)
@@ -109,6 +114,7 @@ def is_matrix(value: Any) -> bool:
             and all(_number(v) or v is None for row in value.values() for v in row.values()))
 
 
+@plotting_step("heat map")
 def plot_heatmap(matrix: Matrix, title: str, path: Path, xlabel: str = "", ylabel: str = "") -> Path | None:
     """An annotated heat map of ``matrix[row][column]`` (e.g. AdapterFusion attention: targets x adapters)."""
     import numpy as np
@@ -125,8 +131,8 @@ def plot_heatmap(matrix: Matrix, title: str, path: Path, xlabel: str = "", ylabe
         for j in range(len(cols)):
             if np.isfinite(grid[i, j]):
                 ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8, color="white")
-    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
-    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xticks(range(len(cols)), [plot_label(c) for c in cols], rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), [plot_label(r) for r in rows])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -134,6 +140,7 @@ def plot_heatmap(matrix: Matrix, title: str, path: Path, xlabel: str = "", ylabe
     return _save(fig, path)
 
 
+@plotting_step("affinity over time plot")
 def plot_pairs_over_time(records: list[dict], kinds: list[str], path: Path) -> Path | None:
     """Each off-diagonal pair of the ``affinity`` records' matrices over the steps, one panel per matrix."""
     panels: dict[str, dict[str, list[tuple[int, float]]]] = {}

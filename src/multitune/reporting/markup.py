@@ -9,6 +9,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from multitune.errors import printable
+
 
 def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
@@ -32,14 +34,15 @@ def fmt(value: Any) -> str:
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "") -> str:
-    """A table; numeric cells are right-aligned. Cells are escaped unless they are :class:`Raw`."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    """A table; numeric cells are right-aligned. Cells are escaped (HTML, and control characters shown as
+    ``\\x1b``, see :func:`~multitune.errors.printable`) unless they are :class:`Raw`."""
+    head = "".join(f"<th>{esc(printable(h))}</th>" for h in header)
     body = []
     for row in rows:
         cells = []
         for cell in row:
             numeric = isinstance(cell, (int, float)) and not isinstance(cell, bool)
-            text = str(cell) if isinstance(cell, Raw) else esc(fmt(cell))
+            text = str(cell) if isinstance(cell, Raw) else esc(printable(fmt(cell)))
             cells.append(f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
     cls_attr = f' class="{esc(cls)}"' if cls else ""
@@ -53,6 +56,7 @@ class Raw(str):
 def figure(path: Path, caption: str, figure_id: str) -> str:
     """The PNG at ``path`` embedded as base64 (the page needs no other file), with a caption."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
+    caption = printable(caption)
     return (f'<figure id="{esc(figure_id)}"><img src="data:image/png;base64,{data}" alt="{esc(caption)}" '
             f'data-file="{esc(path.parent.name)}/{esc(path.name)}"><figcaption>{esc(caption)}</figcaption></figure>')
 

@@ -113,6 +113,32 @@ def _metric_rows(results: dict, splits: list[str], per_label: bool) -> list[list
     return rows
 
 
+#: labels per task in the report's per-label table; a task with more shows the ones with the lowest F1
+MAX_LABEL_ROWS = 30
+
+
+def _bounded_per_label(rows: list[list[Any]], results: dict, splits: list[str]) -> tuple[list[list[Any]], list[str]]:
+    """The per-label rows with at most :data:`MAX_LABEL_ROWS` labels per task: a task with more keeps the labels
+    with the lowest F1 on the first split (ties: label order), and a note says so."""
+    by_task: dict[str, list[list[Any]]] = {}
+    for row in rows:
+        by_task.setdefault(row[0], []).append(row)
+    kept, notes = [], []
+    for task, task_rows in by_task.items():
+        labels = list(dict.fromkeys(row[1].partition("/")[2] for row in task_rows))
+        if len(labels) > MAX_LABEL_ROWS:
+            first = (results.get(splits[0]) or {}).get(task, {})
+            f1 = [first.get(f"f1/{lab}") for lab in labels]
+            order = sorted(range(len(labels)), key=lambda i: (f1[i] if isinstance(f1[i], (int, float)) else
+                                                              float("inf"), i))
+            shown = {labels[i] for i in order[:MAX_LABEL_ROWS]}
+            task_rows = [row for row in task_rows if row[1].partition("/")[2] in shown]
+            notes.append(f"{task}: {len(labels):,} labels; the {MAX_LABEL_ROWS} with the lowest {splits[0]} F1 "
+                         f"are shown, results.json has every label's metrics.")
+        kept += task_rows
+    return kept, notes
+
+
 def build_metrics(run: RunFiles, figs: Figures) -> str | Omitted:
     splits = [s for s in ("validation", "test") if run.results.get(s)]
     if not splits:
@@ -120,9 +146,10 @@ def build_metrics(run: RunFiles, figs: Figures) -> str | Omitted:
     body = para("Final metrics of the restored best model (the validation split selects it; test is scored "
                 "once, at the end).")
     body += table(["task", "metric", *splits], _metric_rows(run.results, splits, False))
-    per_label = _metric_rows(run.results, splits, True)
+    per_label, notes = _bounded_per_label(_metric_rows(run.results, splits, True), run.results, splits)
     if per_label:
-        body += details("per-label metrics", table(["task", "metric", *splits], per_label))
+        body += details("per-label metrics", "".join(para(n) for n in notes)
+                        + table(["task", "metric", *splits], per_label))
     train = run.results.get("train") or {}
     keys = ["steps", "best_step", "selection_metric", "best_value", "stopped_early", "wall_s", "examples_per_s",
             "real_tokens_per_s", "precision", "device", "skipped_steps"]

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from multitune.errors import ConfigError
+from multitune.errors import ConfigError, printable, shorten_message
 from multitune.fileio import read_jsonl, write_json_atomic
 
 EXTRA = "pip install 'multitune[track]'"
@@ -120,8 +120,9 @@ class _Sink:
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - a tracker must not end a training run
             self.failed = True
-            print(f"multitune: warning: training.report_to: {self.name} stopped logging ({type(exc).__name__}: "
-                  f"{exc}); metrics.jsonl has every record", file=sys.stderr)
+            print(printable(shorten_message(f"multitune: warning: training.report_to: {self.name} stopped logging "
+                                            f"({type(exc).__name__}: {exc}); metrics.jsonl has every record", 500)),
+                  file=sys.stderr)
 
     def _record(self, record: dict) -> None:
         if self.started:

@@ -23,6 +23,7 @@ from rich.console import Console
 from multitune.config.loader import apply_overrides, load_config, read_yaml
 from multitune.errors import ConfigError, MultituneError
 from multitune.evaluation.evaluator import selection_value
+from multitune.rundir import MARKER, RunDirError, created_by_multitune, write_marker
 from multitune.search.space import SearchSpace, load_space, overrides_for
 
 STRATEGIES = ["tpe", "random", "grid"]
@@ -87,6 +88,19 @@ def build_pruner(name: str, startup_trials: int = 3) -> Any:
     raise MultituneError(f"--pruner: got {name!r}; expected one of: {', '.join(PRUNERS)}")
 
 
+def _claim_output(output: Path) -> None:
+    """Use ``output`` for the search: new, empty, or a search multitune started there (several workers may
+    share one); never a folder of the user's, whose files the reports would overwrite."""
+    if output.exists() and not output.is_dir():
+        raise RunDirError(f"--output-dir: {output} exists and is not a directory")
+    if output.exists() and any(p.name != MARKER for p in output.iterdir()) and not (
+            created_by_multitune(output) or (output / "study.db").is_file()):
+        raise RunDirError(f"--output-dir: {output} is not empty and was not written by multitune (no {MARKER} "
+                          f"file); choose another --output-dir (multitune never overwrites files it did not create)")
+    output.mkdir(parents=True, exist_ok=True)
+    write_marker(output, "search")
+
+
 def _storage(url: str | None, output: Path) -> Any:
     optuna = _import_optuna()
     url = url or f"sqlite:///{(output / 'study.db').resolve()}"
@@ -138,7 +152,7 @@ class _Objective:
         with open(log_dir / f"{log_name}.log", "w", encoding="utf-8") as log:
             try:
                 results = train(config, overwrite=True, console=Console(file=log, width=120), progress=False,
-                                on_evaluate=report)
+                                on_evaluate=report, protect=(self.config_path,))
             finally:
                 if not self.keep_checkpoints:
                     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -229,7 +243,7 @@ def run_search(config_path: str | Path, space_path: str | Path, output_dir: str 
     if trials < 1:
         raise MultituneError(f"--trials: must be at least 1, got {trials}")
     sampler = build_sampler(strategy, space, config.seed if seed is None else seed, trials)
-    output.mkdir(parents=True, exist_ok=True)
+    _claim_output(output)
     study = optuna.create_study(storage=_storage(storage, output), sampler=sampler,
                                 pruner=build_pruner(pruner) if isinstance(pruner, str) else pruner,
                                 study_name=study_name or output.name, direction="maximize", load_if_exists=True)

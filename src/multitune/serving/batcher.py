@@ -4,6 +4,9 @@ One collector task on the event loop takes the first waiting request, then gathe
 holds ``max_batch_size`` inputs or ``max_wait_ms`` have passed, and runs the batch in the one model thread
 (the model is never used by two threads at once). Requests that arrive while the model works wait in the
 queue and form the next batch without further waiting, so under load batches fill up by themselves.
+
+Inputs are checked before they are queued (see :mod:`multitune.serving.inputs`); a batch that still fails
+fails all its requests at once, with one log record.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ logger = logging.getLogger("multitune.serving")
 
 class QueueFullError(Exception):
     """More inputs are waiting for the model than the server accepts (``max_queue``)."""
+
+
+class BatchFailedError(Exception):
+    """The model call of the request's batch raised; the cause is logged once, by the batcher."""
 
 
 @dataclass
@@ -80,7 +87,7 @@ class MicroBatcher:
 
         Raises:
             QueueFullError: the queue already holds ``max_queue`` inputs.
-            Exception: whatever ``predict`` raised for this request.
+            BatchFailedError: ``predict`` raised for the batch this request was in (logged by the batcher).
         """
         if self._arrived is None:
             raise RuntimeError("MicroBatcher.start() was not called")
@@ -129,13 +136,15 @@ class MicroBatcher:
         try:
             predictions = await loop.run_in_executor(self._executor, self.predict, inputs, plan)
         except Exception as exc:
-            if len(batch) > 1:  # find the request that fails, so that the others still get answers
-                for job in batch:
-                    await self._run([job])
-                return
-            logger.exception("prediction failed")
-            if not batch[0].future.done():
-                batch[0].future.set_exception(exc)
+            # inputs were checked before they were queued, so this is a bug: every request of the batch fails
+            # once, with one log record; none is retried (a retry per request made one bad input cost every
+            # request of its batch a model pass of its own)
+            logger.error("prediction failed for a batch of %d requests (%d inputs)", len(batch), len(inputs),
+                         exc_info=exc)
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(BatchFailedError(f"prediction failed for a batch of {len(batch)} "
+                                                              f"requests"))
             return
         if self.on_batch is not None:
             self.on_batch(len(batch), len(inputs))

@@ -10,12 +10,24 @@ import numpy as np
 
 WINDOW = 10_000  # latencies kept per endpoint for the percentiles: the recent ones
 QUANTILES = (0.5, 0.95, 0.99)
+#: methods counted under their own name; any other (a client may send any token) is counted as ``other``
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def endpoint_label(method: str, route: str | None) -> str:
+    """``POST /v1/predict``; a method outside :data:`METHODS` becomes ``other``, and a path the app does not
+    have is ``unmatched`` whatever its method: clients cannot grow the label set."""
+    if route is None:
+        return "unmatched"
+    return f"{method if method in METHODS else 'other'} {route}"
 
 
 class ServerMetrics:
     """Counts per (endpoint, status), latency percentiles per endpoint over the last :data:`WINDOW` requests
-    (``total`` is over every request), and model batch sizes. Thread-safe; endpoints are route templates (``POST /v1/predict``), so unknown
-    paths share one label (``unmatched``) and the label set stays small.
+    (``total`` is over every request), model batch sizes, and connections refused below the app.
+
+    Thread-safe. Endpoints are :func:`endpoint_label` values (method and route template), so the label set is
+    bounded by the app's routes whatever clients send.
     """
 
     def __init__(self):
@@ -24,16 +36,25 @@ class ServerMetrics:
         self._counts: Counter[tuple[str, int]] = Counter()
         self._latency: dict[str, deque[float]] = {}
         self._latency_sum: Counter[str] = Counter()
+        self._refused: Counter[str] = Counter()
         self.batches = 0
         self.batch_inputs = 0
         self.batch_requests = 0
         self.largest_batch = 0
 
-    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+    def observe_request(self, method: str, route: str | None, status: int, seconds: float) -> None:
+        """Count one answered request (``route``: its route template, None for a path the app lacks)."""
+        endpoint = endpoint_label(method, route)
         with self._lock:
             self._counts[(endpoint, status)] += 1
             self._latency.setdefault(endpoint, deque(maxlen=WINDOW)).append(seconds * 1000)
             self._latency_sum[endpoint] += seconds
+
+    def observe_refused(self, reason: str) -> None:
+        """Count a connection closed before its request reached the app (``header_timeout``,
+        ``too_many_connections``)."""
+        with self._lock:
+            self._refused[reason] += 1
 
     def observe_batch(self, requests: int, inputs: int) -> None:
         with self._lock:
@@ -42,8 +63,8 @@ class ServerMetrics:
             self.batch_inputs += inputs
             self.largest_batch = max(self.largest_batch, inputs)
 
-    def snapshot(self, queued_inputs: int = 0) -> dict:
-        """The JSON form of ``GET /metrics``."""
+    def snapshot(self, queued_inputs: int = 0, buffered_bytes: int = 0) -> dict:
+        """The JSON form of ``GET /metrics`` (``queued_inputs`` and ``buffered_bytes``: the gauges now)."""
         with self._lock:
             requests: dict[str, dict[str, int]] = {}
             for (endpoint, status), n in sorted(self._counts.items()):
@@ -59,11 +80,12 @@ class ServerMetrics:
                     "batches": {"count": self.batches, "inputs": self.batch_inputs,
                                 "requests": self.batch_requests, "largest": self.largest_batch,
                                 "mean_inputs": round(self.batch_inputs / self.batches, 2) if self.batches else 0.0},
-                    "queued_inputs": queued_inputs}
+                    "refused_connections": dict(sorted(self._refused.items())), "queued_inputs": queued_inputs,
+                    "buffered_bytes": buffered_bytes}
 
-    def prometheus(self, queued_inputs: int = 0) -> str:
+    def prometheus(self, queued_inputs: int = 0, buffered_bytes: int = 0) -> str:
         """The Prometheus text exposition form (``GET /metrics?format=prometheus``)."""
-        snap = self.snapshot(queued_inputs)
+        snap = self.snapshot(queued_inputs, buffered_bytes)
         lines = ["# TYPE multitune_requests_total counter"]
         for endpoint, statuses in snap["requests"].items():
             for status, n in statuses.items():
@@ -79,5 +101,9 @@ class ServerMetrics:
         lines += ["# TYPE multitune_batches_total counter", f"multitune_batches_total {snap['batches']['count']}",
                   "# TYPE multitune_batch_inputs_total counter",
                   f"multitune_batch_inputs_total {snap['batches']['inputs']}",
-                  "# TYPE multitune_queued_inputs gauge", f"multitune_queued_inputs {queued_inputs}"]
+                  "# TYPE multitune_queued_inputs gauge", f"multitune_queued_inputs {queued_inputs}",
+                  "# TYPE multitune_buffered_bytes gauge", f"multitune_buffered_bytes {buffered_bytes}",
+                  "# TYPE multitune_refused_connections_total counter"]
+        for reason, n in snap["refused_connections"].items():
+            lines.append(f'multitune_refused_connections_total{{reason="{reason}"}} {n}')
         return "\n".join(lines) + "\n"

@@ -1,10 +1,16 @@
-"""Request and response bodies of the HTTP API (they make its OpenAPI spec)."""
+"""Request and response bodies of the HTTP API (they make its OpenAPI spec), and the one error body."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
+
+from multitune.errors import printable, shorten_message
+
+MAX_MESSAGE_CHARS = 1000
 
 
 class TextPair(BaseModel):
@@ -48,7 +54,27 @@ class HealthResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    error: str = Field(description="error kind: invalid_request, unknown_task, too_large, busy, not_found, "
-                                   "method_not_allowed, internal")
+    error: str = Field(description="error kind: invalid_request, unknown_task, too_large, busy, overloaded, "
+                                   "unauthorized, timeout, not_found, method_not_allowed, bad_request, non_finite, "
+                                   "internal")
     message: str = Field(description="one line for a person")
     valid_tasks: list[str] | None = Field(None, description="unknown_task: the model's tasks")
+
+
+def error_content(kind: str, message: str, **extra: Any) -> dict[str, Any]:
+    """``{"error": kind, "message": ...}``: the message on one line, control characters and lone surrogates
+    escaped (it may echo a client's text), at most :data:`MAX_MESSAGE_CHARS` characters."""
+    line = printable(shorten_message(" ".join(str(message).splitlines()), MAX_MESSAGE_CHARS))
+    return {"error": kind, "message": line, **extra}
+
+
+def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None,
+                   **extra: Any) -> JSONResponse:
+    """The JSON error every endpoint and limit answers with (see :func:`error_content`)."""
+    return JSONResponse(error_content(kind, message, **extra), status_code=status, headers=headers)
+
+
+def error_bytes(kind: str, message: str) -> bytes:
+    """The body of :func:`error_response` as bytes, for answers written below the ASGI app."""
+    return json.dumps(error_content(kind, message), ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":")).encode("utf-8")

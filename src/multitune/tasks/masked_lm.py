@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from multitune.config.parse import field
-from multitune.config.schema import TaskConfig
+from multitune.config.schema import MAX_SEED, TaskConfig
 from multitune.errors import ConfigError
 from multitune.tasks.base import (
     IGNORE_INDEX,
@@ -29,7 +29,8 @@ from multitune.tasks.base import (
 @dataclass
 class MaskedLMConfig(TaskConfig):
     mask_probability: float = field(0.15, help="fraction of tokens selected for prediction", gt=0.0, max=0.9)
-    eval_seed: int = field(1234, help="seed of the fixed masks used for evaluation, so perplexities compare")
+    eval_seed: int = field(1234, help="seed of the fixed masks used for evaluation, so perplexities compare",
+                           min=0, max=MAX_SEED)
 
 
 class MaskedLMHead(nn.Module):

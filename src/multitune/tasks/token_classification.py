@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from multitune.tasks.base import (
 
 # Words and single punctuation marks, the way CoNLL-style corpora split raw text.
 WORD_PATTERN = re.compile(r"\w+(?:[-']\w+)*|[^\w\s]")
+#: consecutive windows over a long input share 1/WINDOW_OVERLAP of a window's sub-tokens
+WINDOW_OVERLAP = 4
 
 
 @dataclass
@@ -57,6 +60,36 @@ def bio_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
     return spans
 
 
+def window_spans(length: int, size: int) -> list[tuple[int, int]]:
+    """Overlapping ``[start, end)`` windows of at most ``size`` sub-tokens over ``length`` sub-tokens, as the
+    transformers token-classification pipeline strides over a long input: consecutive windows share a
+    quarter of ``size`` (:data:`WINDOW_OVERLAP`), and the last one ends at ``length`` (a full window). An
+    input that fits is one window."""
+    if length <= size:
+        return [(0, length)]
+    step = max(1, size - size // WINDOW_OVERLAP)
+    return [(start, start + size) for start in [*range(0, length - size, step), length - size]]
+
+
+def window_owners(spans: Sequence[tuple[int, int]], length: int) -> list[int]:
+    """For each sub-token position, the window that predicts it: of the windows holding it, the one where
+    it is farthest from a cut (a window edge inside the input; the input's own start and end are no cut),
+    so that it sees the most context on both sides; ties go to the earlier window."""
+    owner = [0] * length
+    best = [-1.0] * length
+    for k, (start, end) in enumerate(spans):
+        for pos in range(start, end):
+            room = min(pos - start if start > 0 else math.inf, end - 1 - pos if end < length else math.inf)
+            if room > best[pos]:
+                owner[pos], best[pos] = k, room
+    return owner
+
+
+def first_rows(window_of: torch.Tensor) -> torch.Tensor:
+    """The rows of a windowed batch that are an example's first window (``window_of``: example per row)."""
+    return torch.cat([window_of.new_ones(1, dtype=torch.bool), window_of[1:] != window_of[:-1]])
+
+
 @TASKS.register("token_classification")
 class TokenClassificationTask(Task):
     """Per-word BIO tags; each word's label sits on its first sub-token, the other sub-tokens are ignored.
@@ -64,6 +97,11 @@ class TokenClassificationTask(Task):
     Metrics: entity-level ``precision``, ``recall``, ``f1`` (seqeval, exact span and type match).
     ``class_weights`` weight the cross-entropy per tag (``balanced``: inverse frequency of the training words'
     tags, counted per word, not per sub-token).
+
+    Long inputs: an example longer than ``max_length`` sub-tokens is cut into overlapping windows
+    (:func:`window_spans`); prediction and evaluation run every window and take each word's tag from the window
+    where the word is farthest from a cut (:func:`window_owners`), so every word is tagged and scored. Training
+    sees each example's first window only, as truncation gives it.
     """
 
     config_class = TokenClassificationConfig
@@ -118,61 +156,107 @@ class TokenClassificationTask(Task):
                 "offsets": [(m.start(), m.end()) for m in matches]}
 
     def encode(self, examples: Sequence[dict], tokenizer: Any, max_length: int) -> list[dict]:
-        enc = tokenizer([list(ex["tokens"]) for ex in examples], is_split_into_words=True, truncation=True,
-                        max_length=max_length, padding=False)
+        """One feature per example. An example longer than ``max_length`` tokens is cut into overlapping
+        windows (see :func:`window_spans`): the feature's own ``input_ids`` and ``labels`` are the first
+        window, exactly what truncation gives (training sees that); ``windows`` holds the others, which
+        :meth:`collate` adds as rows of their own so that prediction and evaluation tag every word."""
+        # verbose=False: no "sequence longer than the model's maximum" notice, the windows take care of it
+        enc = tokenizer([list(ex["tokens"]) for ex in examples], is_split_into_words=True, truncation=False,
+                        padding=False, verbose=False)
         feats = []
         for i, ex in enumerate(examples):
-            word_ids = enc.word_ids(i)
+            ids, word_ids = enc["input_ids"][i], enc.word_ids(i)
+            types = enc["token_type_ids"][i] if "token_type_ids" in enc else None
             first = [w if w is not None and (j == 0 or word_ids[j - 1] != w) else -1
                      for j, w in enumerate(word_ids)]
-            feat = {"input_ids": enc["input_ids"][i], "word_index": first}
-            if "token_type_ids" in enc:
-                feat["token_type_ids"] = enc["token_type_ids"][i]
-            if ex.get("tags") is not None:
-                feat["labels"] = [self.label_index[ex["tags"][w]] if w >= 0 else IGNORE_INDEX for w in first]
+            head = next((j for j, w in enumerate(word_ids) if w is not None), len(ids))  # leading special tokens
+            tail = next((j for j, w in enumerate(reversed(word_ids)) if w is not None), 0)  # trailing ones
+            content = len(ids) - head - tail
+            spans = window_spans(content, max(1, max_length - head - tail))
+            owner = window_owners(spans, content)
+            rows = []
+            for k, (start, end) in enumerate(spans):
+                keep = [*range(head), *range(head + start, head + end), *range(len(ids) - tail, len(ids))]
+                # the words this window predicts: those whose first piece is farthest from a cut here
+                row = {"input_ids": [ids[j] for j in keep],
+                       "word_index": [first[j] if first[j] >= 0 and owner[j - head] == k else -1 for j in keep]}
+                if types is not None:
+                    row["token_type_ids"] = [types[j] for j in keep]
+                rows.append((keep, row))
+            keep, feat = rows[0]
+            if ex.get("tags") is not None:  # on every word of the first window, as truncation would give
+                feat["labels"] = [self.label_index[ex["tags"][first[j]]] if first[j] >= 0 else IGNORE_INDEX
+                                  for j in keep]
+            if len(rows) > 1:
+                feat["windows"] = [row for _, row in rows[1:]]
             feats.append(feat)
         return feats
 
     def collate(self, features, pad_token_id, generator=None):
-        batch = collate_inputs(features, pad_token_id)
-        batch["word_index"] = pad([f["word_index"] for f in features], -1)
+        """Pad the features into one batch. A feature with ``windows`` gives one row per window, in order;
+        ``window_of`` (only present then) names the feature of each row. ``labels`` has one row per feature
+        (its first window), as wide as the batch."""
+        rows = [w for f in features for w in (f, *f.get("windows", ()))]
+        batch = collate_inputs(rows, pad_token_id)
+        batch["word_index"] = pad([r["word_index"] for r in rows], -1)
         if "labels" in features[0]:
-            batch["labels"] = pad([f["labels"] for f in features], IGNORE_INDEX)
+            labels = torch.full((len(features), batch["input_ids"].shape[1]), IGNORE_INDEX, dtype=torch.long)
+            for i, f in enumerate(features):
+                labels[i, :len(f["labels"])] = torch.tensor(f["labels"], dtype=torch.long)
+            batch["labels"] = labels
+        if len(rows) > len(features):
+            batch["window_of"] = torch.tensor([i for i, f in enumerate(features)
+                                               for _ in range(1 + len(f.get("windows", ())))])
         return batch
 
     def build_head(self, hidden_size: int) -> nn.Module:
         return LinearHead(hidden_size, len(self.labels), self.config.dropout)
 
     def forward(self, model, head, batch) -> TaskOutput:
+        """The training pass: each example's first window only (a long example trains as if truncated)."""
+        if "window_of" in batch:
+            first = first_rows(batch["window_of"])
+            batch = {k: v if k in ("labels", "window_of") else v[first] for k, v in batch.items()}
+            batch.pop("window_of")
+        return self.infer(model, head, batch)
+
+    def infer(self, model, head, batch) -> TaskOutput:
+        """Logits of every row of the batch (every window of a long example); the loss, when the batch has
+        labels, is over each example's first window, as in training."""
         hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         logits = head(hidden).float()
         loss = None
         if "labels" in batch:
+            scored = logits[first_rows(batch["window_of"])] if "window_of" in batch else logits
             weight = None if self.weights is None else torch.tensor(self.weights, device=logits.device)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), batch["labels"].view(-1), weight=weight,
+            loss = F.cross_entropy(scored.reshape(-1, scored.size(-1)), batch["labels"].view(-1), weight=weight,
                                    ignore_index=IGNORE_INDEX)
         return TaskOutput(loss, {"logits": logits})
 
     def decode(self, output, batch, examples) -> list[dict]:
+        """Tags and entities per example. Each word takes its tag from the one row (window) whose
+        ``word_index`` holds it; a word with no sub-token (e.g. a lone control character) stays ``O``."""
         probs = torch.softmax(output.outputs["logits"], dim=-1)
-        best_p, best = probs.max(dim=-1)
-        preds = []
-        for row, ex in enumerate(examples):
-            n_words = len(ex["tokens"])
-            tags, scores = ["O"] * n_words, [1.0] * n_words  # words cut off by truncation stay O
-            for pos, w in enumerate(batch["word_index"][row].tolist()):
+        best_p, best = (t.tolist() for t in probs.max(dim=-1))
+        owner = batch["window_of"].tolist() if "window_of" in batch else list(range(len(examples)))
+        tags = [["O"] * len(ex["tokens"]) for ex in examples]
+        scores = [[1.0] * len(ex["tokens"]) for ex in examples]
+        for row, (i, words) in enumerate(zip(owner, batch["word_index"].tolist())):
+            for pos, w in enumerate(words):
                 if w >= 0:
-                    tags[w] = self.labels[best[row, pos]]
-                    scores[w] = float(best_p[row, pos])
+                    tags[i][w] = self.labels[best[row][pos]]
+                    scores[i][w] = float(best_p[row][pos])
+        preds = []
+        for ex, ex_tags, ex_scores in zip(examples, tags, scores):
             entities = []
-            for kind, start, end in bio_spans(tags):
+            for kind, start, end in bio_spans(ex_tags):
                 ent = {"type": kind, "text": " ".join(ex["tokens"][start:end]), "start_token": start,
-                       "end_token": end, "score": round(min(scores[start:end]), 6)}
+                       "end_token": end, "score": round(min(ex_scores[start:end]), 6)}
                 if ex.get("offsets"):
                     ent["start"], ent["end"] = ex["offsets"][start][0], ex["offsets"][end - 1][1]
                     ent["text"] = ex["text"][ent["start"]:ent["end"]]
                 entities.append(ent)
-            preds.append({"tags": tags, "entities": entities})
+            preds.append({"tags": ex_tags, "entities": entities})
         return preds
 
     def compute_metrics(self, predictions, examples) -> dict[str, float]:
@@ -188,7 +272,7 @@ class TokenClassificationTask(Task):
         config = {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
                   "label2id": {lab: i for i, lab in enumerate(self.labels)}}
         return ExportSpec("token_classification", "token-classification", config, list(PROBE_TEXTS),
-                          lambda model, head, batch: self.forward(model, head, batch).outputs["logits"])
+                          lambda model, head, batch: self.infer(model, head, batch).outputs["logits"])
 
     def state(self) -> dict:
         return {"labels": self.labels, "class_weights": self.weights}

@@ -6,6 +6,8 @@ checkpoint is only removed once the new one is complete.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import pickle
@@ -19,7 +21,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from multitune.errors import MultituneError
-from multitune.fileio import recover_dir, replace_dir, write_json_atomic
+from multitune.fileio import recover_dir, replace_dir, write_text_atomic
 
 STATE_FILE = "trainer_state.json"
 
@@ -39,18 +41,99 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, model: nn.Module, weighting: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: dict) -> None:
-    """Write a complete checkpoint at ``path`` (atomically replacing an older one)."""
+    """Write a complete checkpoint at ``path`` (atomically replacing an older one).
+
+    Raises:
+        MultituneError: the disk or quota filled up; the temporary directory is removed and the message names
+            the file and the last good checkpoint.
+    """
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # half-written by a process that was killed
-        shutil.rmtree(stale)
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    if weighting.state_dict():  # learned weights and the state in buffers (e.g. loss histories)
-        save_model(weighting, str(tmp / "weighting.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()},
-               tmp / "optimizer.pt")
-    write_json_atomic(tmp / STATE_FILE, state)
-    replace_dir(tmp, path)
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        if weighting.state_dict():  # learned weights and the state in buffers (e.g. loss histories)
+            save_model(weighting, str(tmp / "weighting.safetensors"))
+        _torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()},
+                    tmp / "optimizer.pt")
+        # Python's JSON (NaN kept): a resumed run must see exactly the counters it saved
+        write_text_atomic(tmp / STATE_FILE, json.dumps(state, indent=2, ensure_ascii=False) + "\n")
+        replace_dir(tmp, path)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc):
+            last = find_checkpoint(path)
+            raise MultituneError(f"{_failed_file(exc, tmp)}: {_reason(exc)} while writing checkpoint "
+                                 f"{path.name}; "
+                                 + (f"the last good checkpoint is {last} (free space, then resume with --resume)"
+                                    if last is not None else "no checkpoint of this run was written yet")) from None
+        raise
+
+
+class _Recorder(io.RawIOBase):
+    """A file that keeps the OSError of a failed write: torch.save reports it only as an opaque RuntimeError."""
+
+    def __init__(self, fh: Any):
+        self.fh, self.error = fh, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as fh:
+        recorder = _Recorder(fh)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                recorder.error.filename = recorder.error.filename or str(path)
+                raise recorder.error from None
+            raise
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk, the quota or the file-size limit was reached (also when safetensors or
+    torch wrapped the OSError in their own exception)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left on device", "Disk quota exceeded", "File too large"))
+
+
+def _reason(exc: BaseException) -> str:
+    strerror = getattr(exc, "strerror", None)
+    return strerror.lower() if isinstance(strerror, str) else "the disk is full (or a quota or file-size limit " \
+                                                             "was reached)"
+
+
+def _failed_file(exc: BaseException, tmp: Path) -> str:
+    return str(getattr(exc, "filename", None) or tmp)
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process that named a temporary directory still runs (its files are not ours to delete)."""
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return False  # our own leftover
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def find_checkpoint(path: Path) -> Path | None:

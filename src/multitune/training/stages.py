@@ -17,8 +17,10 @@ from rich.console import Console
 from multitune.config.adapters import AdapterConfig
 from multitune.config.loader import save_config, stage_training
 from multitune.config.schema import BackboneConfig, RunConfig, StageConfig
+from multitune.data.fingerprint import data_files
 from multitune.errors import ConfigError, MultituneError
 from multitune.fileio import replace_dir, write_json_atomic, write_text_atomic
+from multitune.rundir import check_output_dir, clear_dir, lock_dir, write_marker
 from multitune.tasks import TASKS
 
 FORGETTING = "forgetting"
@@ -31,7 +33,8 @@ def _stage_dir(out: Path, index: int, name: str) -> Path:
 
 def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None,
                  progress: bool = True, stage_adapters: list[AdapterConfig] | None = None,
-                 as_given: RunConfig | None = None) -> dict:
+                 as_given: RunConfig | None = None, accept_changed_data: bool = False,
+                 protect: tuple[Path, ...] = ()) -> dict:
     """Run ``config.stages`` in order (see :func:`multitune.training.train`).
 
     Every stage's run directory holds all tasks (so splits and heads are the same in every stage); a stage
@@ -44,15 +47,18 @@ def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = Fals
     Args:
         stage_adapters: the ``adapters`` section of each stage (default: the run's, in every stage).
         as_given: the config as the user wrote it, saved and compared on ``--resume`` (default: ``config``).
+        accept_changed_data, protect: as for :func:`multitune.training.train`.
 
     Raises:
         ConfigError, DataError, MultituneError: as :func:`multitune.training.train`.
     """
-    from multitune.training.trainer import StagePlan, _check_output_dir, train
+    from multitune.training.run_dir import check_run_dir
+    from multitune.training.trainer import StagePlan, train
 
     console = console or Console(stderr=True)
     out = Path(config.output_dir)
-    _check_output_dir(as_given or config, out, resume, overwrite, clear=False)
+    check_run_dir(as_given or config, out, resume, overwrite, protect)
+    protected = (*protect, *data_files(config))
     plans = []
     seen: list[str] = []
     for i, stage in enumerate(config.stages):
@@ -72,9 +78,11 @@ def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = Fals
         if prepared:
             return
         prepared = True
-        if overwrite and not resume and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+        lock_dir(out)
+        if check_output_dir(out, overwrite=overwrite, resume=resume, protected=protected) \
+                and overwrite and not resume:
+            clear_dir(out, protected)
+        write_marker(out, "run")
         save_config(as_given or config, out / "config.yaml")
 
     rows: dict[str, dict[str, float]] = {}  # task -> stage name -> main metric
@@ -104,7 +112,8 @@ def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = Fals
 
             plan = StagePlan(active=list(stage.tasks), seen=seen_now, replay=stage.replay,
                              init_from=None if previous is None else previous / "model", before_write=start_stage)
-            results = train(sub, resume=resume, overwrite=overwrite, console=console, progress=progress, plan=plan)
+            results = train(sub, resume=resume, overwrite=overwrite, console=console, progress=progress, plan=plan,
+                            accept_changed_data=accept_changed_data, protect=protect)
         previous = Path(sub.output_dir)
         stage_results.append({"stage": stage.name, "tasks": list(stage.tasks), "replay": stage.replay,
                               "validation": results["validation"], "train": results["train"]})
@@ -134,7 +143,7 @@ def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = Fals
 
 
 def train_fusion(config: RunConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, accept_changed_data: bool = False, protect: tuple[Path, ...] = ()) -> dict:
     """AdapterFusion (Pfeiffer et al. 2021) as two stages of one run: ``adapters`` trains one bottleneck
     adapter per task (every task); ``fusion`` freezes them and trains, for each target task, fusion layers
     over all of them and the task's head (``adapters.fusion_steps`` steps). The forgetting matrix of the run
@@ -156,7 +165,8 @@ def train_fusion(config: RunConfig, resume: bool = False, overwrite: bool = Fals
                      StageConfig(tasks=targets, name="fusion",
                                  training={"max_steps": steps, "eval_every": min(config.training.eval_every, steps)})]
     return train_stages(staged, resume=resume, overwrite=overwrite, console=console, progress=progress,
-                        stage_adapters=[per_task, fusion], as_given=config)
+                        stage_adapters=[per_task, fusion], as_given=config,
+                        accept_changed_data=accept_changed_data, protect=protect)
 
 
 def _main_metric(task_cls, name: str, metrics: dict[str, float]) -> str:

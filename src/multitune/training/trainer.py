@@ -24,6 +24,7 @@ from multitune.backbones import load_backbone
 from multitune.config.parse import to_dict
 from multitune.config.schema import RunConfig
 from multitune.data import TaskData, load_task_data
+from multitune.data.fingerprint import check_unchanged, data_files, fingerprints
 from multitune.errors import ConfigError, MultituneError
 from multitune.evaluation.evaluator import evaluate_task, selection_value
 from multitune.export.usage import run_model_card
@@ -38,20 +39,27 @@ from multitune.optim import (
     parameter_table,
 )
 from multitune.reporting.trackers import attach_trackers
+from multitune.rundir import check_output_dir, clear_dir, lock_dir, lock_scope, write_marker
 from multitune.sampling import SAMPLERS
 from multitune.sampling.replay import ReplaySampler
 from multitune.tasks import TASKS, Task
 from multitune.training.batching import TaskBatcher
-from multitune.training.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint
+from multitune.training.checkpoint import (
+    STATE_FILE,
+    disk_full,
+    find_checkpoint,
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+)
 from multitune.training.distributed import all_processes, average_gradients, ddp_kwargs, shard_batch
 from multitune.training.hardware import resolve_attention, resolve_precision
 from multitune.training.multistep import WeightedStep
 from multitune.training.per_task import PER_TASK_DIR, STATE_KEY, PerTaskBest
 from multitune.training.progress import TrainingProgress, print_parameter_table, print_results_table
+from multitune.training.run_dir import CHECKPOINTS, check_run_dir
 from multitune.training.runlog import RunLog
 from multitune.weighting import WEIGHTINGS
-
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -89,42 +97,6 @@ def tokenize_all(prepared: dict[str, PreparedTask], tokenizer: Any, max_length: 
             p.features[split] = p.task.encode(examples, tokenizer, max_length)
 
 
-def _check_output_dir(config: RunConfig, out: Path, resume: bool, overwrite: bool, clear: bool = True) -> bool:
-    """Return True when the run resumes from a checkpoint. Refuses to mix two runs in one directory.
-
-    With ``overwrite`` and ``clear`` a non-empty ``out`` is removed here; without ``clear`` the caller removes
-    it once the run has passed every check, so that a run that fails validation leaves it as it was.
-    """
-    if out.exists() and not out.is_dir():
-        raise MultituneError(f"output_dir: {out} exists and is not a directory")
-    if resume:
-        saved = out / "config.yaml"
-        if saved.exists():
-            import yaml
-
-            previous = yaml.safe_load(saved.read_text(encoding="utf-8"))
-            current = to_dict(config)
-            if previous != current:
-                diff = _differences(previous, current)
-                raise MultituneError(f"{out}: --resume with a different config (differs in: {', '.join(diff)})")
-        return find_checkpoint(out / CHECKPOINTS / "last") is not None
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise MultituneError(f"output_dir: {out} is not empty; pass --overwrite to replace it or "
-                                 f"--resume to continue the run in it")
-        if clear:
-            shutil.rmtree(out)
-    return False
-
-
-def _differences(old: Any, new: Any, path: str = "") -> list[str]:
-    """Dotted paths of the fields in which two plain-data configs differ."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str)
-                for d in _differences(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))]
-    return [] if old == new else [path]
-
-
 @dataclass
 class StagePlan:
     """What one stage of sequential training does (see :mod:`multitune.training.stages`).
@@ -146,7 +118,8 @@ class StagePlan:
 
 
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None,
-          progress: bool = True, plan: StagePlan | None = None, on_evaluate: Any = None) -> dict:
+          progress: bool = True, plan: StagePlan | None = None, on_evaluate: Any = None,
+          accept_changed_data: bool = False, protect: tuple[Path, ...] = ()) -> dict:
     """Train one multi-task model as ``config`` says and write the run directory.
 
     Args:
@@ -158,28 +131,41 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         on_evaluate: called after each validation evaluation (after its checkpoint) with keywords ``step``,
             ``results`` (task -> metrics), ``tasks`` and ``model``; what it raises ends the run (a search
             prunes a trial so). Not called by staged or AdapterFusion runs.
+        accept_changed_data: resume even when a data file differs from the one the checkpoint was trained on.
+        protect: more paths ``--overwrite`` must never clear (e.g. the config file); the run's data files,
+            the current and home directories and filesystem roots are always protected.
 
     Returns:
         The content of ``results.json``.
 
     Raises:
         ConfigError, DataError, MultituneError: bad config, data or run directory; nothing is written then.
+            The run directory is locked while the run writes it: a second process gets a one-line error.
     """
-    console = console or Console(stderr=True)
+    with lock_scope():
+        return _train(config, resume, overwrite, console or Console(stderr=True), progress, plan, on_evaluate,
+                      accept_changed_data, tuple(protect))
+
+
+def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, progress: bool,
+           plan: StagePlan | None, on_evaluate: Any, accept_changed_data: bool, protect: tuple[Path, ...]) -> dict:
     if config.adapters is not None and config.adapters.arrangement == "fusion" and plan is None:
         from multitune.training.stages import train_fusion
 
-        return train_fusion(config, resume=resume, overwrite=overwrite, console=console, progress=progress)
+        return train_fusion(config, resume=resume, overwrite=overwrite, console=console, progress=progress,
+                            accept_changed_data=accept_changed_data, protect=protect)
     if config.stages and plan is None:
         from multitune.training.stages import train_stages
 
-        return train_stages(config, resume=resume, overwrite=overwrite, console=console, progress=progress)
+        return train_stages(config, resume=resume, overwrite=overwrite, console=console, progress=progress,
+                            accept_changed_data=accept_changed_data, protect=protect)
     tcfg = config.training
     out = Path(config.output_dir)
     tasks = build_tasks(config)
     _check_sampling(config, list(tasks))
     prepared = read_task_data(config, tasks)
-    resuming = _check_output_dir(config, out, resume, overwrite, clear=False)
+    resuming = check_run_dir(config, out, resume, overwrite, protect)
+    inputs = fingerprints(data_files(config))  # recorded in every checkpoint; resume compares them
 
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -289,16 +275,25 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     ckpt_last, ckpt_best = out / CHECKPOINTS / "last", out / CHECKPOINTS / "best"
     running: dict[str, list[float]] = {n: [] for n in names}  # train losses since the last log line
     if resuming:  # before anything is written: a checkpoint that does not load leaves the run as it was
-        state = load_checkpoint(find_checkpoint(ckpt_last), core, weighting, optimizer, scheduler, restore_rng=True)
+        found = find_checkpoint(ckpt_last)
+        state = load_checkpoint(found, core, weighting, optimizer, scheduler, restore_rng=True)
+        if not accept_changed_data:
+            check_unchanged(state.get("data_files"), inputs, found)
+        try:
+            sampler.load_state_dict(state.pop("sampler"))
+            running = state.pop("running")
+            for n, b in batchers.items():
+                b.load_state_dict(state["batchers"][n])
+            int(state["step"])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise MultituneError(f"{found / STATE_FILE}: the checkpoint's trainer state is damaged or from "
+                                 f"another run ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); it "
+                                 f"cannot be resumed") from None
+        state.setdefault("bad_steps", {})  # checkpoints written before the numerical guard
+        state.setdefault("bad_in_a_row", 0)
         if accelerator.is_main_process:  # a run killed just after replacing a checkpoint may not write it again
             for directory in (ckpt_last, ckpt_best):
                 discard_stale_copy(directory)
-        sampler.load_state_dict(state.pop("sampler"))
-        running = state.pop("running")
-        for n, b in batchers.items():
-            b.load_state_dict(state["batchers"][n])
-        state.setdefault("bad_steps", {})  # checkpoints written before the numerical guard
-        state.setdefault("bad_in_a_row", 0)
 
     # everything is checked: from here on the run writes into its directory and reports on the console
     for name, p in prepared.items():
@@ -322,15 +317,19 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     if accelerator.is_main_process:
         if plan is not None and plan.before_write is not None:
             plan.before_write()
-        if overwrite and not resume and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+        lock_dir(out)  # one writer: a second process into the same directory stops here with one line
+        # checked again under the lock: another process may have written the directory since the first check
+        if check_output_dir(out, overwrite=overwrite, resume=resume, protected=(*protect, *data_files(config))) \
+                and overwrite and not resume:
+            clear_dir(out, (*protect, *data_files(config)))
+        write_marker(out, "run")
         save_config(config, out / "config.yaml")
         write_json_atomic(out / "parameters.json", table)
     print_parameter_table(console, table)
     if resuming:
         if accelerator.is_main_process:  # lines logged after the checkpoint belong to steps trained again
-            kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= state["step"]]
+            kept = [r for r in read_jsonl(out / "metrics.jsonl")
+                    if isinstance(r.get("step", 0), int) and r.get("step", 0) <= state["step"]]
             write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         if unfreezer is not None:
             unfreezer.update(state["step"])
@@ -363,7 +362,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         return results
 
     def snapshot() -> dict:
-        return {**state, "sampler": sampler.state_dict(), "running": running,
+        return {**state, "data_files": inputs, "sampler": sampler.state_dict(), "running": running,
                 "batchers": {n: b.state_dict() for n, b in batchers.items()}}
 
     trainable = [p for g in groups for p in g["params"]]
@@ -532,20 +531,39 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         if fusion_attention:
             results["adapters"]["fusion_attention"] = fusion_attention
     if accelerator.is_main_process:
-        tmp = out / ".model.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        core.save(tmp, extra={"backbone_source": to_dict(config.backbone), "trained_steps": state["step"]})
-        run_model_card(tmp, out / "model", {**core.metadata(), "backbone_source": to_dict(config.backbone)},
-                       results, to_dict(config))
-        replace_dir(tmp, out / "model")
+        _save_model(core, out, config, results, state["step"])
         write_transfer(out, results)  # the mean affinity matrices (results["transfer"]) and affinity.png
         write_json_atomic(out / "results.json", results)
-        _plot(out)
-        _plot_confusions(out, prepared, val_predictions)
+        try:  # the model and results are saved: a report that fails must not fail the run
+            _plot(out)
+            _plot_confusions(out, prepared, val_predictions)
+        except Exception as exc:  # noqa: BLE001 - plots are a convenience; the run's outputs are complete
+            console.print(f"[yellow]warning[/]: plots were not written ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:200]})")
         print_results_table(console, results, tasks)
     log.close()
     return results
+
+
+def _save_model(core: MultiTaskModel, out: Path, config: RunConfig, results: dict, step: int) -> None:
+    """Write ``out/model`` through a temporary directory; a full disk is one line that names the file and the
+    last good checkpoint, and leaves no temporary directory behind."""
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        core.save(tmp, extra={"backbone_source": to_dict(config.backbone), "trained_steps": step})
+        run_model_card(tmp, out / "model", {**core.metadata(), "backbone_source": to_dict(config.backbone)},
+                       results, to_dict(config))
+        replace_dir(tmp, out / "model")
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc):
+            last = find_checkpoint(out / CHECKPOINTS / "last")
+            raise MultituneError(f"{getattr(exc, 'filename', None) or tmp}: the disk is full (or a quota or "
+                                 f"file-size limit was reached) while writing the final model; "
+                                 + (f"the last good checkpoint is {last} (free space, then resume with --resume)"
+                                    if last is not None else "no checkpoint was written")) from None
+        raise
 
 
 def _skip_step(state: dict, bad: tuple[str, str], max_bad_steps: int, out: Path, console: Console,
