@@ -16,6 +16,9 @@ that each declare a 1 MB body, send all of it but 1,000 bytes and stall. Each re
 closes it, so the pressure lasts the whole measurement. The server's RSS is sampled every 0.1 s: its peak in
 each phase, and what is left 5 s after the attackers are gone.
 
+Burst: 1,000 one-text requests from 16 clients as fast as they are answered, clean and with every tenth
+request holding a lone surrogate (valid JSON, text that cannot be encoded): the wall time of each burst.
+
 Writes bench/results/serving-<date>.json and .md.
 
     python bench/serving.py [RUN_DIR] [--clients 1 4 16] [--seconds 20] [--attack-only | --no-attack]
@@ -105,6 +108,49 @@ def _cell(url: str, mode: str, clients: int, seconds: float, texts, pairs, tasks
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
             "model_batches": batches,
             "inputs_per_batch": round((after["inputs"] - before["inputs"]) / max(batches, 1), 2)}
+
+
+# -- burst with poisoned inputs ---------------------------------------------------------------------------------
+
+BURST_REQUESTS, BURST_CLIENTS = 1000, 16
+
+
+def _burst(url: str, poisoned_share: float, texts: list[str]) -> dict:
+    """``BURST_REQUESTS`` one-text requests from ``BURST_CLIENTS`` clients as fast as they are answered; every
+    ``1 / poisoned_share``-th holds a lone surrogate (valid JSON, not encodable text). Wall time of the burst."""
+    import httpx
+
+    every = round(1 / poisoned_share) if poisoned_share else 0
+    bodies = []
+    for i in range(BURST_REQUESTS):
+        text = json.dumps(texts[i % len(texts)])[1:-1]
+        if every and i % every == every - 1:
+            text += "\\ud800"  # the JSON escape of a lone surrogate
+        bodies.append(('{"inputs": ["' + text + '"], "tasks": ["sentiment"]}').encode())
+    statuses: list[int] = []
+    lock = threading.Lock()
+    queue = iter(bodies)
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=120, headers={"content-type": "application/json"}) as c:
+            while True:
+                with lock:
+                    body = next(queue, None)
+                if body is None:
+                    return
+                status = c.post("/v1/predict", content=body).status_code
+                with lock:
+                    statuses.append(status)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(BURST_CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"poisoned_share": poisoned_share, "requests": len(statuses), "wall_s": round(wall, 2),
+            "status_counts": {str(k): statuses.count(k) for k in sorted(set(statuses))}}
 
 
 # -- attack: slow and stalled clients ---------------------------------------------------------------------------
@@ -298,7 +344,7 @@ def main() -> None:
         tasks = httpx.get(f"{url}/v1/tasks").json()["tasks"]
         _cell(url, "all", 2, 3, texts, pairs, tasks)  # warm-up
         load = os.getloadavg()[0]
-        cells, attack = [], None
+        cells, attack, burst = [], None, []
         for mode in ("all", "one") if not args.attack_only else ():
             for clients in args.clients:
                 cell = _cell(url, mode, clients, args.seconds, texts, pairs, tasks)
@@ -307,6 +353,8 @@ def main() -> None:
         if not args.no_attack:
             attack = _attack_rows(url, server.pid, args.seconds, texts, pairs, tasks)
             print(json.dumps(attack), flush=True)
+            burst = [_burst(url, share, texts) for share in (0.0, 0.1)]
+            print(json.dumps(burst), flush=True)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -315,7 +363,7 @@ def main() -> None:
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "load_average_at_start": round(load, 2)},
               "server": "multitune serve defaults: max batch 32 inputs, max wait 5 ms", "cells": cells,
-              "attack": attack}
+              "attack": attack, "burst": burst}
     dest = REPO / "bench" / "results"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"serving-{date}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -339,6 +387,12 @@ def main() -> None:
                       f"left: {attack['rss_after_mb']} MB. Refused connections: "
                       f"{attack['server_refused_connections']}; predict answers 408/503: "
                       f"{attack['server_predict_408_503']}."]
+    if burst:
+        lines += ["", f"Burst: {BURST_REQUESTS} one-text requests from {BURST_CLIENTS} clients; poisoned ones hold a "
+                      "lone surrogate (valid JSON, text that cannot be encoded).", "",
+                  "| poisoned | wall s | answers |", "|---|---|---|"]
+        lines += [f"| {b['poisoned_share']:.0%} | {b['wall_s']} | {b['status_counts']} |" for b in burst]
+        lines.append(f"\nPoisoned burst / clean burst: {burst[1]['wall_s'] / burst[0]['wall_s']:.2f}x")
     (dest / f"serving-{date}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

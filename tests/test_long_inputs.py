@@ -80,6 +80,10 @@ def test_first_window_is_what_truncation_gives(model):
             [{k: v for k, v in feat.items() if k != "windows"},
              task.encode([{"tokens": ["a"], "tags": ["O"]}], tok, MAX_LENGTH)[0]], 0))
     assert torch.allclose(trained.loss, first_only.loss)
+    # the features training draws its batches from carry no extra windows: nothing padded or counted for them
+    (train_feat,) = task.training_features([feat])
+    assert "windows" not in train_feat and train_feat["input_ids"] == feat["input_ids"] and "windows" in feat
+    assert "window_of" not in task.collate([train_feat], 0)
 
 
 def test_every_word_is_tagged_by_its_window(model):

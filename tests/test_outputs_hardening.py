@@ -72,6 +72,32 @@ def test_bounded_confusion_keeps_every_count():
     assert small == (labels[:3], [row[:3] for row in matrix[:3]])
 
 
+def test_a_task_with_many_labels_counts_its_confusions_sparsely():
+    """Above DENSE_CONFUSION_LABELS labels the rows store only their non-zero cells (10,000 labels would be
+    100 million cells); the bounded plot reads them the same as dense rows."""
+    from multitune.config.parse import from_dict
+    from multitune.tasks import TASKS
+    from multitune.tasks.base import DENSE_CONFUSION_LABELS, CountRow
+
+    impl = TASKS.get("classification")
+    n = DENSE_CONFUSION_LABELS + 500
+    task = impl("t", from_dict(impl.config_class, {"type": "classification",
+                                                     "labels": [f"c{i}" for i in range(n)]}))
+    task.setup([])
+    gold = [{"label": f"c{i % 7}"} for i in range(50)]
+    preds = [{"label": f"c{(i * 3) % 11}"} for i in range(50)]
+    labels, rows = task.confusion(preds, gold)
+    assert len(labels) == n and all(isinstance(r, CountRow) for r in rows)
+    assert sum(len(r.cells) for r in rows) <= 50 and sum(r.total() for r in rows) == 50
+    assert rows[0][0] == sum(1 for i in range(50) if i % 7 == 0 and (i * 3) % 11 == 0) and rows[n - 1][5] == 0
+    with pytest.raises(IndexError):
+        rows[0][n]
+    dense = [list(r) for r in rows[:12]]  # reads as a sequence of n counts
+    assert all(len(r) == n for r in dense) and sum(map(sum, dense)) == 50
+    shown, counts = bounded_confusion(labels, rows)
+    assert len(shown) == MAX_SHOWN_LABELS + 1 and sum(map(sum, counts)) == 50
+
+
 def test_many_labels_plots_and_report_are_bounded(many_labels_run):
     from PIL import Image
 

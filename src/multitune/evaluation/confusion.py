@@ -35,7 +35,7 @@ def bounded_confusion(labels: Sequence[str], matrix: Sequence[Sequence[int]], li
     n = len(labels)
     if n <= limit:
         return list(labels), [[int(v) for v in row] for row in matrix]
-    totals = [int(sum(row)) for row in matrix]
+    totals = [int(row.total()) if hasattr(row, "total") else int(sum(row)) for row in matrix]  # sparse rows
     top = sorted(range(n), key=lambda i: (-totals[i], i))[:limit]
     slot = {gold: k for k, gold in enumerate(top)}
     out = [[0] * (limit + 1) for _ in range(limit + 1)]

@@ -66,6 +66,38 @@ class ExportSpec:
     logits: Callable[[MultiTaskModel, nn.Module, dict], torch.Tensor] | None = None
 
 
+#: label counts up to which confusion matrices are dense lists; above, rows are :class:`CountRow`
+DENSE_CONFUSION_LABELS = 1000
+
+
+class CountRow:
+    """One gold label's row of a sparse confusion matrix: reads as a sequence of ``n`` counts (0 where nothing
+    was predicted) and stores only the non-zero cells."""
+
+    __slots__ = ("cells", "n")
+
+    def __init__(self, n: int):
+        self.n, self.cells = n, {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        if not -self.n <= index < self.n:
+            raise IndexError(index)
+        return self.cells.get(index % self.n, 0)
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self.cells[index % self.n] = value
+
+    def __iter__(self):
+        return (self.cells.get(i, 0) for i in range(self.n))
+
+    def total(self) -> int:
+        """The row's sum without reading its zeros."""
+        return sum(self.cells.values())
+
+
 class Task(ABC):
     """One task of a multi-task run.
 
@@ -124,6 +156,11 @@ class Task(ABC):
     def collate(self, features: Sequence[dict], pad_token_id: int, generator: torch.Generator | None = None
                 ) -> dict[str, torch.Tensor]:
         """Pad a list of features into one batch of tensors (dynamic padding to the longest row)."""
+
+    def training_features(self, features: list[dict]) -> list[dict]:
+        """The features training batches are drawn from (default: all of :meth:`encode`'s output); a task drops
+        here what only prediction and evaluation need, so that training never pads or counts it."""
+        return features
 
     def example_from_input(self, item: Any) -> dict:
         """Turn a raw prediction input (a string, a pair, a dict) into an example."""
@@ -197,7 +234,8 @@ class Task(ABC):
 
         Returns:
             ``(labels, counts)`` with ``counts[gold][predicted]`` in label order, or None when the task has no
-            such matrix (default).
+            such matrix (default). Rows are lists, or :class:`CountRow` (sparse) above
+            :data:`DENSE_CONFUSION_LABELS` labels.
         """
         return None
 

@@ -16,9 +16,11 @@ from multitune.config.parse import field
 from multitune.config.schema import TaskConfig
 from multitune.errors import ConfigError, DataError
 from multitune.tasks.base import (
+    DENSE_CONFUSION_LABELS,
     PROBE_TEXTS,
     SENTENCE_HEADS,
     TASKS,
+    CountRow,
     ExportSpec,
     LinearHead,
     PoolerHead,
@@ -284,7 +286,8 @@ class ClassificationTask(Task):
         if self.config.multi_label:
             return None
         n = len(self.labels)
-        counts = [[0] * n for _ in range(n)]
+        # many labels: sparse rows (a dense 10,000-label matrix would be 100 million cells, mostly zero)
+        counts = [[0] * n for _ in range(n)] if n <= DENSE_CONFUSION_LABELS else [CountRow(n) for _ in range(n)]
         for p, ex in zip(predictions, examples):
             counts[self.label_index[self._example_labels(ex)[0]]][self.label_index[p["label"]]] += 1
         return list(self.labels), counts

@@ -192,6 +192,10 @@ class TokenClassificationTask(Task):
             feats.append(feat)
         return feats
 
+    def training_features(self, features: list[dict]) -> list[dict]:
+        """Without the extra windows of long examples: training sees each example's first window."""
+        return [{k: v for k, v in f.items() if k != "windows"} if "windows" in f else f for f in features]
+
     def collate(self, features, pad_token_id, generator=None):
         """Pad the features into one batch. A feature with ``windows`` gives one row per window, in order;
         ``window_of`` (only present then) names the feature of each row. ``labels`` has one row per feature

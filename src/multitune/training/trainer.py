@@ -94,7 +94,8 @@ def read_task_data(config: RunConfig, tasks: dict[str, Task]) -> dict[str, Prepa
 def tokenize_all(prepared: dict[str, PreparedTask], tokenizer: Any, max_length: int) -> None:
     for p in prepared.values():
         for split, examples in p.data.splits.items():
-            p.features[split] = p.task.encode(examples, tokenizer, max_length)
+            features = p.task.encode(examples, tokenizer, max_length)
+            p.features[split] = p.task.training_features(features) if split == "train" else features
 
 
 @dataclass
