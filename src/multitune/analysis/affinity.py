@@ -204,10 +204,6 @@ class AffinityProbe:
         self.pad_id = pad_id
         self.device = next(self.core.parameters()).device
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.every)
-
     def batch(self, name: str, step: int) -> dict[str, torch.Tensor]:
         """The task's batch for the measurement at ``step``: a seeded draw (without replacement) from its training
         features, a function of (seed, task, step) alone."""

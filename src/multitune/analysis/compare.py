@@ -127,9 +127,7 @@ def grouping_table(affinity: Matrix) -> dict[str, dict]:
 
 def _task_rows(config: RunConfig, multi: Mapping[str, Any], single: Mapping[str, Mapping[str, Any]], split: str
                ) -> dict[str, dict]:
-    from multitune.evaluation.evaluator import LOWER_IS_BETTER
     from multitune.tasks import TASKS
-    from multitune.training.stages import _main_metric
 
     rows = {}
     for task, results in single.items():
@@ -137,8 +135,8 @@ def _task_rows(config: RunConfig, multi: Mapping[str, Any], single: Mapping[str,
         if m is None or s is None:
             continue
         task_cls = TASKS.get(config.tasks[task].type)
-        main = _main_metric(task_cls, task, m)
-        greater = task_cls.greater_is_better and main not in LOWER_IS_BETTER
+        main = task_cls.main_metric_in(m)
+        greater = task_cls.greater_is_better_for(main)
         delta = m[main] - s[main]
         gain = delta if greater else -delta
         rows[task] = {

@@ -10,8 +10,6 @@ import torch
 
 from multitune.tasks.base import Task
 
-LOWER_IS_BETTER = {"loss", "mse", "perplexity"}
-
 
 @torch.inference_mode()
 def evaluate_task(model: Any, task: Task, features: Sequence[dict], examples: Sequence[dict], batch_size: int,
@@ -43,10 +41,10 @@ def selection_value(metric: str, results: dict[str, dict[str, float]], tasks: di
     """The higher-is-better number that picks the best checkpoint.
 
     ``mean``: the mean over tasks of each task's main metric (lower-is-better metrics negated);
-    ``task/metric``: that one value, negated when lower is better (loss, mse, perplexity).
+    ``task/metric``: that one value, negated when the task says lower is better (loss, mse, perplexity).
     """
     if metric == "mean":
         return sum(tasks[t].selection_score(m) for t, m in results.items()) / len(results)
     task, _, name = metric.partition("/")
     value = results[task][name]
-    return -value if name in LOWER_IS_BETTER else value
+    return value if tasks[task].greater_is_better_for(name) else -value

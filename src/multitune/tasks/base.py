@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from multitune.config.schema import TaskConfig
-from multitune.errors import ConfigError, DataError
+from multitune.errors import ConfigError, DataError, MultituneError
 from multitune.registry import Registry
 
 if TYPE_CHECKING:
@@ -106,7 +106,10 @@ class Task(ABC):
         fields: canonical example fields the task reads; ``required``: those that must be present.
         stratify_key: example field used to stratify automatic splits (None: no stratification).
         main_metric: the metric that represents the task (early stopping ``mean``, tables).
-        greater_is_better: direction of ``main_metric``.
+        alternative_main_metrics: metrics that represent the task when ``main_metric`` is not among its
+            results (a text-to-text task over a label set reports accuracy, not BLEU).
+        lower_is_better: the task's metrics for which lower is better; the one place that decides the
+            direction of a metric (selection, early stopping, comparisons).
         reads_token_states: inference only reads backbone token states through ``model.encode`` /
             ``model.embed`` (so rows of several such tasks can share one backbone pass); False for tasks
             that drive the backbone themselves (generation).
@@ -121,7 +124,8 @@ class Task(ABC):
     required: tuple[str, ...] = ()
     stratify_key: str | None = None
     main_metric: str = ""
-    greater_is_better: bool = True
+    alternative_main_metrics: tuple[str, ...] = ()
+    lower_is_better: frozenset[str] = frozenset({"loss"})
     reads_token_states: bool = True
     pair_input: bool = False
     label_field: str | None = None
@@ -259,7 +263,24 @@ class Task(ABC):
     def selection_score(self, metrics: dict[str, float]) -> float:
         """The task's main metric on a higher-is-better scale (for the ``mean`` selection metric)."""
         value = metrics[self.main_metric]
-        return value if self.greater_is_better else -value
+        return value if self.greater_is_better_for(self.main_metric) else -value
+
+    @classmethod
+    def greater_is_better_for(cls, metric: str) -> bool:
+        """Whether a higher value of one of the task's metrics is better."""
+        return metric not in cls.lower_is_better
+
+    @classmethod
+    def main_metric_in(cls, metrics: dict[str, float]) -> str:
+        """The metric that represents the task among reported ``metrics`` (results of a finished run).
+
+        Raises:
+            MultituneError: none of the task type's main metrics is among them.
+        """
+        for name in (cls.main_metric, *cls.alternative_main_metrics):
+            if name in metrics:
+                return name
+        raise MultituneError(f"task type {cls.__name__}: no main metric among {', '.join(map(str, metrics))}")
 
 
 # -- helpers shared by task modules ------------------------------------------------------

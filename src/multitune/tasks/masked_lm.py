@@ -61,6 +61,7 @@ class MaskedLMTask(Task):
     fields = ("text",)
     required = ("text",)
     main_metric = "accuracy"
+    lower_is_better = frozenset({"loss", "perplexity"})
 
     def __init__(self, name: str, config: MaskedLMConfig):
         super().__init__(name, config)

@@ -80,6 +80,7 @@ class RegressionTask(Task):
     fields = ("text", "text_pair", "label")
     required = ("text", "label")
     main_metric = "pearson"
+    lower_is_better = frozenset({"loss", "mse"})
 
     def __init__(self, name: str, config: RegressionConfig):
         super().__init__(name, config)

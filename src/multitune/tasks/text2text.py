@@ -59,6 +59,7 @@ class Text2TextTask(Task):
     fields = ("source", "target")
     required = ("source", "target")
     main_metric = "bleu"
+    alternative_main_metrics = ("accuracy",)
 
     def __init__(self, name: str, config: Text2TextConfig):
         super().__init__(name, config)

@@ -18,7 +18,7 @@ from multitune.config.adapters import AdapterConfig
 from multitune.config.loader import save_config, stage_training
 from multitune.config.schema import BackboneConfig, RunConfig, StageConfig
 from multitune.data.fingerprint import data_files
-from multitune.errors import ConfigError, MultituneError
+from multitune.errors import ConfigError
 from multitune.fileio import replace_dir, write_json_atomic, write_text_atomic
 from multitune.rundir import check_output_dir, clear_dir, lock_dir, write_marker
 from multitune.tasks import TASKS
@@ -120,7 +120,7 @@ def train_stages(config: RunConfig, resume: bool = False, overwrite: bool = Fals
         for task in seen_now:
             metrics = results["validation"].get(task)
             if metrics is not None:
-                main = _main_metric(TASKS.get(config.tasks[task].type), task, metrics)
+                main = TASKS.get(config.tasks[task].type).main_metric_in(metrics)
                 rows.setdefault(task, {})[stage.name] = metrics[main]
 
     prepare_run_dir()  # every stage was finished already (--resume)
@@ -169,20 +169,10 @@ def train_fusion(config: RunConfig, resume: bool = False, overwrite: bool = Fals
                         accept_changed_data=accept_changed_data, protect=protect)
 
 
-def _main_metric(task_cls, name: str, metrics: dict[str, float]) -> str:
-    """The task type's main metric (text2text decides between accuracy and bleu from its metrics)."""
-    if task_cls.main_metric in metrics:
-        return task_cls.main_metric
-    for candidate in ("accuracy", "f1", "pearson", "bleu"):
-        if candidate in metrics:
-            return candidate
-    raise MultituneError(f"task {name!r}: no main metric among {', '.join(metrics)}")
-
-
 def _main_metric_name(config: RunConfig, task: str, stage_results: list[dict]) -> str:
     for r in stage_results:
         if task in r["validation"]:
-            return _main_metric(TASKS.get(config.tasks[task].type), task, r["validation"][task])
+            return TASKS.get(config.tasks[task].type).main_metric_in(r["validation"][task])
     return ""
 
 

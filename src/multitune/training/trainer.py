@@ -385,7 +385,6 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
                     log({"kind": "unfreeze", "step": state["step"],
                                                          "groups_open": opened})
             step_losses: dict[str, float] = {}
-            weights_used: dict[str, float] = {}
             bad: tuple[str, str] | None = None  # (task, reason): the step is skipped
             multi.begin()
             for _ in range(tcfg.gradient_accumulation_steps):
@@ -403,7 +402,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
                         with autocast():
                             losses[name] = multi.module(name, batch).loss  # the DDP model, or the plain one
                         multi.keep(name, batch)
-                    combined, used = multi.weigh(losses)
+                    combined, _ = multi.weigh(losses)  # the weights are logged from the weighting itself
                     values = {n: float(loss.detach()) for n, loss in losses.items()}
                     finite = all(map(math.isfinite, values.values())) and math.isfinite(float(combined.detach()))
                     if bad is None and not all_processes(finite, accelerator):  # processes skip a step together
@@ -412,7 +411,6 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
                     if bad is None:
                         multi.backward(combined / tcfg.gradient_accumulation_steps, values)
                         step_losses.update(values)
-                        weights_used.update(used)
             if bad is None:
                 average_gradients(weighting, accelerator)  # learned loss weights live outside DDP
                 multi.combine()  # a gradient-level strategy turns per-task gradients into the shared ones
