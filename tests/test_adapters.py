@@ -3,6 +3,7 @@ saves, reloads and predicts; merge equivalence; PEFT-format round trip; mixed-ta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from multitune.adapters import METHODS, AdapterConfig
 from multitune.backbones import load_backbone
 from multitune.cli import main
 from multitune.config import parse_config
-from multitune.config.parse import from_dict
+from multitune.config.parse import from_dict, to_dict
 from multitune.errors import ConfigError
 from multitune.model import MultiTaskModel
 from multitune.tasks import TASKS
@@ -121,7 +122,7 @@ def test_peft_format_round_trip(tiny_backbone, method, tmp_path):
 
 def test_config_errors():
     def cfg(**kw):
-        return from_dict(AdapterConfig, kw, "adapters")
+        return from_dict(AdapterConfig, kw, "adapters").resolve(METHODS, "adapters")
 
     with pytest.raises(ConfigError, match=r"adapters.num_virtual_tokens: only for method prefix / prompt"):
         cfg(method="lora", num_virtual_tokens=8)
@@ -130,6 +131,42 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="adapters.method: unknown|adapters.method"):
         cfg(method="lorra")
     assert cfg(method="bottleneck").reduction_factor == 16 and cfg(method="lora").r == 8
+    with pytest.raises(ConfigError, match=r"adapters.rank: unknown key.*valid keys for method lora: .*\br\b"):
+        cfg(method="lora", rank=4)
+    with pytest.raises(ConfigError, match=r"adapters.placement: got 'middle'; expected one of: houlsby, pfeiffer"):
+        cfg(method="bottleneck", placement="middle")
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_config_contract(name):
+    """Every registered method types its own keys with its config class: the defaults fill in, its keys read
+    through the section, and a key of another method is refused with the field path and the methods that
+    accept it."""
+    impl = METHODS.get(name)
+    own = [f.name for f in dataclasses.fields(impl.config_class)]
+    defaults = {f.name: f.default for f in dataclasses.fields(impl.config_class)}
+    assert all(f.default is not dataclasses.MISSING and f.metadata.get("help")
+               for f in dataclasses.fields(impl.config_class)), "every key has a default and a help text"
+    config = from_dict(AdapterConfig, {"method": name}, "adapters").resolve(METHODS, "adapters")
+    assert isinstance(config.options, impl.config_class) and to_dict(config.options) == defaults
+    assert all(getattr(config, key) == value for key, value in defaults.items())
+    # the saved form is flat, every method's keys present (null for the other methods'), and reads back equal
+    saved = to_dict(config)
+    every = {f.name for m in METHODS.names() for f in dataclasses.fields(METHODS.get(m).config_class)}
+    assert every <= set(saved) and all(saved[k] is None for k in every - set(own))
+    again = from_dict(AdapterConfig, saved, "adapters").resolve(METHODS, "adapters")
+    assert to_dict(again) == saved
+    for key in sorted(every - set(own)):
+        users = [m for m in METHODS.names() if key in {f.name for f in dataclasses.fields(METHODS.get(m).config_class)}]
+        with pytest.raises(ConfigError, match=rf"^adapters\.{key}: only for method {' / '.join(users)}, not '{name}'"):
+            from_dict(AdapterConfig, {"method": name, key: 1}, "adapters").resolve(METHODS, "adapters")
+    # fusion asks the method's declared capability
+    fusion = from_dict(AdapterConfig, {"method": name, "arrangement": "fusion"}, "adapters")
+    if impl.fusable:
+        fusion.resolve(METHODS, "adapters")
+    else:
+        with pytest.raises(ConfigError, match=r"^adapters\.arrangement: fusion attends over"):
+            fusion.resolve(METHODS, "adapters")
 
 
 def test_run_config_errors(toy_data, tiny_backbone, tmp_path):

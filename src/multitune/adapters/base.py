@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +25,12 @@ from multitune.errors import ConfigError, MultituneError
 from multitune.registry import Registry
 
 METHODS: Registry[type[AdapterMethod]] = Registry("adapter method")
+
+
+@dataclass
+class MethodConfig:
+    """A method's own keys of the ``adapters`` section (none here); each method's config class extends it,
+    e.g. :class:`multitune.adapters.lora.LoraConfig`."""
 
 
 class Router:
@@ -92,6 +99,8 @@ class AdapterMethod(ABC):
     """One parameter-efficient method. Subclasses register with ``@METHODS.register(name)``.
 
     Class attributes:
+        config_class: the dataclass of the method's own keys in the ``adapters`` section (every field
+            defaulted, with ``help``); they sit flat beside ``method`` and ``arrangement`` in the YAML.
         mergeable: the adapter can be folded into the backbone weights (``export --merge``).
         fusable: the adapter adds a change to a sub-layer's output, so AdapterFusion can attend over the
             outputs of several adapters (implements :meth:`delta`).
@@ -103,11 +112,13 @@ class AdapterMethod(ABC):
         families: backbone families the method supports.
 
     Args:
-        config: the validated ``adapters`` section.
+        config: the validated ``adapters`` section, resolved (:meth:`AdapterConfig.resolve`): the method's
+            own keys are ``config.options``, also kept as :attr:`options`.
         backbone: the backbone the adapters attach to (read, never modified here).
         architecture: the backbone family (see :mod:`multitune.backbones.architectures`).
     """
 
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
     mergeable: ClassVar[bool] = False
     fusable: ClassVar[bool] = False
     peft_type: ClassVar[str | None] = None
@@ -117,6 +128,7 @@ class AdapterMethod(ABC):
 
     def __init__(self, config: AdapterConfig, backbone: nn.Module, architecture: Any):
         self.config = config
+        self.options = config.options
         self.architecture = architecture
         if architecture.type_name not in self.families:
             raise ConfigError("adapters.method", f"{config.method} supports {', '.join(self.families)} "

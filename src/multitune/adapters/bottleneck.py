@@ -10,11 +10,14 @@ Bottleneck adapters are non-linear and do not merge into the backbone.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from multitune.adapters.base import METHODS, AdapterMethod, linear_sites
+from multitune.adapters.base import METHODS, AdapterMethod, MethodConfig, linear_sites
+from multitune.config.parse import field
 
 ATTENTION_OUTPUT = r".*(attention\.output\.dense|self_attn\.o_proj|self_attn\.out_proj|SelfAttention\.o)"
 FEEDFORWARD_OUTPUT = r".*(layer\.\d+\.output\.dense|mlp\.down_proj|\.fc2|DenseReluDense\.wo)"
@@ -48,24 +51,35 @@ def bottleneck_delta(h: torch.Tensor, ads: list[BottleneckAdapter], router, act)
     return a.up(act(a.down(h.to(a.down.weight.dtype))))
 
 
+@dataclass
+class BottleneckConfig(MethodConfig):
+    """The keys of ``method: bottleneck``."""
+
+    reduction_factor: int = field(16, help="hidden size / bottleneck size", min=1)
+    placement: str = field("pfeiffer", help="houlsby (after attention and feed-forward) or pfeiffer (after "
+                                            "feed-forward only)", choices=["houlsby", "pfeiffer"])
+    non_linearity: str = field("relu", help="activation inside the bottleneck", choices=list(ACTIVATIONS))
+
+
 @METHODS.register("bottleneck")
 class BottleneckMethod(AdapterMethod):
+    config_class = BottleneckConfig
     fusable = True
 
     def sites(self, backbone):
-        pattern = FEEDFORWARD_OUTPUT if self.config.placement == "pfeiffer" else \
+        pattern = FEEDFORWARD_OUTPUT if self.options.placement == "pfeiffer" else \
             f"{ATTENTION_OUTPUT}|{FEEDFORWARD_OUTPUT}"
         return linear_sites(backbone, pattern, "adapters.placement")
 
     def new_adapter(self, backbone, path, module):
-        return BottleneckAdapter(module, self.config.reduction_factor)
+        return BottleneckAdapter(module, self.options.reduction_factor)
 
     def delta(self, adapter, h):
-        act = ACTIVATIONS[self.config.non_linearity]
+        act = ACTIVATIONS[self.options.non_linearity]
         return adapter.up(act(adapter.down(h.to(adapter.down.weight.dtype))))
 
     def attach(self, backbone, path, module, adapters, router):
-        act = ACTIVATIONS[self.config.non_linearity]
+        act = ACTIVATIONS[self.options.non_linearity]
 
         def hook(mod, args, output):
             if router.index is None:

@@ -8,10 +8,13 @@ merge into the weights. Shapes and keys follow PEFT (``ia3_l`` [out, 1], or [1, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from multitune.adapters.base import METHODS, AdapterMethod, linear_sites, matches
+from multitune.adapters.base import METHODS, AdapterMethod, MethodConfig, linear_sites, matches
+from multitune.config.parse import field
 
 # (targets, feed-forward targets) per family layout: BERT, LLaMA/Qwen, T5, BART
 DEFAULTS = [
@@ -30,8 +33,20 @@ class IA3Adapter(nn.Module):
         self.feedforward = feedforward
 
 
+@dataclass
+class IA3Config(MethodConfig):
+    """The keys of ``method: ia3`` (as PEFT's ``IA3Config``)."""
+
+    target_modules: list[str] | str | None = field(
+        None, help="module names (suffixes such as key, value) or one regular expression matched against the "
+                   "full module path (default: key, value and the feed-forward output)")
+    feedforward_modules: list[str] | str | None = field(
+        None, help="targets whose input (not output) is scaled: the feed-forward output layers")
+
+
 @METHODS.register("ia3")
 class IA3Method(AdapterMethod):
+    config_class = IA3Config
     mergeable = True
     peft_type = "IA3"
 
@@ -43,8 +58,8 @@ class IA3Method(AdapterMethod):
         return self._resolved
 
     def _find_targets(self, backbone):
-        if self.config.target_modules is not None:
-            return self.config.target_modules, self.config.feedforward_modules or []
+        if self.options.target_modules is not None:
+            return self.options.target_modules, self.options.feedforward_modules or []
         for targets, ff in DEFAULTS:
             if any(isinstance(m, nn.Linear) and p and matches(p, targets) for p, m in backbone.named_modules()):
                 return targets, ff

@@ -12,12 +12,14 @@ Parameters and on-disk keys follow PEFT's layout (``lora_A.weight``, ``lora_B.we
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from multitune.adapters.base import METHODS, AdapterMethod, first_matching, linear_sites
+from multitune.adapters.base import METHODS, AdapterMethod, MethodConfig, first_matching, linear_sites
+from multitune.config.parse import field
 
 DEFAULT_TARGETS = [["query", "value"], ["q_proj", "v_proj"], ["q", "v"]]
 
@@ -36,31 +38,44 @@ class LoraAdapter(nn.Module):
             self.magnitude = nn.Parameter(w.detach().float().norm(dim=1))
 
 
+@dataclass
+class LoraConfig(MethodConfig):
+    """The keys of ``method: lora`` and ``method: dora`` (as PEFT's ``LoraConfig``)."""
+
+    r: int = field(8, help="rank of the update", min=1)
+    alpha: float = field(16.0, help="scaling numerator, the update is scaled by alpha/r", gt=0.0)
+    dropout: float = field(0.1, help="dropout on the adapter's input", min=0.0, max=0.9)
+    target_modules: list[str] | str | None = field(
+        None, help="module names (suffixes such as query, value) or one regular expression matched against "
+                   "the full module path (default: the attention query/value projections)")
+
+
 @METHODS.register("lora")
 class LoraMethod(AdapterMethod):
+    config_class = LoraConfig
     mergeable = True
     peft_type = "LORA"
     dora = False
 
     @property
     def scaling(self) -> float:
-        return self.config.alpha / self.config.r
+        return self.options.alpha / self.options.r
 
     def _targets(self, backbone):
-        return self.config.target_modules or first_matching(backbone, DEFAULT_TARGETS)
+        return self.options.target_modules or first_matching(backbone, DEFAULT_TARGETS)
 
     def sites(self, backbone):
         return linear_sites(backbone, self._targets(backbone), "adapters.target_modules")
 
     def new_adapter(self, backbone, path, module):
-        return LoraAdapter(module, self.config.r, self.dora)
+        return LoraAdapter(module, self.options.r, self.dora)
 
     def _weight_norm(self, module: nn.Linear, adapter: LoraAdapter) -> torch.Tensor:
         w = module.weight.float() + self.scaling * adapter.lora_B @ adapter.lora_A
         return w.norm(dim=1).detach()
 
     def attach(self, backbone, path, module, adapters, router):
-        s, p, dora = self.scaling, self.config.dropout, self.dora
+        s, p, dora = self.scaling, self.options.dropout, self.dora
 
         def hook(mod, args, output):
             if router.index is None:
@@ -96,7 +111,7 @@ class LoraMethod(AdapterMethod):
     def peft_export(self, backbone, adapters):
         import peft
 
-        config = peft.LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=self.config.dropout,
+        config = peft.LoraConfig(r=self.options.r, lora_alpha=self.options.alpha, lora_dropout=self.options.dropout,
                                  target_modules=sorted(adapters), use_dora=self.dora, bias="none")
         state = {}
         for path, ad in adapters.items():

@@ -39,6 +39,8 @@ class AdapterSet(nn.Module):
 
     def __init__(self, config: AdapterConfig, backbone: nn.Module, architecture: Any, tasks: Sequence[str]):
         super().__init__()
+        if not config.resolved:  # built from a plain mapping, not through the config loader
+            config.resolve(METHODS, "adapters")
         self.config = config
         self.task_names = list(tasks)
         self.method = METHODS.get(config.method, "adapters.method")(config, backbone, architecture)

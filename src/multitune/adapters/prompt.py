@@ -13,10 +13,13 @@ key and value projections. The stored tensor is PEFT's ``prompt_embeddings`` ([P
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from multitune.adapters.base import METHODS, AdapterMethod
+from multitune.adapters.base import METHODS, AdapterMethod, MethodConfig
+from multitune.config.parse import field
 from multitune.errors import MultituneError
 
 
@@ -38,7 +41,16 @@ def _vocab_sample(embedding: nn.Embedding, n: int) -> torch.Tensor:
     return embedding.weight.detach()[ids].float()
 
 
+@dataclass
+class SoftPromptConfig(MethodConfig):
+    """The keys of ``method: prompt`` and ``method: prefix`` (as PEFT's ``PromptTuningConfig`` and
+    ``PrefixTuningConfig``)."""
+
+    num_virtual_tokens: int = field(20, help="virtual tokens per adapter", min=1)
+
+
 class _SoftPromptMethod(AdapterMethod):
+    config_class = SoftPromptConfig
     peft_prompt_learning = True
 
     def sites(self, backbone):
@@ -64,7 +76,7 @@ class _SoftPromptMethod(AdapterMethod):
         return args, kwargs, ids
 
     def attach(self, backbone, path, module, adapters, router):
-        n = self.config.num_virtual_tokens
+        n = self.options.num_virtual_tokens
         added = []
 
         def post(mod, args, output):
@@ -84,14 +96,14 @@ class PromptTuningMethod(_SoftPromptMethod):
     families = ("encoder", "encoder_decoder")
 
     def new_adapter(self, backbone, path, module):
-        return SoftPromptAdapter(_vocab_sample(module.get_input_embeddings(), self.config.num_virtual_tokens))
+        return SoftPromptAdapter(_vocab_sample(module.get_input_embeddings(), self.options.num_virtual_tokens))
 
     def _pre_hook(self, adapters, router, added):
         def pre(mod, args, kwargs):
             if router.index is None or kwargs.get("input_ids") is None and not args:
                 added.append(False)  # e.g. a call with inputs_embeds: leave it alone
                 return None
-            args, kwargs, ids = self._extend(kwargs, args, self.config.num_virtual_tokens)
+            args, kwargs, ids = self._extend(kwargs, args, self.options.num_virtual_tokens)
             emb = mod.get_input_embeddings()(ids)
             kwargs["inputs_embeds"] = torch.cat([self._prompts(adapters, router, len(ids)).to(emb.dtype), emb], 1)
             added.append(True)
@@ -128,7 +140,7 @@ class PrefixTuningMethod(_SoftPromptMethod):
 
     def new_adapter(self, backbone, path, module):
         layers, heads, hidden = self._shape(backbone)
-        n = self.config.num_virtual_tokens
+        n = self.options.num_virtual_tokens
         emb = _vocab_sample(module.get_input_embeddings(), n)
         parts = []
         with torch.no_grad():
@@ -149,7 +161,7 @@ class PrefixTuningMethod(_SoftPromptMethod):
                 added.append(False)
                 return None
             layers, heads, hidden = self._shape(mod)
-            n = self.config.num_virtual_tokens
+            n = self.options.num_virtual_tokens
             args, kwargs, ids = self._extend(kwargs, args, n)
             kwargs["input_ids"] = ids
             kv = self._prompts(adapters, router, len(ids)).to(mod.get_input_embeddings().weight.dtype)

@@ -1,88 +1,127 @@
 """The ``adapters:`` section: which parameter-efficient method, how adapters map to tasks, and the
-method's own settings. Method-specific keys are checked against the chosen method."""
+method's own settings.
+
+The section is one flat mapping (``adapters: {method: lora, r: 8}``). The keys that every method shares
+are fields of :class:`AdapterConfig`; the others are the method's own, typed by the config class that the
+method registers (``METHODS.get(name).config_class``, as task types, samplers and loss weightings do).
+This layer cannot import the methods (they sit above it), so parsing keeps those keys as given and
+:meth:`AdapterConfig.resolve`, called with the method registry where a run config is loaded
+(:func:`multitune.config.loader.parse_config`) and where adapters are built, types and checks them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass
+from typing import Any
 
-from multitune.config.parse import field
-from multitune.errors import ConfigError
+from multitune.config.parse import field, from_dict, to_dict
+from multitune.errors import ConfigError, shown
 
 ARRANGEMENTS = ["per_task", "shared", "shared_conditioned", "fusion"]
-
-# keys each method reads, beside method / arrangement / learning_rate / fusion settings
-METHOD_KEYS: dict[str, set[str]] = {
-    "lora": {"r", "alpha", "dropout", "target_modules"},
-    "dora": {"r", "alpha", "dropout", "target_modules"},
-    "ia3": {"target_modules", "feedforward_modules"},
-    "prefix": {"num_virtual_tokens"},
-    "prompt": {"num_virtual_tokens"},
-    "bottleneck": {"reduction_factor", "placement", "non_linearity"},
-}
 FUSION_KEYS = ("fusion_targets", "fusion_steps", "fusion_learning_rate")
-FUSABLE_METHODS = ["bottleneck"]  # methods that change a sub-layer's output, which fusion attends over
-_DEFAULTS = {"r": 8, "alpha": 16.0, "dropout": 0.1, "num_virtual_tokens": 20, "reduction_factor": 16,
-             "placement": "pfeiffer", "non_linearity": "relu"}
 
 
 @dataclass
 class AdapterConfig:
     """Parameter-efficient fine-tuning on a frozen backbone (see docs/adapters.md)."""
 
-    method: str = field(help="lora | dora | ia3 | prefix | prompt | bottleneck",
-                        choices=list(METHOD_KEYS))
+    method: str = field(help="the adapter method (lora | dora | ia3 | prefix | prompt | bottleneck); its own "
+                             "keys are in the tables `adapters with method: NAME`")
     arrangement: str = field("per_task", help="per_task: one adapter per task; shared: one for all tasks; "
                                               "shared_conditioned: one shared adapter plus a learned task "
                                               "embedding; fusion: per-task adapters, then AdapterFusion "
                                               "layers for the target tasks (a second stage)",
-                        choices=ARRANGEMENTS)
+                             choices=ARRANGEMENTS)
     learning_rate: float | None = field(None, help="learning rate of adapter parameters (default: "
                                                    "training.learning_rate)", gt=0.0)
-    r: int | None = field(None, help="lora/dora: rank of the update (default 8)", min=1)
-    alpha: float | None = field(None, help="lora/dora: scaling numerator, the update is scaled by alpha/r "
-                                           "(default 16)", gt=0.0)
-    dropout: float | None = field(None, help="lora/dora: dropout on the adapter's input (default 0.1)",
-                                  min=0.0, max=0.9)
-    target_modules: list[str] | str | None = field(
-        None, help="lora/dora/ia3: module names (suffixes such as query, value) or one regular expression "
-                   "matched against the full module path (default: the attention query/value projections; "
-                   "ia3: key, value and the feed-forward output)")
-    feedforward_modules: list[str] | str | None = field(
-        None, help="ia3: targets whose input (not output) is scaled: the feed-forward output layers")
-    num_virtual_tokens: int | None = field(None, help="prefix/prompt: virtual tokens per adapter (default 20)",
-                                           min=1)
-    reduction_factor: int | None = field(None, help="bottleneck: hidden size / bottleneck size (default 16)",
-                                         min=1)
-    placement: str | None = field(None, help="bottleneck: houlsby (after attention and feed-forward) or "
-                                             "pfeiffer (after feed-forward only; default)",
-                                  choices=["houlsby", "pfeiffer"])
-    non_linearity: str | None = field(None, help="bottleneck: activation inside the bottleneck (default relu)",
-                                      choices=["relu", "gelu", "swish", "tanh"])
-
+    options: Any = field(None, help="the method's own keys, given flat beside the others; typed by the "
+                                    "method's config class once resolved", flat=True)
     fusion_targets: list[str] | None = field(None, help="fusion: tasks that get AdapterFusion layers in the "
                                                         "second stage (default: every task)")
     fusion_steps: int | None = field(None, help="fusion: optimizer steps of the fusion stage (default: "
                                                 "training.max_steps)", min=1)
     fusion_learning_rate: float | None = field(None, help="fusion: learning rate of the fusion layers "
                                                           "(default 5e-5, as in Pfeiffer et al. 2021)", gt=0.0)
+    unset_keys: tuple[str, ...] = field((), help="the other methods' keys, written as null so that a saved "
+                                                 "config reads as it did when all methods shared one section",
+                                        internal=True)
 
     def validate(self, path: str) -> None:
-        allowed = METHOD_KEYS[self.method]
-        for key in set().union(*METHOD_KEYS.values()) - allowed:
-            if getattr(self, key) is not None:
-                users = sorted(m for m, keys in METHOD_KEYS.items() if key in keys)
-                raise ConfigError(f"{path}.{key}", f"only for method {' / '.join(users)}, not {self.method!r}")
-        for key in allowed:
-            if getattr(self, key) is None and key in _DEFAULTS:
-                setattr(self, key, _DEFAULTS[key])
         if self.arrangement == "fusion":
-            if self.method not in FUSABLE_METHODS:
-                raise ConfigError(f"{path}.arrangement", f"fusion attends over the outputs of bottleneck adapters "
-                                                         f"(Pfeiffer et al. 2021); method {self.method!r} cannot "
-                                                         f"be fused, set method: bottleneck")
             if self.fusion_learning_rate is None:
                 self.fusion_learning_rate = 5e-5
         else:
             for key in FUSION_KEYS:
                 if getattr(self, key) is not None:
                     raise ConfigError(f"{path}.{key}", f"only for arrangement fusion, not {self.arrangement!r}")
+
+    @property
+    def resolved(self) -> bool:
+        """Whether :attr:`options` is the method's typed config (see :meth:`resolve`)."""
+        return dataclasses.is_dataclass(self.options)
+
+    def resolve(self, methods: Any, path: str = "adapters") -> AdapterConfig:
+        """Type the method's own keys with its config class, in place; returns ``self``.
+
+        Args:
+            methods: the adapter method registry (``multitune.adapters.METHODS``): each entry declares
+                ``config_class`` and ``fusable``.
+            path: the section's field path, for errors.
+
+        Raises:
+            ConfigError: an unknown method, a key of another method (naming the methods that accept it),
+                an unknown key, a bad value, or fusion with a method that cannot be fused.
+        """
+        impl = methods.get(self.method, f"{path}.method")
+        given = to_dict(self.options) if self.resolved else dict(self.options or {})
+        accepted = {name: _keys(methods.get(name).config_class) for name in methods.names()}
+        own = accepted[self.method]
+        for key, value in given.items():
+            if key in own:
+                continue
+            users = sorted(name for name, keys in accepted.items() if key in keys)
+            if users and value is None:  # a saved config writes the other methods' keys as null
+                continue
+            if users:
+                raise ConfigError(f"{path}.{key}", f"only for method {' / '.join(users)}, not {self.method!r}")
+            valid = [f.name for f in dataclasses.fields(self) if not _hidden(f)] + own
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}.{key}", f"unknown key{hint}; valid keys for method {self.method}: "
+                                               f"{', '.join(valid)}")
+        # a null own key takes the default, as an unset one does
+        self.options = from_dict(impl.config_class, {k: v for k, v in given.items() if k in own and v is not None},
+                                 path)
+        self.unset_keys = tuple(dict.fromkeys(k for keys in accepted.values() for k in keys if k not in own))
+        if self.arrangement == "fusion" and not impl.fusable:
+            fusable = [name for name in methods.names() if methods.get(name).fusable]
+            raise ConfigError(f"{path}.arrangement", f"fusion attends over the outputs of adapters that change a "
+                                                     f"sub-layer's output (Pfeiffer et al. 2021); method "
+                                                     f"{shown(self.method)} cannot be fused, set method: "
+                                                     f"{' or '.join(fusable)}")
+        return self
+
+    def to_data(self) -> dict[str, Any]:
+        """The flat plain-data form (what ``config.yaml`` holds): the method's keys beside the shared ones,
+        the other methods' keys as null."""
+        shared = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self) if not _hidden(f)}
+        own = to_dict(self.options) if self.resolved else dict(self.options or {})
+        head = {k: shared.pop(k) for k in ("method", "arrangement", "learning_rate")}
+        return {**head, **{k: None for k in self.unset_keys}, **own, **shared}
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails: a method's own key, e.g. config.r for lora
+        options = self.__dict__.get("options")
+        if not name.startswith("_") and dataclasses.is_dataclass(options) and hasattr(options, name):
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+
+def _keys(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def _hidden(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("flat") or f.metadata.get("internal"))

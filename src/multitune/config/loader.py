@@ -77,6 +77,7 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
     Raises:
         ConfigError: naming the field path of the first problem found.
     """
+    from multitune.adapters import METHODS
     from multitune.sampling import SAMPLERS
     from multitune.tasks import TASKS
     from multitune.weighting import WEIGHTINGS
@@ -111,6 +112,7 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
                                                          "frozen")
     _check_stages(config, tasks)
     if config.adapters is not None:
+        config.adapters.resolve(METHODS, "adapters")  # the method's own keys, typed by its config class
         _check_adapters(config, tasks)
     es = config.training.early_stopping
     if es is not None and es.metric != "mean":

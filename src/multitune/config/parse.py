@@ -3,6 +3,11 @@
 Each config dataclass field carries ``metadata``: ``help`` (shown in docs), and optionally
 ``choices`` (allowed values), ``min`` / ``max`` (inclusive bounds) and ``gt`` (strict lower bound).
 A dataclass may define ``validate(self, path)`` for checks that involve several fields.
+
+Two markers serve sections whose keys are partly typed later by a registry (the ``adapters`` section: the
+method's own keys sit flat beside the shared ones): a ``flat`` field receives, as a plain mapping, every
+key that is not one of the other fields (instead of an unknown-key error), and an ``internal`` field is
+never read from the data. Such a dataclass defines ``to_data()`` for its plain-data form.
 """
 
 from __future__ import annotations
@@ -154,12 +159,15 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(path, f"expected a mapping, got {shown(data)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(_join(path, str(key)), f"unknown key{hint}; valid keys: {', '.join(fields)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)
+              if f.init and not f.metadata.get("internal") and not f.metadata.get("flat")}
+    flat = next((f.name for f in dataclasses.fields(cls) if f.metadata.get("flat")), None)
+    extra = {k: v for k, v in data.items() if k not in fields}
+    if extra and flat is None:
+        key = next(iter(extra))
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(_join(path, str(key)), f"unknown key{hint}; valid keys: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         fpath = _join(path, name)
@@ -171,6 +179,8 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
             continue
         check_field(value, f.metadata, fpath)
         kwargs[name] = value
+    if flat is not None and extra:
+        kwargs[flat] = extra
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
@@ -184,6 +194,8 @@ def to_dict(obj: Any) -> Any:
     An in-memory ``datasets.Dataset`` (a split given through the Python API) becomes the record of what it
     was, ``{type, fingerprint, rows, columns}``: enough to tell whether a resumed run has the same data.
     """
+    if dataclasses.is_dataclass(obj) and callable(getattr(obj, "to_data", None)):
+        return to_dict(obj.to_data())
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, (list, tuple)):

@@ -25,6 +25,8 @@ def _table(cls: type, title: str) -> str:
     hints = typing.get_type_hints(cls)
     rows = [f"### {title}", "", "| field | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):
+        if f.metadata.get("flat") or f.metadata.get("internal"):  # not keys of their own
+            continue
         if f.default is not dataclasses.MISSING:
             default = repr(f.default) if f.default is not None else "null"
         elif f.default_factory is not dataclasses.MISSING:
@@ -39,7 +41,8 @@ def _table(cls: type, title: str) -> str:
 
 
 def reference() -> str:
-    """The field tables of the run config, every task type, sampler and loss weighting."""
+    """The field tables of the run config, every task type, sampler, loss weighting and adapter method."""
+    from multitune.adapters import METHODS
     from multitune.sampling import SAMPLERS
     from multitune.tasks import TASKS
     from multitune.weighting import WEIGHTINGS
@@ -62,6 +65,8 @@ def reference() -> str:
         parts.append(_table(SAMPLERS.get(name).config_class, f"sampling with strategy: {name}"))
     for name in WEIGHTINGS.names():
         parts.append(_table(WEIGHTINGS.get(name).config_class, f"loss_weighting with strategy: {name}"))
+    for name in METHODS.names():
+        parts.append(_table(METHODS.get(name).config_class, f"adapters with method: {name}"))
     return "\n".join(parts)
 
 
