@@ -109,10 +109,9 @@ class PerTaskBest:
         self.main_process = main_process
         self.log = log
 
-    def start(self, state: dict, resuming: bool) -> None:
-        """Bind to the trainer state (after a resume has loaded it) and make the snapshot directory agree with
-        it: a fresh run removes old snapshots; a resumed one keeps those its state records."""
-        records = state.setdefault(STATE_KEY, {})
+    def start(self, records: dict[str, dict], resuming: bool) -> None:
+        """Make the snapshot directory agree with the trainer state's per-task records (after a resume has
+        loaded them): a fresh run removes old snapshots; a resumed one keeps those the records name."""
         if not (self.snapshots and self.main_process) or not self.directory.exists():
             return
         if not resuming:
@@ -133,14 +132,13 @@ class PerTaskBest:
             elif record is None or _read_meta(snap).get("step") != record["step"]:
                 shutil.rmtree(snap)
 
-    def update(self, state: dict, step: int, results: dict[str, dict[str, float]]) -> list[str]:
-        """Record the tasks whose main score beats their best so far (strictly; a non-finite score never
-        counts), write their snapshots and log them.
+    def update(self, records: dict[str, dict], step: int, results: dict[str, dict[str, float]]) -> list[str]:
+        """Record (in the trainer state's per-task ``records``) the tasks whose main score beats their best so
+        far (strictly; a non-finite score never counts), write their snapshots and log them.
 
         Returns:
             The names of the tasks that improved.
         """
-        records = state.setdefault(STATE_KEY, {})
         improved = []
         for name in self.active:
             if name not in results:

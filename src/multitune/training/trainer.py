@@ -55,10 +55,11 @@ from multitune.training.checkpoint import (
 from multitune.training.distributed import all_processes, average_gradients, ddp_kwargs, shard_batch
 from multitune.training.hardware import resolve_attention, resolve_precision
 from multitune.training.multistep import WeightedStep
-from multitune.training.per_task import PER_TASK_DIR, STATE_KEY, PerTaskBest
+from multitune.training.per_task import PER_TASK_DIR, PerTaskBest
 from multitune.training.progress import TrainingProgress, print_parameter_table, print_results_table
 from multitune.training.run_dir import CHECKPOINTS, check_run_dir
 from multitune.training.runlog import RunLog
+from multitune.training.state import TrainerState
 from multitune.weighting import WEIGHTINGS
 
 
@@ -269,29 +270,26 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
     # what the loss weighting needs from a step (all tasks, per-task gradients of the shared parameters, ...)
     multi = WeightedStep(weighting, sampler, model, core, [p for g in groups for p in g["params"]], accelerator)
     probe = AffinityProbe(config, multi, prepared, active, pad_id, staged=plan is not None)  # transfer analysis
-    state: dict[str, Any] = {"step": 0, "best_value": None, "best_step": None, "bad_evals": 0,
-                             "examples": 0, "real_tokens": 0, "padded_tokens": 0, "train_seconds": 0.0,
-                             "bad_steps": {}, "bad_in_a_row": 0}
+    state = TrainerState(data_files=inputs)
 
     ckpt_last, ckpt_best = out / CHECKPOINTS / "last", out / CHECKPOINTS / "best"
     running: dict[str, list[float]] = {n: [] for n in names}  # train losses since the last log line
     if resuming:  # before anything is written: a checkpoint that does not load leaves the run as it was
         found = find_checkpoint(ckpt_last)
-        state = load_checkpoint(found, core, weighting, optimizer, scheduler, restore_rng=True)
+        saved = load_checkpoint(found, core, weighting, optimizer, scheduler, restore_rng=True)
         if not accept_changed_data:
-            check_unchanged(state.get("data_files"), inputs, found)
+            check_unchanged(saved.get("data_files") if isinstance(saved, dict) else None, inputs, found)
         try:
-            sampler.load_state_dict(state.pop("sampler"))
-            running = state.pop("running")
+            state, snapshots = TrainerState.from_state_dict(saved)
+            sampler.load_state_dict(snapshots["sampler"])
+            running = snapshots["running"]
             for n, b in batchers.items():
-                b.load_state_dict(state["batchers"][n])
-            int(state["step"])
+                b.load_state_dict(snapshots["batchers"][n])
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise MultituneError(f"{found / STATE_FILE}: the checkpoint's trainer state is damaged or from "
                                  f"another run ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); it "
                                  f"cannot be resumed") from None
-        state.setdefault("bad_steps", {})  # checkpoints written before the numerical guard
-        state.setdefault("bad_in_a_row", 0)
+        state.data_files = inputs  # (differs from the checkpoint's only with --accept-changed-data)
         if accelerator.is_main_process:  # a run killed just after replacing a checkpoint may not write it again
             for directory in (ckpt_last, ckpt_best):
                 discard_stale_copy(directory)
@@ -330,11 +328,11 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
     if resuming:
         if accelerator.is_main_process:  # lines logged after the checkpoint belong to steps trained again
             kept = [r for r in read_jsonl(out / "metrics.jsonl")
-                    if isinstance(r.get("step", 0), int) and r.get("step", 0) <= state["step"]]
+                    if isinstance(r.get("step", 0), int) and r.get("step", 0) <= state.step]
             write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         if unfreezer is not None:
-            unfreezer.update(state["step"])
-        console.print(f"resumed from step {state['step']}")
+            unfreezer.update(state.step)
+        console.print(f"resumed from step {state.step}")
     elif accelerator.is_main_process:
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
@@ -363,26 +361,26 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
         return results
 
     def snapshot() -> dict:
-        return {**state, "data_files": inputs, "sampler": sampler.state_dict(), "running": running,
-                "batchers": {n: b.state_dict() for n, b in batchers.items()}}
+        return state.state_dict(sampler=sampler.state_dict(), running=running,
+                                batchers={n: b.state_dict() for n, b in batchers.items()})
 
     trainable = [p for g in groups for p in g["params"]]
     per_task = PerTaskBest(out / CHECKPOINTS / PER_TASK_DIR, core, trainable, tasks, active, tcfg.per_task_best,
                            accelerator.is_main_process, log)
-    per_task.start(state, resuming)  # each task's own best step, and its weights (training.per_task_best)
+    per_task.start(state.per_task_best, resuming)  # each task's own best step, and its weights (training.per_task_best)
     model.train()
     bar = TrainingProgress(console, tcfg.max_steps, enabled=progress)
-    bar.start(state["step"])
+    bar.start(state.step)
     stopped_early = False
     try:
-        while state["step"] < tcfg.max_steps:
+        while state.step < tcfg.max_steps:
             t0 = time.perf_counter()
             if task_sampler.needs_progress:  # e.g. temperature annealing: the step of the coming draws
-                task_sampler.set_progress(state["step"], tcfg.max_steps)
+                task_sampler.set_progress(state.step, tcfg.max_steps)
             if unfreezer is not None:
-                opened = unfreezer.update(state["step"])
+                opened = unfreezer.update(state.step)
                 if opened and accelerator.is_main_process:
-                    log({"kind": "unfreeze", "step": state["step"],
+                    log({"kind": "unfreeze", "step": state.step,
                                                          "groups_open": opened})
             step_losses: dict[str, float] = {}
             bad: tuple[str, str] | None = None  # (task, reason): the step is skipped
@@ -394,9 +392,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
                     losses: dict[str, torch.Tensor] = {}
                     for name in part:
                         batch = batchers[name].next_batch()
-                        state["examples"] += len(batch["input_ids"])
-                        state["real_tokens"] += int(batch["attention_mask"].sum())
-                        state["padded_tokens"] += batch["attention_mask"].numel()
+                        state.examples += len(batch["input_ids"])
+                        state.real_tokens += int(batch["attention_mask"].sum())
+                        state.padded_tokens += batch["attention_mask"].numel()
                         shard = shard_batch(batch, accelerator.process_index, accelerator.num_processes)
                         batch = {k: v.to(accelerator.device) for k, v in shard.items()}
                         with autocast():
@@ -421,21 +419,21 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
                     bad = ("+".join(step_losses), "non-finite gradient")
             if bad is not None:
                 optimizer.zero_grad(set_to_none=True)
-                state["train_seconds"] += time.perf_counter() - t0
+                state.train_seconds += time.perf_counter() - t0
                 _skip_step(state, bad, tcfg.max_bad_steps, out, console, accelerator.is_main_process, log)
                 continue
-            state["bad_in_a_row"] = 0
+            state.bad_in_a_row = 0
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             multi.after_step(autocast)  # the loss weighting updates its state (e.g. loss histories)
-            t0 += probe.after_step(state["step"] + 1, optimizer, autocast, log)  # not counted as training time
-            state["step"] += 1
-            state["train_seconds"] += time.perf_counter() - t0
+            t0 += probe.after_step(state.step + 1, optimizer, autocast, log)  # not counted as training time
+            state.step += 1
+            state.train_seconds += time.perf_counter() - t0
             for n, v in step_losses.items():
                 running[n].append(v)
-            bar.update(state["step"], {n: sum(v[-20:]) / len(v[-20:]) for n, v in running.items() if v})
-            step = state["step"]
+            bar.update(state.step, {n: sum(v[-20:]) / len(v[-20:]) for n, v in running.items() if v})
+            step = state.step
             if step % tcfg.log_every == 0 and accelerator.is_main_process:
                 log({"kind": "train", "step": step, "lr": scheduler.get_last_lr()[0],
                                                      "loss": {n: sum(v) / len(v) for n, v in running.items() if v},
@@ -447,22 +445,22 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
             if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
                 results = evaluate_all("validation")
                 value = selection_value(metric_name, {n: r for n, r in results.items() if n in active}, tasks)
-                improved = state["best_value"] is None or value > state["best_value"] + (es.min_delta if es else 0)
+                improved = state.best_value is None or value > state.best_value + (es.min_delta if es else 0)
                 if improved:
-                    state.update(best_value=value, best_step=step, bad_evals=0)
+                    state.best_value, state.best_step, state.bad_evals = value, step, 0
                 else:
-                    state["bad_evals"] += 1
-                per_task.update(state, step, results)  # before the checkpoint, which records it
+                    state.bad_evals += 1
+                per_task.update(state.per_task_best, step, results)  # before the checkpoint, which records it
                 # before the checkpoint, so that it holds the sampler as it is after this evaluation
                 _observe_sampling(task_sampler, step, results, tasks, log, accelerator.is_main_process)
                 if accelerator.is_main_process:
                     log({
                         "kind": "eval", "step": step, "split": "validation", "metrics": results,
-                        "selection": {"metric": metric_name, "value": value, "best": state["best_value"],
-                                      "best_step": state["best_step"]},
+                        "selection": {"metric": metric_name, "value": value, "best": state.best_value,
+                                      "best_step": state.best_step},
                         "loss_weights": weighting.weights(), "sampling": multi.shares(),
                         "epochs": {n: round(b.epochs_done, 3) for n, b in batchers.items()},
-                        "elapsed_s": round(state["train_seconds"], 2)})
+                        "elapsed_s": round(state.train_seconds, 2)})
                     bar.log_eval(step, results, value, improved)
                     rng = rng_states()  # checkpointing must not disturb the training RNG stream
                     if improved:
@@ -471,10 +469,10 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
                     torch.set_rng_state(rng["torch"])
                 if on_evaluate is not None:
                     on_evaluate(step=step, results=results, tasks=tasks, model=core)
-                if es and state["bad_evals"] >= es.patience:
+                if es and state.bad_evals >= es.patience:
                     console.print(f"early stopping at step {step}: {metric_name} has not improved for "
-                                  f"{es.patience} evaluations (best {state['best_value']:.4f} at step "
-                                  f"{state['best_step']})")
+                                  f"{es.patience} evaluations (best {state.best_value:.4f} at step "
+                                  f"{state.best_step})")
                     stopped_early = True
                     break
     finally:
@@ -494,7 +492,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
             if change:
                 calibrated[n] = change
     if calibrated and accelerator.is_main_process:
-        log({"kind": "calibrate", "step": state["step"], "tasks": calibrated})
+        log({"kind": "calibrate", "step": state.step, "tasks": calibrated})
     val_predictions = {}
     if core.adapters is not None:
         core.adapters.fusion_attention(reset=True)  # measured on the final validation pass only
@@ -504,15 +502,15 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
         results["calibration"] = calibrated
     if any("test" in p.features for p in prepared.values()):
         results["test"] = evaluate_all("test")
-    seconds = max(state["train_seconds"], 1e-9)
+    seconds = max(state.train_seconds, 1e-9)
     results["train"] = {
-        "steps": state["step"], "best_step": state["best_step"], "stopped_early": stopped_early,
-        "selection_metric": metric_name, "best_value": state["best_value"], "per_task_best": state[STATE_KEY],
-        "skipped_steps": dict(state["bad_steps"]), "examples": state["examples"], "wall_s": round(seconds, 2),
-        "examples_per_s": round(state["examples"] / seconds, 2),
-        "real_tokens_per_s": round(state["real_tokens"] / seconds, 1),
-        "padded_tokens_per_s": round(state["padded_tokens"] / seconds, 1),
-        "real_tokens": state["real_tokens"], "padded_tokens": state["padded_tokens"],
+        "steps": state.step, "best_step": state.best_step, "stopped_early": stopped_early,
+        "selection_metric": metric_name, "best_value": state.best_value, "per_task_best": state.per_task_best,
+        "skipped_steps": dict(state.bad_steps), "examples": state.examples, "wall_s": round(seconds, 2),
+        "examples_per_s": round(state.examples / seconds, 2),
+        "real_tokens_per_s": round(state.real_tokens / seconds, 1),
+        "padded_tokens_per_s": round(state.padded_tokens / seconds, 1),
+        "real_tokens": state.real_tokens, "padded_tokens": state.padded_tokens,
         "tokenize_s": round(tokenize_s, 2), "precision": precision,
         "attention": getattr(core.backbone.config, "_attn_implementation", None), "device": str(accelerator.device),
         "batches": {n: batches_drawn(b) for n, b in batchers.items()}}
@@ -530,7 +528,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
         if fusion_attention:
             results["adapters"]["fusion_attention"] = fusion_attention
     if accelerator.is_main_process:
-        _save_model(core, out, config, results, state["step"])
+        _save_model(core, out, config, results, state.step)
         write_transfer(out, results)  # the mean affinity matrices (results["transfer"]) and affinity.png
         write_json_atomic(out / "results.json", results)
         try:  # the model and results are saved: a report that fails must not fail the run
@@ -565,7 +563,7 @@ def _save_model(core: MultiTaskModel, out: Path, config: RunConfig, results: dic
         raise
 
 
-def _skip_step(state: dict, bad: tuple[str, str], max_bad_steps: int, out: Path, console: Console,
+def _skip_step(state: TrainerState, bad: tuple[str, str], max_bad_steps: int, out: Path, console: Console,
                main_process: bool, log: RunLog) -> None:
     """Count and report a step skipped for a non-finite loss or gradient (its batches are consumed; the
     optimizer, the scheduler and the step counter do not move).
@@ -574,14 +572,14 @@ def _skip_step(state: dict, bad: tuple[str, str], max_bad_steps: int, out: Path,
         MultituneError: ``max_bad_steps`` steps in a row were skipped; the last checkpoint is left as it is.
     """
     task, reason = bad
-    state["bad_steps"][task] = state["bad_steps"].get(task, 0) + 1
-    state["bad_in_a_row"] += 1
-    step = state["step"] + 1  # the step it tried to make (resume drops log lines past the checkpoint's step)
+    state.bad_steps[task] = state.bad_steps.get(task, 0) + 1
+    state.bad_in_a_row += 1
+    step = state.step + 1  # the step it tried to make (resume drops log lines past the checkpoint's step)
     if main_process:
         log({"kind": "bad_step", "step": step, "task": task, "reason": reason})
     console.print(f"[yellow]warning:[/] step {step} skipped: {reason} in task {task} "
-                  f"({state['bad_in_a_row']} of at most {max_bad_steps} in a row)")
-    if state["bad_in_a_row"] >= max_bad_steps:
+                  f"({state.bad_in_a_row} of at most {max_bad_steps} in a row)")
+    if state.bad_in_a_row >= max_bad_steps:
         last = find_checkpoint(out / CHECKPOINTS / "last")
         kept = f"the last good checkpoint stays in {last}" if last else "no checkpoint was written yet"
         raise MultituneError(f"training.max_bad_steps: stopped at step {step} after {max_bad_steps} steps in a row "
