@@ -17,10 +17,8 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from safetensors.torch import load_file
 
 from multitune.analysis.affinity import AffinityProbe, batches_drawn, write_transfer
-from multitune.backbones import load_backbone
 from multitune.config.parse import to_dict
 from multitune.config.schema import RunConfig
 from multitune.data import TaskData, load_task_data
@@ -29,21 +27,14 @@ from multitune.errors import ConfigError, MultituneError
 from multitune.evaluation.evaluator import evaluate_task, selection_value
 from multitune.export.usage import run_model_card
 from multitune.fileio import discard_stale_copy, read_jsonl, replace_dir, write_json_atomic, write_text_atomic
-from multitune.model import ADAPTERS_FILE, HEADS_FILE, MultiTaskModel
+from multitune.model import MultiTaskModel
 from multitune.optim import (
-    GradualUnfreezer,
-    apply_freezing,
-    build_optimizer,
-    build_param_groups,
-    build_scheduler,
     parameter_table,
 )
 from multitune.reporting.trackers import attach_trackers
 from multitune.rundir import check_output_dir, clear_dir, lock_dir, lock_scope, write_marker
 from multitune.sampling import SAMPLERS
-from multitune.sampling.replay import ReplaySampler
 from multitune.tasks import TASKS, Task
-from multitune.training.batching import TaskBatcher
 from multitune.training.checkpoint import (
     STATE_FILE,
     disk_full,
@@ -52,13 +43,19 @@ from multitune.training.checkpoint import (
     rng_states,
     save_checkpoint,
 )
-from multitune.training.distributed import all_processes, average_gradients, ddp_kwargs, shard_batch
-from multitune.training.hardware import resolve_attention, resolve_precision
+from multitune.training.distributed import all_processes, average_gradients, shard_batch
 from multitune.training.multistep import WeightedStep
 from multitune.training.per_task import PER_TASK_DIR, PerTaskBest
 from multitune.training.progress import TrainingProgress, print_parameter_table, print_results_table
 from multitune.training.run_dir import CHECKPOINTS, check_run_dir
 from multitune.training.runlog import RunLog
+from multitune.training.setup import (
+    build_accelerator,
+    build_backbone,
+    build_model,
+    build_optimization,
+    build_sampling,
+)
 from multitune.training.state import TrainerState
 from multitune.weighting import WEIGHTINGS
 
@@ -169,53 +166,13 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
     resuming = check_run_dir(config, out, resume, overwrite, protect)
     inputs = fingerprints(data_files(config))  # recorded in every checkpoint; resume compares them
 
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # Accelerate keeps one process-wide state; a second run in the same process (a notebook, a search)
-    # may ask for another precision. Reset it, keeping the process group (PartialState) intact.
-    if AcceleratorState._shared_state:
-        AcceleratorState._reset_state(reset_partial_state=False)
-
-    on_cpu = tcfg.device == "cpu" or (tcfg.device == "auto" and not torch.cuda.is_available())
-    precision = resolve_precision(tcfg.precision, "cpu" if on_cpu else "cuda")
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=on_cpu,
-                              kwargs_handlers=ddp_kwargs())
+    accelerator, precision, on_cpu = build_accelerator(tcfg.device, tcfg.precision)
     if not accelerator.is_main_process:  # several processes (accelerate launch): the main one reports
         console, progress = Console(quiet=True), False
-    if tcfg.device == "cuda" and not torch.cuda.is_available():
-        raise MultituneError("training.device: cuda was asked for but no CUDA device is available")
     torch.manual_seed(config.seed)
-    backbone, tokenizer = load_backbone(config.backbone, config.trust_remote_code)
-    attention = resolve_attention(tcfg.attention, on_cpu)
-    # evaluation runs with the kernels a loaded model gets (multitune.load, predict, serve), so that the metrics
-    # that pick checkpoints are the ones the saved model reproduces
-    deployed_attention = getattr(backbone.config, "_attn_implementation", None)
-    if attention is not None and deployed_attention != attention:
-        try:
-            backbone.set_attn_implementation(attention)
-        except (ValueError, ImportError) as exc:
-            raise ConfigError("training.attention", f"{attention} does not work with this backbone: "
-                                                    f"{' '.join(str(exc).split())[:200]}") from None
-    vocab_report = None
-    if config.backbone.extend_vocabulary is not None:  # before the heads and the tokenisation see the vocabulary
-        from multitune.backbones.vocab import extend_vocabulary, find_new_words, read_corpus
-
-        v = config.backbone.extend_vocabulary
-        words = find_new_words(read_corpus(v.corpus), tokenizer, v.min_freq, v.max_new)
-        vocab_report = extend_vocabulary(backbone, tokenizer, [w for w, _ in words])
-    family = None if config.backbone.type == "auto" else config.backbone.type
-    model = MultiTaskModel(backbone, tasks, tokenizer, config.pooling, config.normalize_embeddings, tcfg.max_length,
-                           architecture=family, adapters=config.adapters)
-    if plan is not None and plan.init_from is not None:  # heads (and adapters) trained by the previous stage
-        model.heads.load_state_dict(load_file(str(plan.init_from / HEADS_FILE)), strict=True)
-        if model.adapters is not None and (plan.init_from / ADAPTERS_FILE).is_file():
-            # an AdapterFusion stage starts from per-task adapters: its fusion layers are new
-            result = model.adapters.load_state_dict(load_file(str(plan.init_from / ADAPTERS_FILE)), strict=False)
-            new = [k for k in result.missing_keys if not k.startswith("fusion.")]
-            if new or result.unexpected_keys:
-                raise MultituneError(f"{plan.init_from / ADAPTERS_FILE}: adapters do not match this run (missing "
-                                     f"{new[:3]}, unexpected {result.unexpected_keys[:3]})")
+    loaded = build_backbone(config, tcfg.attention, on_cpu)
+    backbone, tokenizer, deployed_attention = loaded.model, loaded.tokenizer, loaded.deployed_attention
+    model = build_model(config, tasks, loaded, plan.init_from if plan is not None else None)
     active = plan.active if plan is not None else list(tasks)
     evaluated = plan.seen if plan is not None else list(tasks)
     start = time.perf_counter()
@@ -223,32 +180,11 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
     tokenize_s = time.perf_counter() - start
     names = list(tasks)
     weighting = WEIGHTINGS.get(config.loss_weighting.strategy)(names, config.loss_weighting)
-    head_lr = tcfg.head_learning_rate or tcfg.learning_rate
-    apply_freezing(model.backbone, model.heads, config.freeze)
-    new_modules: list[tuple] = [("heads", model.heads), ("loss_weighting", weighting)]
-    if model.adapters is not None:  # parameter-efficient: the backbone stays frozen, adapters train
-        model.backbone.requires_grad_(False)
-        adapter_lr = config.adapters.learning_rate or tcfg.learning_rate
-        if model.adapters.fusion is not None:  # AdapterFusion: the task adapters stay as trained, fusion learns
-            model.adapters.adapters.requires_grad_(False)
-            new_modules.append(("fusion", model.adapters.fusion, config.adapters.fusion_learning_rate))
-        # the ModuleDict gives one table row per adapter; the set itself adds what is left (task embeddings)
-        new_modules += [("adapters", model.adapters.adapters, adapter_lr), ("adapters", model.adapters, adapter_lr)]
-    groups = build_param_groups(model.backbone, new_modules, tcfg.learning_rate, head_lr, tcfg.weight_decay,
-                                tcfg.layer_lr_decay)
-    if not groups:
-        raise MultituneError("freeze: nothing is left to train (every backbone and head parameter is frozen)")
-    unfreezer = None
-    if tcfg.gradual_unfreezing is not None:  # after the groups: the optimizer must hold what it releases later
-        steps_per_epoch = math.ceil(sum(len(p.features["train"]) for p in prepared.values())
-                                    / (tcfg.batch_size * accelerator.num_processes))
-        unfreezer = GradualUnfreezer(model.backbone, tcfg.gradual_unfreezing, steps_per_epoch)
-    optimizer = build_optimizer(groups, tcfg.learning_rate)
-    warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else int(tcfg.warmup_ratio * tcfg.max_steps)
-    scheduler = build_scheduler(optimizer, tcfg.scheduler, warmup, tcfg.max_steps)
+    opt = build_optimization(model, weighting, config, sum(len(p.features["train"]) for p in prepared.values()),
+                             accelerator.num_processes)
+    groups, optimizer, scheduler, unfreezer = opt.groups, opt.optimizer, opt.scheduler, opt.unfreezer
     if tcfg.compile:  # in place: module names, state-dict keys and hooks stay as they are
-        core_model = model.architecture.token_model(model.backbone)
-        core_model.compile(dynamic=True)
+        model.architecture.token_model(model.backbone).compile(dynamic=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     weighting.to(accelerator.device)
     core: MultiTaskModel = accelerator.unwrap_model(model)
@@ -256,17 +192,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # every process draws the same global batch of num_processes x batch_size rows and trains on its share
     global_batch = tcfg.batch_size * accelerator.num_processes
-    batchers = {n: TaskBatcher(p.task, p.features["train"], global_batch, pad_id, config.seed + 1000 * (i + 1),
-                               tcfg.group_by_length)
-                for i, (n, p) in enumerate(prepared.items())}
-    sampler = SAMPLERS.get(config.sampling.strategy)({n: len(prepared[n].features["train"]) for n in active},
-                                                     config.sampling, config.seed)
-    task_sampler = sampler  # the strategy itself, which declares what it needs (a replay run wraps it)
-    replayed = [n for n in evaluated if n not in active]
-    if plan is not None and plan.replay > 0 and replayed:
-        earlier = SAMPLERS.get("proportional")({n: len(prepared[n].features["train"]) for n in replayed},
-                                                SAMPLERS.get("proportional").config_class(), config.seed + 1)
-        sampler = ReplaySampler(sampler, earlier, plan.replay, config.seed + 2)
+    batchers, sampler, task_sampler = build_sampling(
+        config, {n: p.features["train"] for n, p in prepared.items()}, tasks, active,
+        [n for n in evaluated if n not in active], plan.replay if plan is not None else 0.0, pad_id, global_batch)
     # what the loss weighting needs from a step (all tasks, per-task gradients of the shared parameters, ...)
     multi = WeightedStep(weighting, sampler, model, core, [p for g in groups for p in g["params"]], accelerator)
     probe = AffinityProbe(config, multi, prepared, active, pad_id, staged=plan is not None)  # transfer analysis
@@ -298,9 +226,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
     for name, p in prepared.items():
         counts = ", ".join(f"{s} {len(e)}" for s, e in p.data.splits.items())
         console.print(f"[bold]{name}[/] ({p.task.config.type}): {counts}")
-    if vocab_report is not None:
-        console.print(f"vocabulary: {vocab_report['added']} domain words added "
-                      f"({vocab_report['vocab_size_before']} -> {vocab_report['vocab_size_after']} tokens)")
+    if loaded.vocab_report is not None:
+        console.print(f"vocabulary: {loaded.vocab_report['added']} domain words added "
+                      f"({loaded.vocab_report['vocab_size_before']} -> {loaded.vocab_report['vocab_size_after']} tokens)")
     console.print(f"{core.architecture.type_name} backbone; tokenised every split once in {tokenize_s:.1f}s; "
                   f"precision {precision}{' (auto)' if tcfg.precision == 'auto' else ''}, "
                   f"attention {getattr(backbone.config, '_attn_implementation', None) or 'default'}, "
@@ -312,7 +240,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
     attach_trackers(log, config, out)  # training.report_to: TensorBoard / MLflow get every record too
     from multitune.config.loader import save_config
 
-    table = parameter_table(groups, core.backbone, new_modules, unfreezer.unfreeze_steps() if unfreezer else None)
+    table = parameter_table(groups, core.backbone, opt.new_modules, unfreezer.unfreeze_steps() if unfreezer else None)
     if accelerator.is_main_process:
         if plan is not None and plan.before_write is not None:
             plan.before_write()
@@ -519,8 +447,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
                for n, p in prepared.items() if p.task.state().get("class_weights")}
     if weights:
         results["class_weights"] = weights
-    if vocab_report is not None:
-        results["vocabulary"] = vocab_report
+    if loaded.vocab_report is not None:
+        results["vocabulary"] = loaded.vocab_report
     if core.adapters is not None:
         results["adapters"] = {"method": config.adapters.method, "arrangement": config.adapters.arrangement,
                                "trainable": sum(p.numel() for p in core.adapters.parameters() if p.requires_grad),

@@ -1,0 +1,187 @@
+"""Builders of a training run: each turns a part of the config into the objects the loop uses.
+
+They are called in this order by :func:`multitune.training.train` (the order fixes how random numbers are drawn,
+so a run is reproducible and a resumed run bitwise equal): accelerator -> backbone -> model -> (tokenisation)
+-> loss weighting -> optimisation -> batchers and sampler.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from multitune.backbones import load_backbone
+from multitune.config.schema import RunConfig, TrainingConfig
+from multitune.errors import ConfigError, MultituneError
+from multitune.model import ADAPTERS_FILE, HEADS_FILE, MultiTaskModel
+from multitune.optim import (
+    GradualUnfreezer,
+    apply_freezing,
+    build_optimizer,
+    build_param_groups,
+    build_scheduler,
+)
+from multitune.sampling import SAMPLERS
+from multitune.sampling.replay import ReplaySampler
+from multitune.tasks import Task
+from multitune.training.batching import TaskBatcher
+from multitune.training.distributed import ddp_kwargs
+from multitune.training.hardware import resolve_attention, resolve_precision
+
+
+def build_accelerator(device: str, precision: str) -> tuple[Any, str, bool]:
+    """An Accelerator for ``training.device`` and ``training.precision``.
+
+    Returns:
+        ``(accelerator, resolved precision, on_cpu)``.
+
+    Raises:
+        MultituneError: CUDA was asked for and there is none.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps one process-wide state; a second run in the same process (a notebook, a search)
+    # may ask for another precision. Reset it, keeping the process group (PartialState) intact.
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    resolved = resolve_precision(precision, "cpu" if on_cpu else "cuda")
+    accelerator = Accelerator(mixed_precision="bf16" if resolved == "bf16" else "no", cpu=on_cpu,
+                              kwargs_handlers=ddp_kwargs())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MultituneError("training.device: cuda was asked for but no CUDA device is available")
+    return accelerator, resolved, on_cpu
+
+
+@dataclass
+class Backbone:
+    """The loaded backbone and what was done to it before the model is built."""
+
+    model: Any
+    tokenizer: Any
+    deployed_attention: str | None  # the kernels a loaded model gets: evaluation runs with these
+    vocab_report: dict | None
+
+
+def build_backbone(config: RunConfig, attention: str | None, on_cpu: bool) -> Backbone:
+    """Load the backbone, set its training attention kernels and extend its vocabulary (before the heads and the
+    tokenisation see it)."""
+    backbone, tokenizer = load_backbone(config.backbone, config.trust_remote_code)
+    wanted = resolve_attention(attention, on_cpu)
+    # evaluation runs with the kernels a loaded model gets (multitune.load, predict, serve), so that the metrics
+    # that pick checkpoints are the ones the saved model reproduces
+    deployed = getattr(backbone.config, "_attn_implementation", None)
+    if wanted is not None and deployed != wanted:
+        try:
+            backbone.set_attn_implementation(wanted)
+        except (ValueError, ImportError) as exc:
+            raise ConfigError("training.attention", f"{wanted} does not work with this backbone: "
+                                                    f"{' '.join(str(exc).split())[:200]}") from None
+    report = None
+    if config.backbone.extend_vocabulary is not None:
+        from multitune.backbones.vocab import extend_vocabulary, find_new_words, read_corpus
+
+        v = config.backbone.extend_vocabulary
+        words = find_new_words(read_corpus(v.corpus), tokenizer, v.min_freq, v.max_new)
+        report = extend_vocabulary(backbone, tokenizer, [w for w, _ in words])
+    return Backbone(backbone, tokenizer, deployed, report)
+
+
+def build_model(config: RunConfig, tasks: dict[str, Task], backbone: Backbone, init_from: Path | None
+                ) -> MultiTaskModel:
+    """The multi-task model on the backbone; a later stage starts from the previous stage's heads and adapters.
+
+    Raises:
+        MultituneError: the previous stage's adapters do not match this run's.
+    """
+    family = None if config.backbone.type == "auto" else config.backbone.type
+    model = MultiTaskModel(backbone.model, tasks, backbone.tokenizer, config.pooling, config.normalize_embeddings,
+                           config.training.max_length, architecture=family, adapters=config.adapters)
+    if init_from is not None:  # heads (and adapters) trained by the previous stage
+        model.heads.load_state_dict(load_file(str(init_from / HEADS_FILE)), strict=True)
+        if model.adapters is not None and (init_from / ADAPTERS_FILE).is_file():
+            # an AdapterFusion stage starts from per-task adapters: its fusion layers are new
+            result = model.adapters.load_state_dict(load_file(str(init_from / ADAPTERS_FILE)), strict=False)
+            new = [k for k in result.missing_keys if not k.startswith("fusion.")]
+            if new or result.unexpected_keys:
+                raise MultituneError(f"{init_from / ADAPTERS_FILE}: adapters do not match this run (missing "
+                                     f"{new[:3]}, unexpected {result.unexpected_keys[:3]})")
+    return model
+
+
+@dataclass
+class Optimization:
+    """What trains and how: parameter groups (one table row per part), optimizer, LR schedule, unfreezing."""
+
+    groups: list[dict]
+    new_modules: list[tuple]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    unfreezer: GradualUnfreezer | None
+
+
+def build_optimization(model: MultiTaskModel, weighting: torch.nn.Module, config: RunConfig,
+                       train_examples: int, num_processes: int) -> Optimization:
+    """Freeze what the config freezes, group the trainable parameters with their learning rates, and build the
+    optimizer, the scheduler and the gradual unfreezer.
+
+    Args:
+        train_examples: training examples of every task (an epoch, for gradual unfreezing).
+        num_processes: data-parallel processes (each step draws ``num_processes x batch_size`` rows).
+
+    Raises:
+        MultituneError: nothing is left to train.
+    """
+    tcfg: TrainingConfig = config.training
+    head_lr = tcfg.head_learning_rate or tcfg.learning_rate
+    apply_freezing(model.backbone, model.heads, config.freeze)
+    new_modules: list[tuple] = [("heads", model.heads), ("loss_weighting", weighting)]
+    if model.adapters is not None:  # parameter-efficient: the backbone stays frozen, adapters train
+        model.backbone.requires_grad_(False)
+        adapter_lr = config.adapters.learning_rate or tcfg.learning_rate
+        if model.adapters.fusion is not None:  # AdapterFusion: the task adapters stay as trained, fusion learns
+            model.adapters.adapters.requires_grad_(False)
+            new_modules.append(("fusion", model.adapters.fusion, config.adapters.fusion_learning_rate))
+        # the ModuleDict gives one table row per adapter; the set itself adds what is left (task embeddings)
+        new_modules += [("adapters", model.adapters.adapters, adapter_lr), ("adapters", model.adapters, adapter_lr)]
+    groups = build_param_groups(model.backbone, new_modules, tcfg.learning_rate, head_lr, tcfg.weight_decay,
+                                tcfg.layer_lr_decay)
+    if not groups:
+        raise MultituneError("freeze: nothing is left to train (every backbone and head parameter is frozen)")
+    unfreezer = None
+    if tcfg.gradual_unfreezing is not None:  # after the groups: the optimizer must hold what it releases later
+        steps_per_epoch = math.ceil(train_examples / (tcfg.batch_size * num_processes))
+        unfreezer = GradualUnfreezer(model.backbone, tcfg.gradual_unfreezing, steps_per_epoch)
+    optimizer = build_optimizer(groups, tcfg.learning_rate)
+    warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else int(tcfg.warmup_ratio * tcfg.max_steps)
+    scheduler = build_scheduler(optimizer, tcfg.scheduler, warmup, tcfg.max_steps)
+    return Optimization(groups, new_modules, optimizer, scheduler, unfreezer)
+
+
+def build_sampling(config: RunConfig, train_features: dict[str, list[dict]], tasks: dict[str, Task],
+                   active: list[str], replayed: list[str], replay: float, pad_id: int, global_batch: int
+                   ) -> tuple[dict[str, TaskBatcher], Any, Any]:
+    """One batch stream per task and the task sampler over the active tasks (wrapped to replay earlier tasks'
+    batches in a later stage).
+
+    Returns:
+        ``(batchers, sampler, strategy)``: ``strategy`` is the configured sampler itself, which declares what it
+        needs; ``sampler`` is what draws (the strategy, or the replay wrapper around it).
+    """
+    batchers = {n: TaskBatcher(tasks[n], features, global_batch, pad_id, config.seed + 1000 * (i + 1),
+                               config.training.group_by_length)
+                for i, (n, features) in enumerate(train_features.items())}
+    sizes = {n: len(features) for n, features in train_features.items()}
+    strategy = SAMPLERS.get(config.sampling.strategy)({n: sizes[n] for n in active}, config.sampling, config.seed)
+    sampler = strategy
+    if replay > 0 and replayed:
+        proportional = SAMPLERS.get("proportional")
+        earlier = proportional({n: sizes[n] for n in replayed}, proportional.config_class(), config.seed + 1)
+        sampler = ReplaySampler(strategy, earlier, replay, config.seed + 2)
+    return batchers, sampler, strategy
