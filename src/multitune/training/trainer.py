@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +18,12 @@ import torch
 from rich.console import Console
 
 from multitune.analysis.affinity import AffinityProbe, batches_drawn, write_transfer
-from multitune.config.parse import to_dict
 from multitune.config.schema import RunConfig
 from multitune.data import TaskData, load_task_data
 from multitune.data.fingerprint import check_unchanged, data_files, fingerprints
 from multitune.errors import ConfigError, MultituneError
 from multitune.evaluation.evaluator import evaluate_task, selection_value
-from multitune.export.usage import run_model_card
-from multitune.fileio import discard_stale_copy, read_jsonl, replace_dir, write_json_atomic, write_text_atomic
+from multitune.fileio import discard_stale_copy, read_jsonl, write_json_atomic, write_text_atomic
 from multitune.model import MultiTaskModel
 from multitune.optim import (
     parameter_table,
@@ -37,13 +34,20 @@ from multitune.sampling import SAMPLERS
 from multitune.tasks import TASKS, Task
 from multitune.training.checkpoint import (
     STATE_FILE,
-    disk_full,
     find_checkpoint,
     load_checkpoint,
     rng_states,
     save_checkpoint,
 )
 from multitune.training.distributed import all_processes, average_gradients, shard_batch
+from multitune.training.finish import (
+    adapter_summary,
+    build_results,
+    calibrate,
+    plot_safely,
+    save_model,
+    train_summary,
+)
 from multitune.training.multistep import WeightedStep
 from multitune.training.per_task import PER_TASK_DIR, PerTaskBest
 from multitune.training.progress import TrainingProgress, print_parameter_table, print_results_table
@@ -413,82 +417,30 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
     # tasks that tune decision thresholds on validation do it now, on the restored best model
     val_predictions: dict[str, list] = {}
     evaluate_all("validation", val_predictions)
-    calibrated = {}
-    for n, preds in val_predictions.items():
-        if n in active:
-            change = prepared[n].task.calibrate(preds, prepared[n].data.splits["validation"])
-            if change:
-                calibrated[n] = change
+    calibrated = calibrate(tasks, active, val_predictions, {n: p.data.splits["validation"] for n, p in prepared.items()
+                                                            if "validation" in p.data.splits})
     if calibrated and accelerator.is_main_process:
         log({"kind": "calibrate", "step": state.step, "tasks": calibrated})
     val_predictions = {}
     if core.adapters is not None:
         core.adapters.fusion_attention(reset=True)  # measured on the final validation pass only
-    results = {"validation": evaluate_all("validation", val_predictions)}
+    validation = evaluate_all("validation", val_predictions)
     fusion_attention = core.adapters.fusion_attention() if core.adapters is not None else {}
-    if calibrated:
-        results["calibration"] = calibrated
-    if any("test" in p.features for p in prepared.values()):
-        results["test"] = evaluate_all("test")
-    seconds = max(state.train_seconds, 1e-9)
-    results["train"] = {
-        "steps": state.step, "best_step": state.best_step, "stopped_early": stopped_early,
-        "selection_metric": metric_name, "best_value": state.best_value, "per_task_best": state.per_task_best,
-        "skipped_steps": dict(state.bad_steps), "examples": state.examples, "wall_s": round(seconds, 2),
-        "examples_per_s": round(state.examples / seconds, 2),
-        "real_tokens_per_s": round(state.real_tokens / seconds, 1),
-        "padded_tokens_per_s": round(state.padded_tokens / seconds, 1),
-        "real_tokens": state.real_tokens, "padded_tokens": state.padded_tokens,
-        "tokenize_s": round(tokenize_s, 2), "precision": precision,
-        "attention": getattr(core.backbone.config, "_attn_implementation", None), "device": str(accelerator.device),
-        "batches": {n: batches_drawn(b) for n, b in batchers.items()}}
-    results["data"] = {n: p.data.report for n, p in prepared.items()}
-    weights = {n: dict(zip(p.task.state()["labels"], p.task.state()["class_weights"]))
-               for n, p in prepared.items() if p.task.state().get("class_weights")}
-    if weights:
-        results["class_weights"] = weights
-    if loaded.vocab_report is not None:
-        results["vocabulary"] = loaded.vocab_report
-    if core.adapters is not None:
-        results["adapters"] = {"method": config.adapters.method, "arrangement": config.adapters.arrangement,
-                               "trainable": sum(p.numel() for p in core.adapters.parameters() if p.requires_grad),
-                               "bytes_per_task": core.adapters.bytes_per_task()}
-        if fusion_attention:
-            results["adapters"]["fusion_attention"] = fusion_attention
+    test = evaluate_all("test") if any("test" in p.features for p in prepared.values()) else None
+    train_info = train_summary(state, stopped_early, metric_name, tokenize_s, precision,
+                               getattr(core.backbone.config, "_attn_implementation", None), str(accelerator.device),
+                               {n: batches_drawn(b) for n, b in batchers.items()})
+    results = build_results(validation, test, calibrated, train_info, {n: p.data.report for n, p in prepared.items()},
+                            {n: p.task for n, p in prepared.items()}, loaded.vocab_report,
+                            adapter_summary(core, config, fusion_attention))
     if accelerator.is_main_process:
-        _save_model(core, out, config, results, state.step)
+        save_model(core, out, config, results, state.step)
         write_transfer(out, results)  # the mean affinity matrices (results["transfer"]) and affinity.png
         write_json_atomic(out / "results.json", results)
-        try:  # the model and results are saved: a report that fails must not fail the run
-            _plot(out)
-            _plot_confusions(out, prepared, val_predictions)
-        except Exception as exc:  # noqa: BLE001 - plots are a convenience; the run's outputs are complete
-            console.print(f"[yellow]warning[/]: plots were not written ({type(exc).__name__}: "
-                          f"{' '.join(str(exc).split())[:200]})")
+        plot_safely(console, lambda: _plot(out), lambda: _plot_confusions(out, prepared, val_predictions))
         print_results_table(console, results, tasks)
     log.close()
     return results
-
-
-def _save_model(core: MultiTaskModel, out: Path, config: RunConfig, results: dict, step: int) -> None:
-    """Write ``out/model`` through a temporary directory; a full disk is one line that names the file and the
-    last good checkpoint, and leaves no temporary directory behind."""
-    tmp = out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        core.save(tmp, extra={"backbone_source": to_dict(config.backbone), "trained_steps": step})
-        run_model_card(tmp, out / "model", {**core.metadata(), "backbone_source": to_dict(config.backbone)},
-                       results, to_dict(config))
-        replace_dir(tmp, out / "model")
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if disk_full(exc):
-            last = find_checkpoint(out / CHECKPOINTS / "last")
-            raise MultituneError(f"{getattr(exc, 'filename', None) or tmp}: the disk is full (or a quota or "
-                                 f"file-size limit was reached) while writing the final model; "
-                                 + (f"the last good checkpoint is {last} (free space, then resume with --resume)"
-                                    if last is not None else "no checkpoint was written")) from None
-        raise
 
 
 def _skip_step(state: TrainerState, bad: tuple[str, str], max_bad_steps: int, out: Path, console: Console,

@@ -1,0 +1,126 @@
+"""The end of a run: threshold calibration on the restored best model, ``results.json`` built from plain values,
+and the run's model, results and plots written."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from multitune.config.parse import to_dict
+from multitune.config.schema import RunConfig
+from multitune.errors import MultituneError
+from multitune.export.usage import run_model_card
+from multitune.fileio import replace_dir
+from multitune.model import MultiTaskModel
+from multitune.tasks import Task
+from multitune.training.checkpoint import disk_full, find_checkpoint
+from multitune.training.run_dir import CHECKPOINTS
+from multitune.training.state import TrainerState
+
+
+def calibrate(tasks: Mapping[str, Task], active: Sequence[str], predictions: Mapping[str, list],
+              gold: Mapping[str, list[dict]]) -> dict[str, dict]:
+    """Let each active task tune its decision thresholds on validation ``predictions`` of the restored best
+    model; returns what changed, per task."""
+    changed = {}
+    for name, preds in predictions.items():
+        if name in active:
+            change = tasks[name].calibrate(preds, gold[name])
+            if change:
+                changed[name] = change
+    return changed
+
+
+def train_summary(state: TrainerState, stopped_early: bool, metric_name: str, tokenize_s: float, precision: str,
+                  attention: str | None, device: str, batches: dict) -> dict:
+    """``results.json["train"]``: the run's counters and throughput."""
+    seconds = max(state.train_seconds, 1e-9)
+    return {
+        "steps": state.step, "best_step": state.best_step, "stopped_early": stopped_early,
+        "selection_metric": metric_name, "best_value": state.best_value, "per_task_best": state.per_task_best,
+        "skipped_steps": dict(state.bad_steps), "examples": state.examples, "wall_s": round(seconds, 2),
+        "examples_per_s": round(state.examples / seconds, 2),
+        "real_tokens_per_s": round(state.real_tokens / seconds, 1),
+        "padded_tokens_per_s": round(state.padded_tokens / seconds, 1),
+        "real_tokens": state.real_tokens, "padded_tokens": state.padded_tokens,
+        "tokenize_s": round(tokenize_s, 2), "precision": precision, "attention": attention, "device": device,
+        "batches": batches}
+
+
+def build_results(validation: dict, test: dict | None, calibrated: dict, train: dict, data: dict,
+                  tasks: Mapping[str, Task], vocabulary: dict | None, adapters: dict | None) -> dict:
+    """The content of ``results.json`` (the transfer analysis adds ``transfer`` when it measured anything).
+
+    Args:
+        validation, test: metrics per task (``test`` None when no task has test data).
+        calibrated: what threshold calibration changed, per task.
+        train: :func:`train_summary`.
+        data: each task's data report.
+        tasks: the run's tasks (their class weights are reported).
+        vocabulary: the vocabulary extension's report, if any.
+        adapters: method, arrangement, sizes (and fusion attention) of the adapters, if any.
+    """
+    results: dict[str, Any] = {"validation": validation}
+    if calibrated:
+        results["calibration"] = calibrated
+    if test is not None:
+        results["test"] = test
+    results["train"] = train
+    results["data"] = data
+    weights = {n: dict(zip(t.state()["labels"], t.state()["class_weights"]))
+               for n, t in tasks.items() if t.state().get("class_weights")}
+    if weights:
+        results["class_weights"] = weights
+    if vocabulary is not None:
+        results["vocabulary"] = vocabulary
+    if adapters is not None:
+        results["adapters"] = adapters
+    return results
+
+
+def adapter_summary(model: MultiTaskModel, config: RunConfig, fusion_attention: dict) -> dict | None:
+    """``results.json["adapters"]`` (None for a run without adapters)."""
+    if model.adapters is None:
+        return None
+    summary = {"method": config.adapters.method, "arrangement": config.adapters.arrangement,
+               "trainable": sum(p.numel() for p in model.adapters.parameters() if p.requires_grad),
+               "bytes_per_task": model.adapters.bytes_per_task()}
+    if fusion_attention:
+        summary["fusion_attention"] = fusion_attention
+    return summary
+
+
+def save_model(core: MultiTaskModel, out: Path, config: RunConfig, results: dict, step: int) -> None:
+    """Write ``out/model`` through a temporary directory; a full disk is one line that names the file and the
+    last good checkpoint, and leaves no temporary directory behind."""
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        core.save(tmp, extra={"backbone_source": to_dict(config.backbone), "trained_steps": step})
+        run_model_card(tmp, out / "model", {**core.metadata(), "backbone_source": to_dict(config.backbone)},
+                       results, to_dict(config))
+        replace_dir(tmp, out / "model")
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc):
+            last = find_checkpoint(out / CHECKPOINTS / "last")
+            raise MultituneError(f"{getattr(exc, 'filename', None) or tmp}: the disk is full (or a quota or "
+                                 f"file-size limit was reached) while writing the final model; "
+                                 + (f"the last good checkpoint is {last} (free space, then resume with --resume)"
+                                    if last is not None else "no checkpoint was written")) from None
+        raise
+
+
+def plot_safely(console: Console, *plots: Any) -> None:
+    """Run each plotting call; the model and results are saved already, so a plot that fails is one warning
+    line, never the end of the run."""
+    try:
+        for plot in plots:
+            plot()
+    except Exception as exc:  # noqa: BLE001 - plots are a convenience; the run's outputs are complete
+        console.print(f"[yellow]warning[/]: plots were not written ({type(exc).__name__}: "
+                      f"{' '.join(str(exc).split())[:200]})")
