@@ -32,3 +32,13 @@ def test_a_checkpoint_from_before_the_guard_and_per_task_selection_loads():
 def test_damaged_state_raises_for_the_caller_to_name_the_file(damaged):
     with pytest.raises((KeyError, ValueError)):
         TrainerState.from_state_dict(damaged)
+
+
+def test_compile_seconds_is_the_first_steps_extra_time():
+    from multitune.training.finish import compile_seconds
+
+    state = TrainerState(step=5, train_seconds=14.0)  # first step 10 s, then four of 1 s
+    assert compile_seconds(10.0, 0, state) == 9.0
+    assert compile_seconds(None, 0, state) is None and compile_seconds(10.0, 4, state) is None  # one step only
+    resumed = TrainerState(step=11, train_seconds=20.0)  # 5 earlier steps of 1 s; here 6 s (compiling), then 1 s each
+    assert compile_seconds(6.0, 5, resumed) == 4.6

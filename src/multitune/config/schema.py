@@ -136,7 +136,7 @@ class TrainingConfig:
     gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step", min=1)
     max_length: int = field(128, help="tokens per input after truncation", min=8)
     compile: bool = field(False, help="torch.compile the backbone (dynamic shapes); costs a one-off compile time, "
-                                      "reported as compile_s")
+                                      "reported as train.compile_s in results.json")
     group_by_length: bool = field(False, help="batch rows of similar length together (seeded windows of 50 "
                                               "batches sorted by length, batch order shuffled): far less padding")
     learning_rate: float = field(5e-5, help="learning rate of the backbone", gt=0.0)

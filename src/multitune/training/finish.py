@@ -35,11 +35,22 @@ def calibrate(tasks: Mapping[str, Task], active: Sequence[str], predictions: Map
     return changed
 
 
+def compile_seconds(first_step_s: float | None, steps_before: int, state: TrainerState) -> float | None:
+    """The one-off cost of ``training.compile``: how much longer this process's first step (which compiles)
+    took than its average later step; None when it made fewer than two steps."""
+    made = state.step - steps_before
+    if first_step_s is None or made < 2:
+        return None
+    # (a resumed run's counter also holds the time of earlier processes' steps: their average stands in)
+    others = max(state.train_seconds - first_step_s, 0.0) / (state.step - 1)
+    return round(max(first_step_s - others, 0.0), 2)
+
+
 def train_summary(state: TrainerState, stopped_early: bool, metric_name: str, tokenize_s: float, precision: str,
-                  attention: str | None, device: str, batches: dict) -> dict:
-    """``results.json["train"]``: the run's counters and throughput."""
+                  attention: str | None, device: str, batches: dict, compile_s: float | None = None) -> dict:
+    """``results.json["train"]``: the run's counters and throughput (and ``compile_s`` with torch.compile)."""
     seconds = max(state.train_seconds, 1e-9)
-    return {
+    summary = {
         "steps": state.step, "best_step": state.best_step, "stopped_early": stopped_early,
         "selection_metric": metric_name, "best_value": state.best_value, "per_task_best": state.per_task_best,
         "skipped_steps": dict(state.bad_steps), "examples": state.examples, "wall_s": round(seconds, 2),
@@ -49,6 +60,9 @@ def train_summary(state: TrainerState, stopped_early: bool, metric_name: str, to
         "real_tokens": state.real_tokens, "padded_tokens": state.padded_tokens,
         "tokenize_s": round(tokenize_s, 2), "precision": precision, "attention": attention, "device": device,
         "batches": batches}
+    if compile_s is not None:
+        summary["compile_s"] = compile_s
+    return summary
 
 
 def build_results(validation: dict, test: dict | None, calibrated: dict, train: dict, data: dict,

@@ -44,6 +44,7 @@ from multitune.training.finish import (
     adapter_summary,
     build_results,
     calibrate,
+    compile_seconds,
     plot_safely,
     save_model,
     train_summary,
@@ -304,6 +305,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
     bar = TrainingProgress(console, tcfg.max_steps, enabled=progress)
     bar.start(state.step)
     stopped_early = False
+    first_step_s, steps_before = None, state.step  # with training.compile, this process's first step compiles
     try:
         while state.step < tcfg.max_steps:
             t0 = time.perf_counter()
@@ -362,6 +364,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
             t0 += probe.after_step(state.step + 1, optimizer, autocast, log)  # not counted as training time
             state.step += 1
             state.train_seconds += time.perf_counter() - t0
+            if first_step_s is None:
+                first_step_s, steps_before = time.perf_counter() - t0, state.step - 1
             for n, v in step_losses.items():
                 running[n].append(v)
             bar.update(state.step, {n: sum(v[-20:]) / len(v[-20:]) for n, v in running.items() if v})
@@ -429,7 +433,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, console: Console, p
     test = evaluate_all("test") if any("test" in p.features for p in prepared.values()) else None
     train_info = train_summary(state, stopped_early, metric_name, tokenize_s, precision,
                                getattr(core.backbone.config, "_attn_implementation", None), str(accelerator.device),
-                               {n: batches_drawn(b) for n, b in batchers.items()})
+                               {n: batches_drawn(b) for n, b in batchers.items()},
+                               compile_seconds(first_step_s, steps_before, state) if tcfg.compile else None)
     results = build_results(validation, test, calibrated, train_info, {n: p.data.report for n, p in prepared.items()},
                             {n: p.task for n, p in prepared.items()}, loaded.vocab_report,
                             adapter_summary(core, config, fusion_attention))
