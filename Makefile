@@ -39,6 +39,7 @@ test: $(VENV)/.llm
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
 
 # bench-only packages: tasknet, the multi-task baseline of the performance suite (bench/perf.py). The installed
 # torch and transformers are pinned as constraints, so that this install can never replace them.
