@@ -11,6 +11,16 @@ import torch
 from multitune.tasks.base import Task
 
 
+def eval_batches(task: Task, features: Sequence[dict], batch_size: int, pad_token_id: int):
+    """Yield ``(indices, batch)`` over all features in length order (less padding); order is restored
+    by the caller through the indices. A fixed generator keeps evaluation masks identical across evals."""
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield idx, task.collate([features[i] for i in idx], pad_token_id,
+                                torch.Generator().manual_seed(getattr(task.config, "eval_seed", 0) + start))
+
+
 @torch.inference_mode()
 def evaluate_task(model: Any, task: Task, features: Sequence[dict], examples: Sequence[dict], batch_size: int,
                   pad_token_id: int, autocast: Any = None) -> tuple[dict[str, float], list[Any]]:
@@ -19,8 +29,6 @@ def evaluate_task(model: Any, task: Task, features: Sequence[dict], examples: Se
     Returns:
         (metrics, predictions in the order of ``examples``).
     """
-    from multitune.training.batching import eval_batches  # here: training imports this module
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

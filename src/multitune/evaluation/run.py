@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from multitune.errors import MultituneError
+from multitune.tasks.prepared import read_task_data
 
 
 def evaluate_run(run_dir: str | Path, split: str = "validation", overrides: list[str] | None = None) -> dict:
@@ -19,7 +20,6 @@ def evaluate_run(run_dir: str | Path, split: str = "validation", overrides: list
     from multitune.config.loader import apply_overrides, parse_config, read_yaml
     from multitune.evaluation.evaluator import evaluate_task
     from multitune.model import load
-    from multitune.training.trainer import read_task_data
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():

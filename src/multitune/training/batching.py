@@ -118,13 +118,3 @@ def feature_length(feature: dict) -> int:
     n = sum(len(v) for k, v in feature.items() if k.endswith("input_ids"))
     labels = feature.get("labels")
     return n + (len(labels) if isinstance(labels, (list, tuple)) else 0)
-
-
-def eval_batches(task: Task, features: Sequence[dict], batch_size: int, pad_token_id: int):
-    """Yield ``(indices, batch)`` over all features in length order (less padding); order is restored
-    by the caller through the indices. A fixed generator keeps evaluation masks identical across evals."""
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        yield idx, task.collate([features[i] for i in idx], pad_token_id,
-                                torch.Generator().manual_seed(getattr(task.config, "eval_seed", 0) + start))

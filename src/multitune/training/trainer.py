@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ from rich.console import Console
 
 from multitune.analysis.affinity import AffinityProbe, batches_drawn, write_transfer
 from multitune.config.schema import RunConfig
-from multitune.data import TaskData, load_task_data
 from multitune.data.fingerprint import check_unchanged, data_files, fingerprints
 from multitune.errors import ConfigError, MultituneError
 from multitune.evaluation.evaluator import evaluate_task, selection_value
@@ -31,7 +30,8 @@ from multitune.optim import (
 from multitune.reporting.trackers import attach_trackers
 from multitune.rundir import check_output_dir, clear_dir, lock_dir, lock_scope, write_marker
 from multitune.sampling import SAMPLERS
-from multitune.tasks import TASKS, Task
+from multitune.tasks import Task
+from multitune.tasks.prepared import PreparedTask, build_tasks, read_task_data, tokenize_all
 from multitune.training.checkpoint import (
     STATE_FILE,
     find_checkpoint,
@@ -63,42 +63,6 @@ from multitune.training.setup import (
 )
 from multitune.training.state import TrainerState
 from multitune.weighting import WEIGHTINGS
-
-
-@dataclass
-class PreparedTask:
-    """A task with its data read, checked and tokenised once for the whole run."""
-
-    task: Task
-    data: TaskData
-    features: dict[str, list[dict]] = field(default_factory=dict)
-
-
-def build_tasks(config: RunConfig) -> dict[str, Task]:
-    return {name: TASKS.get(cfg.type, f"tasks.{name}.type")(name, cfg) for name, cfg in config.tasks.items()}
-
-
-def read_task_data(config: RunConfig, tasks: dict[str, Task]) -> dict[str, PreparedTask]:
-    """Read, clean, split and check every task's data (no model needed; fails fast on bad input)."""
-    prepared = {}
-    for i, (name, task) in enumerate(tasks.items()):
-        data = load_task_data(name, config.tasks[name].data, Path.cwd(), config.seed + 7919 * i,
-                              task.fields, task.required, task.stratify_key)
-        names = data.label_names.get(task.label_field) if task.label_field else None
-        if names and not getattr(task, "labels", None):  # a datasets ClassLabel: keep the dataset's label order
-            task.labels = list(names)
-        task.setup(data.splits["train"])
-        for examples in data.splits.values():
-            task.check_examples(examples)
-        prepared[name] = PreparedTask(task, data)
-    return prepared
-
-
-def tokenize_all(prepared: dict[str, PreparedTask], tokenizer: Any, max_length: int) -> None:
-    for p in prepared.values():
-        for split, examples in p.data.splits.items():
-            features = p.task.encode(examples, tokenizer, max_length)
-            p.features[split] = p.task.training_features(features) if split == "train" else features
 
 
 @dataclass
