@@ -19,7 +19,10 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from multitune.analysis.affinity import (
+from multitune.config import parse_config
+from multitune.errors import ConfigError
+from multitune.training import train
+from multitune.training.affinity import (
     batches_drawn,
     cosine_matrix,
     lookahead_ratio,
@@ -27,9 +30,6 @@ from multitune.analysis.affinity import (
     task_affinity,
     transfer_summary,
 )
-from multitune.config import parse_config
-from multitune.errors import ConfigError
-from multitune.training import train
 from multitune.training.batching import TaskBatcher
 from tests.conftest import REPO, crash_after_batches, toy_config
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from multitune.cli import main
 from multitune.config import parse_config
 from multitune.model import MultiTaskModel
-from multitune.training import train
+from multitune.training import Callback, train
 from multitune.training.per_task import META_FILE, PER_TASK_DIR, WEIGHTS_FILE
 from tests.conftest import crash_after_batches, write
 
@@ -195,28 +195,23 @@ def _snapshot_files(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_resume_keeps_per_task_best_state_and_snapshots(full_run, tiny_backbone, monkeypatch):
+def test_resume_keeps_per_task_best_state_and_snapshots(full_run, tiny_backbone):
     """Killed mid-run, then killed after an evaluation wrote a snapshot but before its checkpoint: the resumed
     run ends with the records and snapshot files of the uninterrupted run, bit for bit."""
-    import multitune.training.trainer as trainer
-
     reference, run = full_run["dir"], full_run["tmp"] / "resumed"
     raw = run_config(full_run["data"], tiny_backbone, run)
     with crash_after_batches(11), pytest.raises(KeyboardInterrupt):  # the last checkpoint is step 10's
         train(parse_config(raw), progress=False)
     logged = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
     target = min(r["step"] for r in logged if r["kind"] == "task_best" and r["step"] > 12)
-    save = trainer.save_checkpoint
 
-    def dying(path, model, weighting, optimizer, scheduler, state):
-        if state["step"] == target:
-            raise KeyboardInterrupt("killed while checkpointing")
-        save(path, model, weighting, optimizer, scheduler, state)
+    class KilledWhileCheckpointing(Callback):
+        def on_save(self, run, directory):  # before the step's first checkpoint is written
+            if run.state.step == target:
+                raise KeyboardInterrupt("killed while checkpointing")
 
-    monkeypatch.setattr(trainer, "save_checkpoint", dying)
     with pytest.raises(KeyboardInterrupt):
-        train(parse_config(raw), resume=True, progress=False)
-    monkeypatch.undo()
+        train(parse_config(raw), resume=True, progress=False, callbacks=[KilledWhileCheckpointing()])
     ahead = [json.loads(p.read_text())["step"] for p in (run / "checkpoints" / PER_TASK_DIR).glob(f"*/{META_FILE}")]
     assert target in ahead  # a snapshot newer than the checkpoint the run resumes from
     (run / "checkpoints" / PER_TASK_DIR / ".sentiment.tmp-999").mkdir()  # a snapshot half-written when killed

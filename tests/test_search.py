@@ -114,6 +114,28 @@ def test_pruned_trials_stop_at_their_first_evaluation(config_path, tmp_path):
     assert result.finished == 3
 
 
+class PruneSmallLearningRatesInTheSecondStage(optuna.pruners.BasePruner):
+    def prune(self, study, trial):  # a small learning rate is pruned at its first report after step 6
+        return trial.params["training.learning_rate"] < 1e-4 and max(trial.intermediate_values) > 6
+
+
+def test_staged_runs_are_searched_and_pruned_in_a_later_stage(config_path, tmp_path):
+    raw = yaml.safe_load(config_path.read_text())
+    raw["stages"] = [{"name": "first", "tasks": ["sentiment"]}, {"name": "second", "tasks": ["similarity"]}]
+    staged = tmp_path / "staged.yaml"
+    staged.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    space = _space(tmp_path, {"training.learning_rate": [1e-3, 1e-6]})
+    out = tmp_path / "staged-search"
+    result = run_search(staged, space, out, strategy="grid", pruner=PruneSmallLearningRatesInTheSecondStage())
+    study = optuna.load_study(study_name="staged-search", storage=f"sqlite:///{out / 'study.db'}")
+    trials = {t.params["training.learning_rate"]: t for t in study.trials}
+    # 6 steps per stage, eval_every 2: steps counted over the stages
+    assert list(trials[1e-3].intermediate_values) == [2, 4, 6, 8, 10, 12]
+    assert trials[1e-3].state.name == "COMPLETE" and result.best_params == {"training.learning_rate": 1e-3}
+    assert trials[1e-6].state.name == "PRUNED" and list(trials[1e-6].intermediate_values) == [2, 4, 6, 8]
+    assert not list((out / "trials").glob("*/stages/*/checkpoints"))  # trials keep no checkpoints
+
+
 def _one_line_error(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

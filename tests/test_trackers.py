@@ -14,9 +14,8 @@ from multitune.cli import main
 from multitune.config import parse_config
 from multitune.errors import ConfigError
 from multitune.fileio import read_jsonl
-from multitune.reporting import trackers
-from multitune.reporting.trackers import scalars
-from multitune.training import train
+from multitune.training import trackers, train
+from multitune.training.trackers import scalars
 from tests.conftest import crash_after_batches, toy_config
 
 TASKS = ("sentiment", "ner", "similarity")

@@ -35,7 +35,7 @@ def test_damaged_state_raises_for_the_caller_to_name_the_file(damaged):
 
 
 def test_compile_seconds_is_the_first_steps_extra_time():
-    from multitune.training.finish import compile_seconds
+    from multitune.training.callbacks import compile_seconds
 
     state = TrainerState(step=5, train_seconds=14.0)  # first step 10 s, then four of 1 s
     assert compile_seconds(10.0, 0, state) == 9.0

@@ -23,7 +23,8 @@ _EXPORTS = {
     "RunConfig": "multitune.config", "load_config": "multitune.config", "parse_config": "multitune.config",
     "MultiTaskModel": "multitune.model", "load": "multitune.model", "Registry": "multitune.registry",
     "SAMPLERS": "multitune.sampling", "TASKS": "multitune.tasks", "Task": "multitune.tasks",
-    "WEIGHTINGS": "multitune.weighting", "train": "multitune.training",
+    "WEIGHTINGS": "multitune.weighting", "train": "multitune.training", "Callback": "multitune.training",
+    "Run": "multitune.training",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

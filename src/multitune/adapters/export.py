@@ -9,6 +9,8 @@ from typing import Any
 
 from safetensors.torch import save_file
 
+from multitune.adapters import peft_layout
+from multitune.backbones.loading import DEFAULT_BACKBONE, resolve_backbone
 from multitune.config.parse import to_dict
 from multitune.errors import ConfigError, MultituneError
 from multitune.fileio import write_json_atomic
@@ -29,8 +31,6 @@ def base_model_path(meta: dict) -> str:
         MultituneError: no ``backbone_source`` is recorded, the backbone was warm-started from two checkpoints
             (no single base model), or a packaged backbone is not installed.
     """
-    from multitune.backbones.loading import DEFAULT_BACKBONE, resolve_backbone
-
     source = meta.get("backbone_source") if isinstance(meta, dict) else None
     if isinstance(source, str):
         source = {"name": source}
@@ -85,8 +85,6 @@ def export_adapter(model: Any, task: str, directory: Path, origin: dict, backbon
             ``directory`` is not empty, the task or its head has no exact stock form (one line that says why
             and what to do instead), or the written export does not reproduce the model.
     """
-    from multitune.adapters import peft_layout
-
     directory = Path(directory)
     adapters = model.adapters
     if adapters is None:

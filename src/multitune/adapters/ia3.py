@@ -103,7 +103,7 @@ class IA3Method(AdapterMethod):
             module.bias.mul_(scale.reshape(-1))
 
     def peft_export(self, backbone, adapters):
-        import peft
+        import peft  # imported only when used: 2 s
 
         ff = sorted(p for p, ad in adapters.items() if ad.feedforward)
         config = peft.IA3Config(target_modules=sorted(adapters), feedforward_modules=ff)

@@ -109,7 +109,7 @@ class LoraMethod(AdapterMethod):
         module.weight.copy_(w.to(module.weight.dtype))
 
     def peft_export(self, backbone, adapters):
-        import peft
+        import peft  # imported only when used: 2 s
 
         config = peft.LoraConfig(r=self.options.r, lora_alpha=self.options.alpha, lora_dropout=self.options.dropout,
                                  target_modules=sorted(adapters), use_dora=self.dora, bias="none")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from multitune.adapters.base import METHODS, Router
@@ -44,7 +45,7 @@ class AdapterSet(nn.Module):
         self.config = config
         self.task_names = list(tasks)
         self.method = METHODS.get(config.method, "adapters.method")(config, backbone, architecture)
-        per_task = config.arrangement in ("per_task", "fusion")
+        per_task = config.layout.per_task
         self.names = self.task_names if per_task else [SHARED]
         self.assignment = {t: (t if per_task else SHARED) for t in self.task_names}
         self.site_paths = self.method.sites(backbone)
@@ -55,7 +56,7 @@ class AdapterSet(nn.Module):
         self.router = Router(self.names)
         self.fusion = None
         self.fusion_targets: list[str] = []
-        if config.arrangement == "fusion":
+        if config.layout.staged:  # AdapterFusion: fusion layers over the per-task adapters
             self._build_fusion(backbone)
         self._handles = []
         for i, path in enumerate(self.site_paths):
@@ -72,7 +73,7 @@ class AdapterSet(nn.Module):
                 self._handles += self.method.attach(backbone, path, module, of_site, self.router)
         self.task_router = Router(self.task_names)
         self.task_embeddings = None
-        if config.arrangement == "shared_conditioned":
+        if config.layout.task_embedding:
             emb = architecture.token_model(backbone).get_input_embeddings()
             self.task_embeddings = nn.Parameter(torch.zeros(len(self.task_names), emb.embedding_dim,
                                                             device=emb.weight.device))
@@ -201,8 +202,6 @@ class AdapterSet(nn.Module):
         Raises:
             MultituneError: the method has no PEFT equivalent (bottleneck) or needs a task embedding.
         """
-        from safetensors.torch import save_file
-
         if self.method.peft_type is None or self.task_embeddings is not None:
             raise MultituneError(f"{self.config.method} ({self.config.arrangement}) has no PEFT equivalent; "
                                  f"use the multitune model directory")

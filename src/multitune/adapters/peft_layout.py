@@ -35,8 +35,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from multitune.backbones.checks import PROBE_TEXTS
 from multitune.errors import MultituneError
-from multitune.tasks.base import PROBE_TEXTS
 
 # PEFT task type -> (transformers auto class, the PEFT auto class that loads it)
 STOCK_CLASSES = {
@@ -102,7 +102,7 @@ def _join(*parts: str) -> str:
 
 def _skeleton(model: Any, auto_model: str, load_kwargs: dict) -> nn.Module:
     """The stock class on the meta device (module tree and shapes, no memory)."""
-    import transformers
+    import transformers  # imported only when used: 0.5 s
 
     config = copy.deepcopy(model.backbone.config)
     for key in LABEL_KEYS:
@@ -323,7 +323,7 @@ def _prompt_template(model: Any, task: str) -> tuple[list[int], list[int]]:
 def _quiet() -> Iterator[None]:
     """No transformers load reports or progress bars (a stock class built on a base model always reports
     its fresh head as newly initialised, before PEFT replaces it)."""
-    from transformers.utils import logging
+    from transformers.utils import logging  # imported only when used: 0.5 s
 
     level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
@@ -342,7 +342,7 @@ def load(directory: Path, p: PeftPlan) -> Any:
     Raises:
         MultituneError: the stock client cannot load it (e.g. the base model is not reachable offline).
     """
-    import peft
+    import peft  # imported only when used: 2 s
 
     auto = getattr(peft, p.auto_peft)
     try:

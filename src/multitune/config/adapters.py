@@ -19,7 +19,28 @@ from typing import Any
 from multitune.config.parse import field, from_dict, to_dict
 from multitune.errors import ConfigError, shown
 
-ARRANGEMENTS = ["per_task", "shared", "shared_conditioned", "fusion"]
+
+@dataclass(frozen=True)
+class Arrangement:
+    """How adapters map to tasks, declared once: code asks these attributes, never the arrangement's name.
+
+    Attributes:
+        per_task: one adapter per task (else one shared adapter).
+        task_embedding: the shared adapter is conditioned on a learned task embedding.
+        staged: the run is a plan of two runs: one adapter per task, then AdapterFusion layers over them for
+            the target tasks (Pfeiffer et al. 2021); the method must declare ``fusable``.
+    """
+
+    name: str
+    per_task: bool = False
+    task_embedding: bool = False
+    staged: bool = False
+
+
+ARRANGEMENT_KINDS = {a.name: a for a in (Arrangement("per_task", per_task=True), Arrangement("shared"),
+                                         Arrangement("shared_conditioned", task_embedding=True),
+                                         Arrangement("fusion", per_task=True, staged=True))}
+ARRANGEMENTS = list(ARRANGEMENT_KINDS)
 FUSION_KEYS = ("fusion_targets", "fusion_steps", "fusion_learning_rate")
 
 
@@ -48,8 +69,13 @@ class AdapterConfig:
                                                  "config reads as it did when all methods shared one section",
                                         internal=True)
 
+    @property
+    def layout(self) -> Arrangement:
+        """What :attr:`arrangement` means (per-task adapters, a task embedding, a staged fusion run)."""
+        return ARRANGEMENT_KINDS[self.arrangement]
+
     def validate(self, path: str) -> None:
-        if self.arrangement == "fusion":
+        if self.layout.staged:
             if self.fusion_learning_rate is None:
                 self.fusion_learning_rate = 5e-5
         else:
@@ -95,7 +121,7 @@ class AdapterConfig:
         self.options = from_dict(impl.config_class, {k: v for k, v in given.items() if k in own and v is not None},
                                  path)
         self.unset_keys = tuple(dict.fromkeys(k for keys in accepted.values() for k in keys if k not in own))
-        if self.arrangement == "fusion" and not impl.fusable:
+        if self.layout.staged and not impl.fusable:
             fusable = [name for name in methods.names() if methods.get(name).fusable]
             raise ConfigError(f"{path}.arrangement", f"fusion attends over the outputs of adapters that change a "
                                                      f"sub-layer's output (Pfeiffer et al. 2021); method "

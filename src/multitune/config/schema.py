@@ -312,3 +312,9 @@ class RunConfig:
     analysis: AnalysisConfig = field(help="transfer analysis during training: gradient cosine similarity and "
                                           "look-ahead task affinity (see docs/transfer.md)", factory=AnalysisConfig)
     trust_remote_code: bool = field(False, help="allow model code from the backbone's repository to run")
+
+    @property
+    def runs_in_stages(self) -> bool:
+        """Whether the run is a plan of several runs: ``stages``, or an adapter arrangement that trains in
+        stages (AdapterFusion)."""
+        return bool(self.stages) or (self.adapters is not None and self.adapters.layout.staged)

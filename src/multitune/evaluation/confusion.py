@@ -8,6 +8,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from multitune.evaluation.plots import plot_label, plotting_step
 
 #: labels shown one by one; a task with more shows this many plus ``other``
@@ -72,7 +74,6 @@ def plot_confusion_matrix(labels: Sequence[str], matrix: Sequence[Sequence[int]]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     shown, counts = bounded_confusion(labels, matrix)
     m = np.asarray(counts, dtype=float).reshape(len(shown), len(shown))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from multitune.config.loader import apply_overrides, parse_config, read_yaml
 from multitune.errors import MultituneError
+from multitune.evaluation.evaluator import evaluate_task
+from multitune.model import load
 from multitune.tasks.prepared import read_task_data
 
 
@@ -17,10 +20,6 @@ def evaluate_run(run_dir: str | Path, split: str = "validation", overrides: list
     Raises:
         MultituneError: the run directory has no config or model, or no task has data for ``split``.
     """
-    from multitune.config.loader import apply_overrides, parse_config, read_yaml
-    from multitune.evaluation.evaluator import evaluate_task
-    from multitune.model import load
-
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise MultituneError(f"{run}: not a run directory (no config.yaml)")

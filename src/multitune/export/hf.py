@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 
 from multitune.errors import MultituneError
+from multitune.export import modeling_multitune as mm
 from multitune.tasks.base import ExportSpec
 
 #: largest |logit difference| accepted between an exported model and the task, in fp32
@@ -74,8 +77,6 @@ def probe_batch(model: Any, task: str, spec: ExportSpec) -> dict[str, torch.Tens
 
 def model_inputs(batch: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
     """The batch's ``input_ids``, ``attention_mask`` and (when the model takes them) ``token_type_ids``."""
-    import inspect
-
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "token_type_ids" in batch and "token_type_ids" in inspect.signature(module.forward).parameters:
         inputs["token_type_ids"] = batch["token_type_ids"]
@@ -123,8 +124,6 @@ def stock_model(model: Any, task: str, spec: ExportSpec, batch: dict, reference:
 
     Only an encoder backbone (loaded with ``AutoModel``) has stock task classes built on it.
     """
-    import transformers
-
     if model.architecture.type_name != "encoder" or spec.kind not in STOCK_LAYOUTS:
         return None
     auto = getattr(transformers, AUTO_CLASSES[spec.kind])
@@ -165,8 +164,6 @@ def custom_model(model: Any, task: str, spec: ExportSpec, batch: dict, reference
     Raises:
         MultituneError: the task kind has no such class, or no backbone layout reproduces the task.
     """
-    from multitune.export import modeling_multitune as mm
-
     if spec.kind not in CUSTOM_CLASSES:
         raise MultituneError(f"task {task!r} ({spec.kind}) has no stock transformers class that computes it on a "
                              f"{model.backbone.config.model_type} backbone; deploy the run's model or export ONNX")

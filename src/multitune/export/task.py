@@ -17,17 +17,29 @@ What is written (``format="hf"``, the default):
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
 from safetensors.torch import save_file
 
+from multitune.adapters.export import base_model_path, export_adapter, peft_usage
+from multitune.backbones.sentence_transformers import write_sentence_transformers_layout
+from multitune.cards import ModelCard, base_model_info, task_cards, training_summary, write_card
+from multitune.config.loader import parse_config, read_yaml
 from multitune.config.parse import to_dict
 from multitune.errors import ConfigError, MultituneError
+from multitune.export.hf import write_task_model
+from multitune.export.usage import export_card, run_files
 from multitune.fileio import replace_dir, write_json_atomic, write_text_atomic
+from multitune.model import HEADS_FILE, MODEL_FILE, MultiTaskModel
+from multitune.onnx.export import export_onnx
 from multitune.rundir import MARKER, check_output_dir, lock_dir, lock_scope, write_marker
+from multitune.training.per_task import META_FILE, STATE_KEY, find_snapshot, load_snapshot
+from multitune.training.run_dir import CHECKPOINTS
 
 FORMATS = ("hf", "onnx")
 SOURCES = ("per-task-best", "final")
@@ -58,8 +70,6 @@ def export_task(run: str | Path, task: str | None, output: str | Path, merge: bo
         MultituneError: no such task, an option that does not apply to the model, a task with no export, or a
             non-empty ``output`` without ``overwrite``.
     """
-    from multitune.model import MultiTaskModel
-
     if source not in SOURCES:
         raise MultituneError(f"--from: expected one of {', '.join(SOURCES)}, got {source!r}")
     if fmt not in FORMATS:
@@ -92,13 +102,9 @@ def export_task(run: str | Path, task: str | None, output: str | Path, merge: bo
             adapters.merge_into(model.backbone, task)
             model.adapters = None
         if fmt == "onnx":
-            from multitune.onnx.export import export_onnx
-
             details = export_onnx(model, tmp, tasks=None if task is None else [task])
             _onnx_card(tmp, output, run, model, details)
         elif model.adapters is not None:
-            from multitune.adapters.export import base_model_path, export_adapter
-
             tmp.mkdir(parents=True)
             details = export_adapter(model, task, tmp, origin, base_model_path(_meta(run)))
             if details["layout"] == "peft":
@@ -115,11 +121,6 @@ def export_task(run: str | Path, task: str | None, output: str | Path, merge: bo
 
 
 def _export_hf(run: Path, model: Any, task: str, tmp: Path, output: Path, origin: dict, merged: bool) -> dict:
-    from multitune.export.hf import write_task_model
-    from multitune.export.sentence_transformers import write_sentence_transformers_layout
-    from multitune.export.usage import export_card
-    from multitune.model import HEADS_FILE, MODEL_FILE, MultiTaskModel
-
     single = MultiTaskModel(model.backbone, {task: model.tasks[task]}, model.tokenizer, model.pooling,
                             model.normalize_embeddings, model.max_length, architecture=model.architecture.type_name)
     single.heads[task].load_state_dict(model.heads[task].state_dict())
@@ -150,10 +151,6 @@ def _export_hf(run: Path, model: Any, task: str, tmp: Path, output: Path, origin
 
 
 def _meta(run: Path) -> dict:
-    import json
-
-    from multitune.model import MODEL_FILE
-
     for path in (run / "model" / MODEL_FILE, run / MODEL_FILE):
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))
@@ -166,10 +163,6 @@ def _size(directory: Path) -> int:
 
 def _peft_card(directory: Path, output: Path, run: Path, task: str, model: Any, report: dict) -> None:
     """The model card of a PEFT export: the task's metrics, the base model, and the code that loads it."""
-    from multitune.adapters.export import peft_usage
-    from multitune.cards import ModelCard, base_model_info, task_cards, training_summary, write_card
-    from multitune.export.usage import run_files
-
     results, config = run_files(run)
     meta = {**model.metadata(), "backbone_source": _meta(run).get("backbone_source")}
     hub_id, license_ = base_model_info(meta["backbone_source"])
@@ -192,9 +185,6 @@ def take_weights(run: Path, model: Any, task: str, source: str) -> dict:
     Raises:
         MultituneError: the snapshot does not match the run's records or the model.
     """
-    from multitune.training.per_task import META_FILE, STATE_KEY, find_snapshot, load_snapshot
-    from multitune.training.trainer import CHECKPOINTS
-
     train = _run_results(run).get("train")
     train = train if isinstance(train, dict) else {}
     final = {"source": "final", "step": train.get("best_step")}
@@ -214,8 +204,6 @@ def take_weights(run: Path, model: Any, task: str, source: str) -> dict:
 
 
 def _run_results(run: Path) -> dict:
-    import json
-
     try:
         results = json.loads((run / "results.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
@@ -231,10 +219,6 @@ def write_eval_config(run: Path, task: str, directory: Path, output: Path, famil
     Raises:
         MultituneError: the run's config cannot be turned into the task's.
     """
-    import yaml
-
-    from multitune.config.loader import parse_config, read_yaml
-
     if not (run / "config.yaml").is_file():
         return
     raw = read_yaml(run / "config.yaml")
@@ -260,11 +244,6 @@ def write_eval_config(run: Path, task: str, directory: Path, output: Path, famil
 
 def _onnx_card(directory: Path, output: Path, run: Path, model: Any, report: dict) -> None:
     """The model card of an ONNX export: every task in the graph, and the code that runs it."""
-    import json
-
-    from multitune.cards import ModelCard, base_model_info, task_cards, training_summary, write_card
-    from multitune.export.usage import run_files
-
     results, config = run_files(run)
     meta = json.loads((directory / "multitune.json").read_text(encoding="utf-8"))
     meta["backbone_source"] = _meta(run).get("backbone_source")

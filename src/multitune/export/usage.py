@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from multitune.cards import ModelCard, base_model_info, task_cards, training_summary, write_card
+import yaml
 
-EXAMPLE = "A wonderful film ."
-EXAMPLE_PAIR = ("A man is playing a guitar .", "Someone plays an instrument .")
+from multitune.cards import ModelCard, base_model_info, task_cards, training_summary, write_card
+from multitune.training.card import EXAMPLE, EXAMPLE_PAIR, example_call
 
 
 def _read(path: Path) -> Any:
@@ -21,8 +21,6 @@ def _read(path: Path) -> Any:
 
 
 def run_files(run: Path) -> tuple[dict | None, dict | None]:
-    import yaml
-
     results = _read(run / "results.json")
     config = None
     if (run / "config.yaml").is_file():
@@ -31,56 +29,6 @@ def run_files(run: Path) -> tuple[dict | None, dict | None]:
         except (OSError, yaml.YAMLError):
             config = None
     return results if isinstance(results, dict) else None, config if isinstance(config, dict) else None
-
-
-def _example_call(meta: dict, task: str) -> str:
-    entry = meta["tasks"][task]
-    kind = entry["config"]["type"]
-    if entry.get("state", {}).get("pair_input"):
-        return f"[{EXAMPLE_PAIR!r}]"
-    if kind == "text2text":
-        return '["Das Buch ist sehr interessant."]'
-    return f"[{EXAMPLE!r}]"
-
-
-def run_model_card(directory: Path, final: Path, meta: dict, results: dict | None, config: dict | None) -> Path:
-    """Write the model card of a run's model directory (``RUN/model``).
-
-    Args:
-        directory: where to write (the temporary directory before its rename).
-        final: the model directory's final path (named in the card's code).
-        meta: its ``multitune.json`` content.
-        results: the run's ``results.json`` content (metrics), when known.
-        config: the run's config as a dict, when known.
-
-    Returns:
-        The card's path.
-    """
-    hub_id, license_ = base_model_info(meta.get("backbone_source"))
-    tasks = task_cards(meta, results, config)
-    final = str(Path(final).resolve())
-    usage = [("multitune", "import multitune\n\n"
-              f"model = multitune.load({final!r})\n"
-              + "".join(f"print(model.predict({t!r}, {_example_call(meta, t)}))\n"
-                        for t in meta["tasks"] if meta["tasks"][t]["config"]["type"] != "masked_lm"))]
-    if (Path(directory) / "modules.json").is_file():
-        usage.append(("sentence-transformers (the shared sentence embeddings)",
-                      "from sentence_transformers import SentenceTransformer\n\n"
-                      f"encoder = SentenceTransformer({final!r})\n"
-                      f"print(encoder.encode([{EXAMPLE!r}]).shape)\n"))
-    card = ModelCard(
-        title=f"multitune model: {', '.join(meta['tasks'])}",
-        summary=(f"One {meta.get('backbone_type', 'encoder')} backbone shared by {len(meta['tasks'])} task(s), "
-                 "trained with multitune. This directory is multitune's own format (the backbone in `backbone/`, "
-                 "the task heads in `heads.safetensors`); `multitune export RUN --task NAME` writes one task as a "
-                 "model that transformers, PEFT and sentence-transformers load."),
-        library_name="multitune", base_model=hub_id, license=license_,
-        pipeline_tag=tasks[0].pipeline_tag if len(tasks) == 1 else None,
-        tags=["multitune", "multi-task"], datasets=sorted({t.dataset for t in tasks if t.dataset}),
-        tasks=tasks, usage=usage, training=training_summary(config, results),
-        notes=["Stock transformers task classes refuse this directory (it has no top-level config.json), so none "
-               "can load it with a newly initialised head."])
-    return write_card(directory, card)
 
 
 def export_card(directory: Path, final: Path, run: Path, task: str, meta: dict, report: dict) -> Path:
@@ -214,6 +162,6 @@ def _usage(path: str, task: str, meta: dict, report: dict) -> tuple[list[tuple[s
         usage.append(("sentence-transformers (sentence embeddings)", code))
     usage.append(("multitune", "import multitune\n\n"
                   f"model = multitune.load({path!r})\n"
-                  + (f"print(model.predict({task!r}, {_example_call(meta, task)}))\n"
+                  + (f"print(model.predict({task!r}, {example_call(meta, task)}))\n"
                      if cfg.get("type") != "masked_lm" else "print(list(model.tasks))\n")))
     return usage, notes

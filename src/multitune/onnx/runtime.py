@@ -16,7 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from multitune.backbones.architectures import architecture_for
+from multitune.backbones.loading import check_tokenizer_files
 from multitune.errors import ConfigError, MultituneError
+from multitune.model import MODEL_FORMATS, ModelFormat, restore_tasks
 from multitune.onnx.files import (
     FROM_EMBEDDINGS,
     GRAPH_FILE,
@@ -151,10 +154,7 @@ class OnnxMultiTaskModel:
             MultituneError: missing or malformed files, a task the installed multitune does not know, an
                 unavailable device, another precision, or the onnx extra missing.
         """
-        from transformers import AutoTokenizer
-
-        from multitune.backbones.architectures import architecture_for
-        from multitune.backbones.loading import check_tokenizer_files
+        from transformers import AutoTokenizer  # imported only when used: 0.7 s
 
         ort = require("onnxruntime")
         path = Path(path)
@@ -172,8 +172,6 @@ class OnnxMultiTaskModel:
             if key not in meta:
                 raise MultituneError(f"{path / ONNX_META_FILE}: {key}: required field is missing")
         model_meta = _read_json(path / MODEL_FILE)
-        from multitune.model import restore_tasks
-
         tasks = restore_tasks(model_meta, path / MODEL_FILE)
         for name in meta["tasks"]:
             if name not in tasks:
@@ -326,7 +324,7 @@ class OnnxMultiTaskModel:
 
     def predict_mixed(self, requests: Sequence[tuple[str, Any]]) -> list[dict]:
         """Predict one mixed-task batch of ``(task, input)`` pairs with one graph run (as
-        :func:`multitune.mixed.predict_mixed` does on the PyTorch model).
+        :func:`multitune.tasks.mixed.predict_mixed` does on the PyTorch model).
 
         Returns:
             One JSON-able prediction per request, in order.
@@ -403,3 +401,7 @@ def _providers(ort: Any, device: str | torch.device | None) -> list[str]:
     if kind is None and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+# multitune.load (and so the CLI and the server) reads an ONNX export as this model
+MODEL_FORMATS.register("onnx")(ModelFormat(is_onnx_model_dir, OnnxMultiTaskModel.load))

@@ -7,7 +7,11 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
+from multitune.config.loader import parse_config
 from multitune.fileio import write_text_atomic
+from multitune.model import load
+from multitune.quickstart.data import write_quickstart_data
+from multitune.training import train
 
 QUICKSTART_STEPS = 300
 
@@ -49,11 +53,6 @@ def run_quickstart(output_dir: Path, steps: int | None = None, progress: bool = 
     Returns:
         The run's results (``results.json``).
     """
-    from multitune.config.loader import parse_config
-    from multitune.model import load
-    from multitune.quickstart.data import write_quickstart_data
-    from multitune.training import train
-
     console = console or Console(stderr=True)
     output_dir = output_dir.resolve()
     data_dir = output_dir.parent / f"{output_dir.name}-data"

@@ -2,7 +2,7 @@
 
 Learning curves, sampling shares, confusion matrices, the forgetting matrix and the affinity heat maps come from
 the plots the run already makes (:mod:`multitune.evaluation.plots`, :mod:`multitune.evaluation.confusion`,
-:mod:`multitune.training.stages`, :mod:`multitune.analysis.affinity`). Every function writes one PNG atomically and returns its path, or None
+:mod:`multitune.training.stages`, :mod:`multitune.training.affinity`). Every function writes one PNG atomically and returns its path, or None
 when its records hold nothing to plot; a plot that fails is one warning line and None
 (:func:`~multitune.evaluation.plots.plotting_step`), so the report is still written.
 """
@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from multitune.evaluation.plots import plot_label, plotting_step
 
@@ -117,8 +119,6 @@ def is_matrix(value: Any) -> bool:
 @plotting_step("heat map")
 def plot_heatmap(matrix: Matrix, title: str, path: Path, xlabel: str = "", ylabel: str = "") -> Path | None:
     """An annotated heat map of ``matrix[row][column]`` (e.g. AdapterFusion attention: targets x adapters)."""
-    import numpy as np
-
     if not is_matrix(matrix):
         return None
     rows = list(matrix)

@@ -10,6 +10,7 @@ import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from multitune import __version__
 from multitune.fileio import write_text_atomic
 from multitune.reporting.markup import esc, table
 from multitune.reporting.run import load_run
@@ -64,8 +65,6 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Repor
     Raises:
         MultituneError: ``run_dir`` is not a run directory (the message names the missing file).
     """
-    from multitune import __version__
-
     run = load_run(run_dir)
     figs = Figures(run.path / "report")
     figs.directory.mkdir(exist_ok=True)

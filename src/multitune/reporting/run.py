@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from multitune.errors import MultituneError
 from multitune.fileio import read_jsonl
 
@@ -49,8 +51,6 @@ def load_run(run_dir: str | Path) -> RunFiles:
     Raises:
         MultituneError: the directory is not a run: the message names the missing file.
     """
-    import yaml
-
     run = Path(run_dir)
     if not run.is_dir():
         raise MultituneError(f"{run}: not a run directory (no such directory)")

@@ -10,9 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from multitune.evaluation.plots import plot_learning_curves, plot_sampling_shares
 from multitune.reporting import figures as F
 from multitune.reporting.markup import Raw, details, esc, figure, para, pre, table
 from multitune.reporting.run import RunFiles, Timeline
+from multitune.training.affinity import plot_affinity, transfer_summary
+from multitune.training.stages import forgetting_markdown, plot_forgetting
 
 
 @dataclass
@@ -173,8 +176,6 @@ def _per_timeline(run: RunFiles, figs: Figures, name: str, caption: str,
 
 
 def build_curves(run: RunFiles, figs: Figures) -> str | Omitted:
-    from multitune.evaluation.plots import plot_learning_curves
-
     body = _per_timeline(run, figs, "learning_curves", "validation metrics per task and training loss by step",
                          plot_learning_curves)
     if not body:
@@ -192,8 +193,6 @@ def build_loss_weights(run: RunFiles, figs: Figures) -> str | Omitted:
 
 
 def build_sampling(run: RunFiles, figs: Figures) -> str | Omitted:
-    from multitune.evaluation.plots import plot_sampling_shares
-
     body = _per_timeline(run, figs, "sampling_shares", "sampling share per task", plot_sampling_shares)
     changes = [[t.label or "-", r.get("step"), task, (r.get("shares") or {}).get(task), why]
                for t, r in run.records("sampling") for task, why in (r.get("reasons") or {}).items()]
@@ -236,8 +235,6 @@ def build_confusion(run: RunFiles, figs: Figures) -> str | Omitted:
 
 
 def build_forgetting(run: RunFiles, figs: Figures) -> str | Omitted:
-    from multitune.training.stages import _markdown, _plot
-
     forgetting = run.results.get("forgetting")
     if not isinstance(forgetting, dict) or not forgetting.get("matrix"):
         return Omitted("not a sequential run (no stages, so no forgetting matrix in results.json)")
@@ -245,18 +242,16 @@ def build_forgetting(run: RunFiles, figs: Figures) -> str | Omitted:
     rows = [[f"{task} ({forgetting['metric'].get(task, '')})", *[by_stage.get(s) for s in stages],
              forgetting["forgetting"].get(task)] for task, by_stage in forgetting["matrix"].items()]
     path = figs.path("forgetting")
-    _plot(forgetting, path)
+    plot_forgetting(forgetting, path)
     body = (para("Main validation metric of each task after each stage; forgetting is the best value a task had "
                  "after an earlier stage minus its value after the last one (positive: forgotten).")
             + table(["task (metric)", *[f"after {s}" for s in stages], "forgetting"], rows)
             + (figs.embed(path, "metric of each task after each stage") if path.is_file() else "")
-            + details("forgetting.md", pre(_markdown(forgetting))))
+            + details("forgetting.md", pre(forgetting_markdown(forgetting))))
     return body
 
 
 def build_affinity(run: RunFiles, figs: Figures) -> str | Omitted:
-    from multitune.analysis.affinity import plot_affinity, transfer_summary
-
     body = ""
     for t in run.timelines:
         records = [r for r in t.records if r.get("kind") == "affinity"]

@@ -24,7 +24,9 @@ from multitune.config.loader import apply_overrides, load_config, read_yaml
 from multitune.errors import ConfigError, MultituneError
 from multitune.evaluation.evaluator import selection_value
 from multitune.rundir import MARKER, RunDirError, created_by_multitune, write_marker
+from multitune.search.report import write_reports
 from multitune.search.space import SearchSpace, load_space, overrides_for
+from multitune.training import train
 
 STRATEGIES = ["tpe", "random", "grid"]
 PRUNERS = ["median", "none"]
@@ -131,7 +133,6 @@ class _Objective:
 
     def run(self, overrides: list[str], run_dir: Path, log_name: str, trial: Any = None) -> tuple[float, dict]:
         """Train with ``overrides`` into ``run_dir``; return (objective value, results)."""
-        from multitune.training import train
 
         optuna = _import_optuna()
         config = load_config(self.config_path, self.overrides + overrides + overrides_for({"output_dir": str(run_dir)}))
@@ -141,8 +142,8 @@ class _Objective:
 
         def report(step: int, results: dict, tasks: dict, model: Any) -> None:
             seen["tasks"] = tasks
-            if trial is None:
-                return
+            if trial is None or (self.metric != "mean" and self.metric.split("/")[0] not in results):
+                return  # (an early stage of a staged run does not evaluate the metric's task yet)
             trial.report(selection_value(self.metric, results, tasks), step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step}")
@@ -155,7 +156,8 @@ class _Objective:
                                 on_evaluate=report, protect=(self.config_path,))
             finally:
                 if not self.keep_checkpoints:
-                    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+                    for checkpoints in [run_dir / "checkpoints", *run_dir.glob("stages/*/checkpoints")]:
+                        shutil.rmtree(checkpoints, ignore_errors=True)
                 gc.collect()
         return selection_value(self.metric, results["validation"], seen["tasks"]), results
 
@@ -218,15 +220,11 @@ def run_search(config_path: str | Path, space_path: str | Path, output_dir: str 
             started with another space, strategy or metric, or no trial finished.
     """
     optuna = _import_optuna()
-    from multitune.search.report import write_reports
 
     console = console or Console(stderr=True)
     config_path, output = Path(config_path), Path(output_dir).resolve()
     overrides = list(overrides or [])
     config = load_config(config_path, overrides)  # the base config must be valid by itself
-    if config.stages or (config.adapters is not None and config.adapters.arrangement == "fusion"):
-        raise MultituneError("search: runs with stages or adapters.arrangement fusion are not supported (their "
-                             "stages report no intermediate evaluations)")
     metric = metric or (config.training.early_stopping.metric if config.training.early_stopping else "mean")
     _check_metric(metric, config.tasks)
     try:

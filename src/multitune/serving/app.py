@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
@@ -29,10 +30,12 @@ from multitune.inference import (
     predict_planned,
     resolve_tasks,
 )
+from multitune.model import load
 from multitune.serving.batcher import BatchFailedError, MicroBatcher, QueueFullError
 from multitune.serving.guard import OPEN_PATHS, ByteBudget, RequestGuard
 from multitune.serving.inputs import TokenizerCheck, first_non_finite, not_utf8, too_long
 from multitune.serving.metrics import ServerMetrics
+from multitune.serving.protocol import uvicorn_config
 from multitune.serving.schemas import (
     ErrorResponse,
     HealthResponse,
@@ -241,11 +244,6 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, settin
         MultituneError: the directory is not a multitune model.
         ConfigError: settings that do not fit together.
     """
-    import uvicorn
-
-    from multitune.model import load
-    from multitune.serving.protocol import uvicorn_config
-
     settings = settings or ServerSettings()
     settings.validate()
     model = load(run_dir)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from multitune.config.parse import check_field, from_dict
 from multitune.errors import ConfigError, shown
 
 MIN_API_KEY_CHARS = 16
@@ -99,8 +100,6 @@ def _flag_type(tp: type, meta: Mapping[str, Any]) -> Callable[[str], Any]:
                                              f"{shown(text)}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {shown(text)}")
-        from multitune.config.parse import check_field
-
         try:
             check_field(value, meta, "")
         except ConfigError as exc:
@@ -132,8 +131,6 @@ def settings_from_flags(args: argparse.Namespace) -> ServerSettings:
     Raises:
         ConfigError: settings that do not fit together, or an unusable API key.
     """
-    from multitune.config.parse import from_dict
-
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerSettings)}
     if values["api_key"] is None:
         values["api_key"] = os.environ.get(API_KEY_VARIABLE)  # set but empty: refused by validate()

@@ -10,18 +10,16 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from multitune.backbones.architectures import BackboneArchitecture
+from multitune.backbones.checks import PROBE_TEXTS as PROBE_TEXTS  # the task types' export probes
 from multitune.config.schema import TaskConfig
 from multitune.errors import ConfigError, DataError, MultituneError
 from multitune.registry import Registry
-
-if TYPE_CHECKING:
-    from multitune.backbones.architectures import BackboneArchitecture
-    from multitune.model import MultiTaskModel
 
 TASKS: Registry[type[Task]] = Registry("task type")
 
@@ -36,11 +34,35 @@ class TaskOutput:
     outputs: dict[str, torch.Tensor]
 
 
-#: sentences used to check that an exported model computes what the task computes (varied lengths, so that a
-#: batch of them is padded)
-PROBE_TEXTS = ("A wonderful film .", "The food was cold and the service was slow , but the view from the terrace "
-               "made up for it .", "Maria flew from Lisbon to Oslo on Monday .", "no", "It is what it is ?",
-               "The committee of the Royal Society met in London to discuss the budget for the next three years .")
+
+class TaskModel(Protocol):
+    """What a task uses of the model it runs in (:class:`multitune.model.MultiTaskModel`, or a stand-in for it
+    in mixed-task and ONNX inference): the backbone, its token states and the sentence embeddings made from
+    them. Tasks depend on this interface, never on the model class.
+
+    Attributes:
+        backbone: the transformers model (generative tasks drive it themselves).
+    """
+
+    backbone: nn.Module
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Token states [batch, tokens, hidden] (the encoder's on an encoder-decoder)."""
+        ...
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sentence embeddings [batch, hidden] pooled from token states as the model is configured."""
+        ...
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Sentence embeddings: pooled token states, L2-normalised when the model is configured so."""
+        ...
+
+    def input_embedding_weight(self) -> torch.Tensor:
+        """The backbone's input embedding matrix [vocabulary, hidden] (tied output layers)."""
+        ...
 
 
 @dataclass
@@ -63,7 +85,7 @@ class ExportSpec:
     pipeline_tag: str
     config: dict = field(default_factory=dict)
     probes: list = field(default_factory=list)
-    logits: Callable[[MultiTaskModel, nn.Module, dict], torch.Tensor] | None = None
+    logits: Callable[[TaskModel, nn.Module, dict], torch.Tensor] | None = None
 
 
 #: label counts up to which confusion matrices are dense lists; above, rows are :class:`CountRow`
@@ -180,10 +202,10 @@ class Task(ABC):
         """The task's own parameters on top of the shared backbone."""
 
     @abstractmethod
-    def forward(self, model: MultiTaskModel, head: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
+    def forward(self, model: TaskModel, head: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
         """Run backbone + head on a batch; ``loss`` is set when the batch has labels."""
 
-    def infer(self, model: MultiTaskModel, head: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
+    def infer(self, model: TaskModel, head: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
         """The forward pass used for evaluation and prediction (default: :meth:`forward`; generative tasks
         generate here)."""
         return self.forward(model, head, batch)

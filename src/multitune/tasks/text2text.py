@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import sacrebleu
+from sklearn.metrics import f1_score
 from torch import nn
 
 from multitune.config.parse import field
@@ -132,15 +134,11 @@ class Text2TextTask(Task):
         return preds
 
     def compute_metrics(self, predictions, examples) -> dict[str, float]:
-        import sacrebleu
-
         hyps = [p["text"] for p in predictions]
         refs = [" ".join(str(ex["target"]).split()) for ex in examples]
         norm = _norm if self.lowercase else (lambda s: " ".join(s.split()))
         metrics = {"exact_match": sum(norm(h) == norm(r) for h, r in zip(hyps, refs)) / max(len(refs), 1)}
         if self.labels:
-            from sklearn.metrics import f1_score
-
             index = {_norm(lab): i for i, lab in enumerate(self.labels)}
             gold = [index.get(_norm(r), -1) for r in refs]
             pred = [index.get(_norm(h), -1) for h in hyps]  # -1: not a label, always wrong

@@ -18,12 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedDataParallelKwargs
 
 
 def ddp_kwargs() -> list:
     """Accelerate kwargs handlers for DDP: a step trains one task, so other tasks' heads get no gradient."""
-    from accelerate.utils import DistributedDataParallelKwargs
-
     return [DistributedDataParallelKwargs(find_unused_parameters=True)]
 
 

@@ -1,5 +1,5 @@
-"""The end of a run: threshold calibration on the restored best model, ``results.json`` built from plain values,
-and the run's model, results and plots written."""
+"""The end of a run: the best checkpoint restored, threshold calibration on it, the final evaluation,
+``results.json`` built from plain values, and the run's model, results and plots written."""
 
 from __future__ import annotations
 
@@ -13,13 +13,82 @@ from rich.console import Console
 from multitune.config.parse import to_dict
 from multitune.config.schema import RunConfig
 from multitune.errors import MultituneError
-from multitune.export.usage import run_model_card
-from multitune.fileio import replace_dir
+from multitune.evaluation.confusion import plot_confusion_matrix
+from multitune.evaluation.plots import plot_learning_curves, plot_sampling_shares
+from multitune.fileio import read_jsonl, replace_dir, write_json_atomic
 from multitune.model import MultiTaskModel
 from multitune.tasks import Task
-from multitune.training.checkpoint import disk_full, find_checkpoint
+from multitune.tasks.prepared import PreparedTask
+from multitune.training.affinity import batches_drawn
+from multitune.training.card import run_model_card
+from multitune.training.checkpoint import disk_full, find_checkpoint, load_checkpoint
+from multitune.training.progress import print_results_table
 from multitune.training.run_dir import CHECKPOINTS
 from multitune.training.state import TrainerState
+
+
+def finish_run(run: Any, setup: Any) -> dict:
+    """Restore the best checkpoint, calibrate thresholds on validation, evaluate validation (and test) once more,
+    build the results, let the callbacks add to them (``on_run_end``), and write model, results and plots.
+
+    Returns:
+        The content of ``results.json``.
+    """
+    run.accelerator.wait_for_everyone()
+    best = find_checkpoint(run.checkpoint_dir("best"))
+    if best is not None:
+        load_checkpoint(best, run.core)
+    predictions: dict[str, list] = {}  # tasks that tune decision thresholds do it now, on the restored best model
+    run.evaluate("validation", predictions)
+    calibrated = calibrate(run.tasks, run.active, predictions, {n: p.data.splits["validation"] for n, p in
+                                                                run.prepared.items() if "validation" in p.data.splits})
+    if calibrated:
+        run.log({"kind": "calibrate", "step": run.state.step, "tasks": calibrated})
+    predictions = {}
+    adapters = run.core.adapters
+    if adapters is not None:
+        adapters.fusion_attention(reset=True)  # measured on the final validation pass only
+    validation = run.evaluate("validation", predictions)
+    fusion_attention = adapters.fusion_attention() if adapters is not None else {}
+    test = run.evaluate("test") if any("test" in p.features for p in run.prepared.values()) else None
+    train_info = train_summary(run.state, run.stopped_early, run.selection_metric, setup.tokenize_s, setup.precision,
+                               getattr(run.core.backbone.config, "_attn_implementation", None),
+                               str(run.accelerator.device), {n: batches_drawn(b) for n, b in run.batchers.items()})
+    results = build_results(validation, test, calibrated, train_info, {n: p.data.report for n, p in
+                                                                       run.prepared.items()},
+                            run.tasks, setup.vocab_report, adapter_summary(run.core, run.config, fusion_attention))
+    if run.main_process:
+        save_model(run.core, run.out, run.config, results, run.state.step)
+    run.callbacks.fire("on_run_end", run, results)
+    if run.main_process:
+        write_json_atomic(run.out / "results.json", results)
+        plot_safely(run.console, lambda: plot_run(run.out),
+                    lambda: plot_confusions(run.out, run.prepared, predictions))
+        print_results_table(run.console, results, run.tasks)
+    run.log.close()
+    return results
+
+
+def plot_run(out: Path) -> None:
+    """``learning_curves.png`` and ``sampling_shares.png`` from the run's ``metrics.jsonl``."""
+    try:
+        plot_learning_curves(read_jsonl(out / "metrics.jsonl"), out / "learning_curves.png")
+        plot_sampling_shares(read_jsonl(out / "metrics.jsonl"), out / "sampling_shares.png")
+    except ImportError:  # matplotlib is a dependency, but a broken install must not lose a finished run
+        pass
+
+
+def plot_confusions(out: Path, prepared: Mapping[str, PreparedTask], predictions: Mapping[str, list]) -> None:
+    """``confusion_<task>.png`` for every task that has a confusion matrix (classification), on validation."""
+    for name, preds in predictions.items():
+        p = prepared[name]
+        matrix = p.task.confusion(preds, p.data.splits["validation"])
+        if matrix is not None:
+            labels, counts = matrix
+            try:
+                plot_confusion_matrix(labels, counts, out / f"confusion_{name}.png", f"{name}: validation")
+            except ImportError:
+                return
 
 
 def calibrate(tasks: Mapping[str, Task], active: Sequence[str], predictions: Mapping[str, list],
@@ -35,20 +104,10 @@ def calibrate(tasks: Mapping[str, Task], active: Sequence[str], predictions: Map
     return changed
 
 
-def compile_seconds(first_step_s: float | None, steps_before: int, state: TrainerState) -> float | None:
-    """The one-off cost of ``training.compile``: how much longer this process's first step (which compiles)
-    took than its average later step; None when it made fewer than two steps."""
-    made = state.step - steps_before
-    if first_step_s is None or made < 2:
-        return None
-    # (a resumed run's counter also holds the time of earlier processes' steps: their average stands in)
-    others = max(state.train_seconds - first_step_s, 0.0) / (state.step - 1)
-    return round(max(first_step_s - others, 0.0), 2)
-
-
 def train_summary(state: TrainerState, stopped_early: bool, metric_name: str, tokenize_s: float, precision: str,
-                  attention: str | None, device: str, batches: dict, compile_s: float | None = None) -> dict:
-    """``results.json["train"]``: the run's counters and throughput (and ``compile_s`` with torch.compile)."""
+                  attention: str | None, device: str, batches: dict) -> dict:
+    """``results.json["train"]``: the run's counters and throughput (:class:`~multitune.training.callbacks.StepTimer`
+    adds ``compile_s`` with torch.compile)."""
     seconds = max(state.train_seconds, 1e-9)
     summary = {
         "steps": state.step, "best_step": state.best_step, "stopped_early": stopped_early,
@@ -60,8 +119,6 @@ def train_summary(state: TrainerState, stopped_early: bool, metric_name: str, to
         "real_tokens": state.real_tokens, "padded_tokens": state.padded_tokens,
         "tokenize_s": round(tokenize_s, 2), "precision": precision, "attention": attention, "device": device,
         "batches": batches}
-    if compile_s is not None:
-        summary["compile_s"] = compile_s
     return summary
 
 

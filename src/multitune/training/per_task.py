@@ -39,12 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from multitune.errors import MultituneError
 from multitune.fileio import recover_dir, replace_dir, write_json_atomic
 from multitune.tasks.base import Task
+from multitune.training.callbacks import Callback
 
 PER_TASK_DIR = "best-per-task"  # under RUN/checkpoints/
 WEIGHTS_FILE = "weights.safetensors"
@@ -84,7 +86,7 @@ def _used_by(name: str, task: str, adapters: Any) -> bool:
     return True  # the backbone, task embeddings
 
 
-class PerTaskBest:
+class PerTaskBest(Callback):
     """Tracks each task's best validation step and writes its snapshot (see the module docstring).
 
     Args:
@@ -154,6 +156,12 @@ class PerTaskBest:
                 self.log({"kind": "task_best", "step": step, "task": name, "score": score})
         return improved
 
+    def on_run_start(self, run: Any) -> None:
+        self.start(run.state.per_task_best, run.resumed)
+
+    def on_evaluate(self, run: Any, results: dict[str, dict[str, float]]) -> None:
+        self.update(run.state.per_task_best, run.state.step, results)
+
     def _write(self, name: str, record: dict) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in self.directory.glob(f".{name}.tmp-*"):
@@ -191,9 +199,6 @@ def load_snapshot(directory: Path, model: nn.Module, task: str) -> dict:
     Raises:
         MultituneError: one line naming the file when the snapshot is unreadable or does not fit ``model``.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     meta_file, weights_file = Path(directory) / META_FILE, Path(directory) / WEIGHTS_FILE
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))

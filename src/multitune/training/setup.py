@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from multitune.backbones import load_backbone
+from multitune.backbones.vocab import extend_vocabulary, find_new_words, read_corpus
 from multitune.config.schema import RunConfig, TrainingConfig
 from multitune.errors import ConfigError, MultituneError
 from multitune.model import ADAPTERS_FILE, HEADS_FILE, MultiTaskModel
@@ -43,8 +46,6 @@ def build_accelerator(device: str, precision: str) -> tuple[Any, str, bool]:
     Raises:
         MultituneError: CUDA was asked for and there is none.
     """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     # Accelerate keeps one process-wide state; a second run in the same process (a notebook, a search)
     # may ask for another precision. Reset it, keeping the process group (PartialState) intact.
@@ -85,8 +86,6 @@ def build_backbone(config: RunConfig, attention: str | None, on_cpu: bool) -> Ba
                                                     f"{' '.join(str(exc).split())[:200]}") from None
     report = None
     if config.backbone.extend_vocabulary is not None:
-        from multitune.backbones.vocab import extend_vocabulary, find_new_words, read_corpus
-
         v = config.backbone.extend_vocabulary
         words = find_new_words(read_corpus(v.corpus), tokenizer, v.min_freq, v.max_new)
         report = extend_vocabulary(backbone, tokenizer, [w for w, _ in words])

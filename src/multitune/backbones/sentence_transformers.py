@@ -7,6 +7,7 @@ weights, so that ``SentenceTransformer(directory).encode(texts)`` computes exact
 from __future__ import annotations
 
 import json
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from multitune.fileio import write_json_atomic
@@ -19,8 +20,6 @@ _LEGACY_KEYS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_toke
 
 def _installed_major() -> int:
     try:
-        from importlib.metadata import version
-
         return int(version("sentence-transformers").split(".")[0])
     except Exception:  # not installed or an unusual version string: write the layout every version reads
         return 0
@@ -65,8 +64,6 @@ def write_sentence_transformers_layout(directory: Path, transformer_dir: str, po
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for name in ("sentence-transformers", "transformers", "torch"):
         try:

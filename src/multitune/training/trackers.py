@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,8 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from multitune.config.parse import to_dict
 from multitune.errors import ConfigError, printable, shorten_message
 from multitune.fileio import read_jsonl, write_json_atomic
+from multitune.training.callbacks import Callback
 
 EXTRA = "pip install 'multitune[track]'"
 # what each tracker imports; MLflow's database stores (the default: SQLite) also need SQLAlchemy and Alembic
@@ -219,8 +222,6 @@ class MlflowSink(_Sink):
         self.run_id = None
 
     def start(self) -> None:
-        import logging
-
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -311,7 +312,21 @@ def attach_trackers(log: Any, config: Any, out: Path) -> None:
     check_trackers(tcfg.report_to, uri)
     if not log.enabled:
         return
-    from multitune.config.parse import to_dict
-
     for tracker in dict.fromkeys(tcfg.report_to):
         log.add_sink(TensorBoardSink(out) if tracker == "tensorboard" else MlflowSink(out, uri, to_dict(config)))
+
+
+class Trackers(Callback):
+    """The run's trackers as a callback: their packages are checked when it is built (before the run writes
+    anything), the sinks attached when the run starts (:func:`attach_trackers`).
+
+    Raises:
+        ConfigError: a tracker's package is missing.
+    """
+
+    def __init__(self, config: Any, out: Path):
+        self.config, self.out = config, Path(out)
+        check_trackers(config.training.report_to, mlflow_uri(config.training.mlflow_tracking_uri))
+
+    def on_run_start(self, run: Any) -> None:
+        attach_trackers(run.log, self.config, self.out)

@@ -48,6 +48,9 @@ import torch
 from torch import nn
 
 from multitune.errors import ConfigError
+from multitune.fileio import read_jsonl
+from multitune.training.callbacks import Callback
+from multitune.training.multistep import shared_parameters
 
 Matrix = dict[str, dict[str, "float | None"]]
 
@@ -151,7 +154,7 @@ class _PreservedState:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
-class AffinityProbe:
+class AffinityProbe(Callback):
     """Measures gradient cosine similarity and look-ahead task affinity every ``analysis.affinity_every`` steps
     (see the module docstring). A probe that is off (``affinity_every: 0``, or fewer than two trained tasks)
     does nothing.
@@ -186,8 +189,6 @@ class AffinityProbe:
         if not staged and self.every > config.training.max_steps:
             raise ConfigError("analysis.affinity_every", f"({self.every}) must not exceed training.max_steps "
                                                          f"({config.training.max_steps}): nothing would be measured")
-        from multitune.training.multistep import shared_parameters  # here: the trainer imports this module
-
         self.shared = shared_parameters(self.core, multi.trained)
         if not self.shared:
             if staged:
@@ -259,6 +260,13 @@ class AffinityProbe:
             log(record)
         return time.perf_counter() - start
 
+    def on_step_end(self, run: Any) -> None:
+        self.after_step(run.state.step, run.optimizer, run.autocast, run.log)
+
+    def on_run_end(self, run: Any, results: dict) -> None:
+        if run.main_process:
+            write_transfer(run.out, results)
+
 
 def batches_drawn(batcher: Any) -> int:
     """How many batches a :class:`~multitune.training.batching.TaskBatcher` has handed out (from its resumable
@@ -293,8 +301,6 @@ def transfer_summary(records: Sequence[dict]) -> dict | None:
 def write_transfer(out: Path, results: dict) -> None:
     """At the end of a run: ``results["transfer"]`` from the run's ``metrics.jsonl`` and ``affinity.png``
     (nothing when the run measured nothing)."""
-    from multitune.fileio import read_jsonl
-
     path = Path(out) / "metrics.jsonl"
     summary = transfer_summary(read_jsonl(path)) if path.is_file() else None
     if summary is None:
