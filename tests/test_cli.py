@@ -52,7 +52,7 @@ def _bad(capsys, argv) -> str:
     return errors[0]
 
 
-def test_bad_inputs_are_one_line(tiny_backbone, toy_data, tmp_path, capsys, run_dir):
+def test_bad_inputs_are_one_line(tiny_backbone, toy_data, tmp_path, capsys, run_dir, monkeypatch):
     capsys.readouterr()  # drop the fixture's training log
     def cfg_with(mutate) -> str:
         raw = toy_config(toy_data, tiny_backbone, tmp_path / "bad-out")
@@ -79,9 +79,21 @@ def test_bad_inputs_are_one_line(tiny_backbone, toy_data, tmp_path, capsys, run_
         assert not (tmp_path / "bad-out").exists()  # validation failed before anything was written
     assert "has no task 'nope'; its tasks:" in _bad(capsys, ["predict", str(run_dir), "--task", "nope", "x"])
     assert "not a multitune model directory" in _bad(capsys, ["predict", str(tmp_path), "--task", "a", "x"])
+    assert f"{tmp_path / 'nowhere'}: does not exist" in _bad(capsys, ["predict", str(tmp_path / "nowhere"),
+                                                                      "--task", "a", "x"])
     assert "is not empty; pass --overwrite" in _bad(capsys, ["train", str(run_dir / "config.yaml")])
+
+    import multitune.model  # a misspelt task is refused before the model loads (which takes seconds)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(multitune.model, "load", no_load)
+    err = _bad(capsys, ["predict", str(run_dir), "--task", "sentimnt", "a film"])
+    assert "has no task 'sentimnt' (did you mean 'sentiment'?); its tasks: mlm, ner, sentiment, similarity" in err
 
 
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "multitune.cli", "tasks"], capture_output=True, text=True, check=True)
     assert "classification" in out.stdout and "round_robin" in out.stdout and "uncertainty" in out.stdout
+

@@ -11,6 +11,7 @@ status 2; a traceback only ever means a bug in multitune.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import re
@@ -242,16 +243,37 @@ def cmd_predict(args) -> int:
     inputs = [item for _, item in numbered]
     if not inputs:
         raise MultituneError("predict: give texts as arguments or a file with --input")
+    _check_task(args.run_dir, args.task, _saved_task_names(args.run_dir))  # before the model loads (seconds)
     model = load(args.run_dir, precision=args.precision)
-    if args.task not in model.tasks:
-        raise MultituneError(f"--task: the model in {args.run_dir} has no task {args.task!r}; its tasks: "
-                             f"{', '.join(model.tasks)}")
+    _check_task(args.run_dir, args.task, list(model.tasks))
     preds = model.predict(args.task, inputs, batch_size=args.batch_size)
     for (where, _), pred in zip(numbered, preds):  # every line is checked before the first is printed
         check_finite(pred, f"{where} (task {args.task})")
     for pred in preds:
         print(json_text(pred))
     return 0
+
+
+def _saved_task_names(run_dir: str) -> list[str] | None:
+    """The task names in a model's ``multitune.json`` (of ``run_dir`` or its ``model/``), read without loading
+    the model; None when there is no readable one (the loader then says what is wrong)."""
+    for meta in (Path(run_dir) / "model" / "multitune.json", Path(run_dir) / "multitune.json"):
+        try:
+            tasks = json.loads(meta.read_text(encoding="utf-8")).get("tasks")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue
+        if isinstance(tasks, dict):
+            return [str(t) for t in tasks]
+    return None
+
+
+def _check_task(run_dir: str, task: str, names: list[str] | None) -> None:
+    """Raises: MultituneError: the model has no task ``task`` (with the closest name, if one is close)."""
+    if names is None or task in names:
+        return
+    close = difflib.get_close_matches(task, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise MultituneError(f"--task: the model in {run_dir} has no task {task!r}{hint}; its tasks: {', '.join(names)}")
 
 
 def cmd_embed(args) -> int:

@@ -293,6 +293,8 @@ class MultiTaskModel(nn.Module):
         import transformers  # imported only when used: 0.5 s
 
         path = Path(path)
+        if not path.exists():
+            raise MultituneError(f"{path}: does not exist (expected a run directory or a model directory)")
         if (path / "model" / MODEL_FILE).is_file():  # a run directory
             path = path / "model"
         file = path / MODEL_FILE
