@@ -45,9 +45,9 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _add_set(p: argparse.ArgumentParser) -> None:
+def _add_set(p: argparse.ArgumentParser, example: str = "training.max_steps=100") -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set training.max_steps=100 (repeatable)")
+                   help=f"override a config field, e.g. --set {example} (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,16 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no live progress bar (logs only)")
 
     p = sub.add_parser("evaluate", help="evaluate a trained run on its validation or test data")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory (it holds config.yaml and model/)")
     p.add_argument("--split", default="validation", choices=["validation", "test"])
-    _add_set(p)
+    _add_set(p, "tasks.sentiment.data.test.path=reviews-2026.csv")
 
     p = sub.add_parser("predict", help="predict with one task of a trained model (JSON lines)")
-    p.add_argument("run_dir")
-    p.add_argument("--task", required=True)
+    p.add_argument("run_dir", help="a run directory, its model/ directory, an export or an ONNX export")
+    p.add_argument("--task", required=True, help="the task to predict, e.g. sentiment (multitune predict checks "
+                                                 "it against the model's tasks before loading)")
     p.add_argument("texts", nargs="*", help="inputs; a pair is 'first<TAB>second'")
     p.add_argument("--input", help="file of inputs: .jsonl objects (text, text_pair, tokens) or one text per line")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="inputs per forward pass (default: 64)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
                    help="inference precision: bf16 weights, or dynamic int8 quantisation (CPU)")
 
