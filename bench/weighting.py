@@ -52,7 +52,7 @@ METHODS = {
 EXTRA = {"pcgrad-noclip": ["training.max_grad_norm=null"]}
 SINGLES = {f"single-{t}": t for t in TASKS}
 #: the adaptive scheduler's references when the bench has no single-task runs of its own yet: each task alone,
-#: 400 steps (docs/results.md)
+#: 400 steps (docs/benchmarks.md)
 REFERENCE = {"sentiment": 0.865, "ner": 0.549, "similarity": 0.843}
 ADAPTIVE_EVALS = 6
 #: the run that measures gradient cosine and look-ahead task affinity along the way (measuring does not change

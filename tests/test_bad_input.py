@@ -311,8 +311,6 @@ CASES = [
          ("must be at least 1",)),
     Case("max_bad_steps_zero", lambda ws: ws.train("training.max_bad_steps=0"), "training.max_bad_steps",
          ("must be at least 1",)),
-    Case("eval_every_over_max_steps", lambda ws: ws.train("training.eval_every=10"), "training.eval_every",
-         ("must not exceed", "max_steps (4)")),
     Case("max_grad_norm_negative", lambda ws: ws.train("training.max_grad_norm=-1"), "training.max_grad_norm",
          ("greater than 0",)),
     Case("unknown_scheduler", lambda ws: ws.train("training.scheduler=cosin"), "training.scheduler",
@@ -400,7 +398,11 @@ CASES = [
         data={"validation": {"path": ws.file("val.tsv", "label\tsentence\npos\tfine\nneutral\tmeh\n"),
                              "text": "sentence"}})}), "val.tsv:3", ("label 'neutral' is not in the label set",)),
     Case("empty_label", lambda ws: ws.train(tasks={"sentiment": ws.cls_task(
-        "label\tsentence\npos\ta\n\tb\n" + CLS_BODY)}), "train.tsv:3", ("empty label",)),
+        "label\tsentence\npos\ta\n\tb\nneg\tc\n\td\n" + CLS_BODY)}), "train.tsv:3",
+         ("empty label", "2 rows have no label: lines 3, 5")),
+    Case("tsv_read_as_csv", lambda ws: ws.train(tasks={"sentiment": ws.cls_task(
+        "label\tsentence\npos\tgood, fun\n" + CLS_BODY, name="train.csv")}), "train.csv:2",
+         ("expected 1 fields, found 2", "set format: tsv")),
     Case("empty_texts_leave_no_examples", lambda ws: ws.train(tasks={"sentiment": ws.cls_task(
         "label\tsentence\npos\t \nneg\t\n")}), "train.tsv", ("no examples left after cleaning", "empty 2")),
     Case("empty_validation_split_after_cleaning", lambda ws: ws.train(tasks={"sentiment": ws.cls_task(
@@ -446,7 +448,7 @@ CASES = [
                                                                            "vocab.txt", "tokenizer_config.json")),
          "backbone.name", ("tokenizer",)),
     Case("backbone_unknown_hub_id", lambda ws: ws.train(backbone="no-such-org/no-such-model"), "backbone.name",
-         ("no-such-org/no-such-model",)),
+         ("no-such-org/no-such-model", "HF_HUB_OFFLINE=1", "local model directory")),
     Case("backbone_tokenizer_json_garbage", lambda ws: ws.train(backbone=_tiny_model(
         ws, lambda d: (d / "tokenizer.json").write_text('{"version": "1.0", "model": 42}'))), "backbone.name",
         ("tokenizer.json", "not a tokenizer file")),
@@ -518,6 +520,9 @@ CASES = [
          "in.jsonl:2", ("invalid JSON",)),
     Case("predict_without_inputs", lambda ws: ["predict", str(ws.trained), "--task", "sentiment"], "predict",
          ("give texts",)),
+    Case("evaluate_test_split_without_test_data", lambda ws: [
+        "evaluate", str(ws.trained), "--split", "test", "--set", "tasks.sentiment.data.split.test=0"],
+         "no task has test data", ("tasks.<name>.data.test", "tasks.<name>.data.split.test")),
     Case("evaluate_not_a_run_directory", lambda ws: ["evaluate", ws.dir("not-a-run")], "not-a-run",
          ("not a run directory", "config.yaml")),
 ]
@@ -525,10 +530,16 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def trained(tiny_backbone, tmp_path_factory) -> Path:
-    """A finished two-step run of one classification task (read only by the cases)."""
+    """A finished two-step run of one classification task (read only by the cases). Its eval_every above
+    max_steps is no mistake: it is lowered to max_steps."""
     ws = Workspace(tmp_path_factory.mktemp("trained"), tiny_backbone, Path())
-    assert main(ws.train("training.max_steps=2", "training.eval_every=2")) == 0
+    assert main(ws.train("training.max_steps=2", "training.eval_every=10")) == 0
     return ws.out
+
+
+def test_eval_every_above_max_steps_is_lowered_not_refused(trained):
+    saved = yaml.safe_load((trained / "config.yaml").read_text(encoding="utf-8"))
+    assert saved["training"]["max_steps"] == saved["training"]["eval_every"] == 2
 
 
 def _tree(path: Path) -> dict[str, bytes] | None:

@@ -9,6 +9,7 @@ import yaml
 
 from multitune.config import load_config, parse_config
 from multitune.config.loader import apply_overrides
+from multitune.config.parse import to_dict
 from multitune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +36,6 @@ def test_defaults_and_typed_sections(tmp_path):
     (lambda d: d.update(training={"learning_rate": 0}), "training.learning_rate", "greater than 0"),
     (lambda d: d.update(training={"learning_rate": -1e-5}), "training.learning_rate", "greater than 0"),
     (lambda d: d.update(training={"max_steps": "many"}), "training.max_steps", "expected an integer"),
-    (lambda d: d.update(training={"max_steps": 10, "eval_every": 20}), "training.eval_every", "must not exceed"),
     (lambda d: d.update(pooling="avg"), "pooling", "expected one of: mean, cls, max"),
     (lambda d: d.update(sampling={"strategy": "temprature"}), "sampling.strategy", "did you mean 'temperature'"),
     (lambda d: d.update(sampling={"strategy": "temperature", "temperature": 0}), "sampling.temperature",
@@ -60,6 +60,16 @@ def test_errors_name_the_field(tmp_path, mutate, path, words):
     assert err.value.path == path
     assert str(err.value).startswith(path + ":")
     assert words in str(err.value)
+
+
+def test_eval_every_above_max_steps_is_lowered_with_a_note(tmp_path, caplog):
+    data = base(tmp_path)
+    data["training"] = {"max_steps": 10, "eval_every": 20}
+    cfg = parse_config(data)
+    assert cfg.training.eval_every == 10
+    assert ("training.eval_every (20) is more than training.max_steps (10); evaluating at the end of training only "
+            "(step 10)") in caplog.text
+    assert to_dict(cfg)["training"]["eval_every"] == 10 and "requested_eval_every" not in to_dict(cfg)["training"]
 
 
 def test_overrides_are_yaml_typed():

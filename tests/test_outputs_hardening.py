@@ -187,9 +187,9 @@ def test_nan_score_is_an_error_naming_the_input(tiny_backbone, tmp_path, capsys,
     assert status == 2 and out == ""  # nothing printed: no half of the lines, no NaN
     assert err.startswith("multitune: error: inputs[0] (task t): the prediction's score is nan") and \
         len(err.strip().splitlines()) == 1, err
-    inputs = write(tmp_path / "in.jsonl", '\n{"text": "first"}\n\n{"text": "second"}\n')
+    inputs = write(tmp_path / "in.jsonl", '{"text": "first"}\n{"text": "second"}\n')
     status, _, err = _exit_and_err(capsys, ["predict", "RUN", "--task", "t", "--input", str(inputs)])
-    assert status == 2 and f"multitune: error: {inputs}:2 (task t): " in err
+    assert status == 2 and f"multitune: error: {inputs}:1 (task t): " in err
 
 
 def test_nan_embedding_is_an_error(tiny_backbone, tmp_path, capsys, monkeypatch):

@@ -147,7 +147,9 @@ def test_exported_task_reproduces_its_recorded_best_metrics(full_run, capsys):
             assert best[t]["metrics"] != results["validation"][t]
             theirs = final.state_dict()
             assert any(not torch.equal(v, theirs[k]) for k, v in exported.state_dict().items())
-        assert main(["predict", str(out), "--task", t, "the film was great\tthe meal was good"]) == 0
+        text = ["--pairs", "tsv", "the film was great\tthe meal was good"] if exported.tasks[t].pair_input \
+            else ["the film was great"]
+        assert main(["predict", str(out), "--task", t, *text]) == 0
 
 
 def test_export_from_final_matches_the_final_model(full_run, capsys):

@@ -151,7 +151,6 @@ def _one_line_error(capsys, argv) -> str:
     ({"sampling.temprature": [1, 2]}, "sampling.temprature: unknown key (did you mean 'temperature'?)"),
     ({"training.learning_rate": {"low": 1e-5, "high": 1e-3, "log": True, "foo": 1}},
      "training.learning_rate.foo: unknown key"),
-    ({"training.eval_every": [100]}, "training.eval_every: (100) must not exceed training.max_steps"),
 ])
 def test_bad_space_is_one_line(config_path, tmp_path, capsys, space, expected):
     path = _space(tmp_path, space)
@@ -159,6 +158,15 @@ def test_bad_space_is_one_line(config_path, tmp_path, capsys, space, expected):
                                    str(tmp_path / "s")])
     assert f"{path}: {expected}" in err, err
     assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def test_space_may_sample_max_steps_below_eval_every(config_path, tmp_path):
+    """A sampled max_steps under the config's eval_every is no error: the trial's eval_every is lowered to it."""
+    from multitune.search import load_space
+
+    base = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    space = load_space(_space(tmp_path, {"training.max_steps": [1, 6], "training.eval_every": [100]}), base)
+    assert {p.path for p in space.parameters} == {"training.max_steps", "training.eval_every"}
 
 
 def test_grid_needs_values_and_missing_space_is_one_line(config_path, tmp_path, capsys):

@@ -28,9 +28,11 @@ __all__ = ["CARD_FILE", "MODEL_FILE", "ModelCard", "TaskCard", "base_model_info"
 
 MAX_LABELS_SHOWN = 20
 
-# the metrics a card reports per task type, the task's main metric first (as multitune's own tables)
+# the metrics a card reports per task type, the default main metric first (a task's own choice of main metric,
+# state ``main_metric``, moves to the front, as in multitune's own tables)
 TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "macro_f1", "micro_f1"),  # micro_f1: multi-label only
+    # micro_f1: multi-label only; mcc: single-label only; f1 (of the positive class): binary only
+    "classification": ("accuracy", "macro_f1", "micro_f1", "mcc", "f1"),
     "token_classification": ("f1", "precision", "recall"),
     "regression": ("pearson", "spearman"),
     "masked_lm": ("accuracy", "perplexity"),
@@ -39,7 +41,8 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 # multitune metric -> (metric id on the Hub, display name, F1 averaging)
 _METRIC_IDS: dict[str, tuple[str, str, str | None]] = {
     "accuracy": ("accuracy", "Accuracy", None), "macro_f1": ("f1", "Macro F1", "macro"),
-    "micro_f1": ("f1", "Micro F1", "micro"), "f1": ("f1", "F1", None),
+    "micro_f1": ("f1", "Micro F1", "micro"), "f1": ("f1", "F1", None),  # f1: entity F1 / positive-class F1
+    "mcc": ("matthews_correlation", "Matthews correlation", None),
     "precision": ("precision", "Precision", None), "recall": ("recall", "Recall", None),
     "pearson": ("pearsonr", "Pearson", None), "spearman": ("spearmanr", "Spearman", None),
     "bleu": ("sacrebleu", "BLEU", None), "chrf": ("chrf", "chrF", None),
@@ -347,10 +350,11 @@ def task_cards(meta: dict, results: dict | None, config: dict | None = None) -> 
     """The card entries of a model's tasks.
 
     Each task's metrics come from ``results``: its test metrics when the run had test data for it, else its
-    validation metrics; only the ones that matter for its type are kept (:data:`TASK_METRICS`: accuracy and
-    macro F1 for classification, F1/precision/recall for token classification, Pearson/Spearman for
-    regression, accuracy or BLEU/chrF for text-to-text, accuracy/perplexity for masked LM; every plain
-    metric for a task type not listed), the main metric first.
+    validation metrics; only the ones that matter for its type are kept (:data:`TASK_METRICS`: accuracy,
+    macro F1, Matthews correlation and positive-class F1 for classification, F1/precision/recall for token
+    classification, Pearson/Spearman for regression, accuracy or BLEU/chrF for text-to-text,
+    accuracy/perplexity for masked LM; every plain metric for a task type not listed), the main metric first
+    (a classification task's ``metric`` choice).
 
     Args:
         meta: the content of the model's ``multitune.json``.
@@ -373,7 +377,7 @@ def task_cards(meta: dict, results: dict | None, config: dict | None = None) -> 
         cfg = (entry.get("config") or {}) if isinstance(entry, dict) else {}
         state = (entry.get("state") or {}) if isinstance(entry, dict) else {}
         kind = str(cfg.get("type", ""))
-        split, metrics = _task_metrics(name, kind, results)
+        split, metrics = _task_metrics(name, kind, results, state.get("main_metric") or cfg.get("metric"))
         dataset, subset = _hub_dataset(config, name)
         labels = state.get("labels") or cfg.get("labels") or None
         cards.append(TaskCard(name=name, type=kind, description=_describe(kind, cfg, state),
@@ -383,13 +387,17 @@ def task_cards(meta: dict, results: dict | None, config: dict | None = None) -> 
     return cards
 
 
-def _task_metrics(name: str, kind: str, results: dict | None) -> tuple[str, dict[str, float]]:
+def _task_metrics(name: str, kind: str, results: dict | None, main: Any = None) -> tuple[str, dict[str, float]]:
+    """(split, metrics) of a task's card entry; ``main``: the task's chosen main metric, shown first."""
     for split in ("test", "validation"):
         scores = (results or {}).get(split)
         scores = scores.get(name) if isinstance(scores, dict) else None
         if not isinstance(scores, dict):
             continue
-        keys = TASK_METRICS.get(kind) or [k for k in scores if "/" not in k]
+        keys = list(TASK_METRICS.get(kind) or [k for k in scores if "/" not in k])
+        if main in keys:
+            keys.remove(main)
+            keys.insert(0, main)
         picked = {k: float(scores[k]) for k in keys if _finite(scores.get(k))}
         if picked:
             return split, picked

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -58,12 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", help="run config (YAML)")
     _add_set(p)
-    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint "
+                                                         "(with --set training.max_steps=N: extend it to N steps)")
     p.add_argument("--overwrite", action="store_true", help="replace output_dir when it holds an earlier "
                                                             "multitune run (never a folder multitune did not write)")
     p.add_argument("--accept-changed-data", action="store_true",
                    help="with --resume: continue although a data file changed since the checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no live progress bar (logs only)")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar: a plain line of the task "
+                                                              "losses every training.log_every steps")
 
     p = sub.add_parser("evaluate", help="evaluate a trained run on its validation or test data")
     p.add_argument("run_dir", help="a run directory (it holds config.yaml and model/)")
@@ -74,16 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory, its model/ directory, an export or an ONNX export")
     p.add_argument("--task", required=True, help="the task to predict, e.g. sentiment (multitune predict checks "
                                                  "it against the model's tasks before loading)")
-    p.add_argument("texts", nargs="*", help="inputs; a pair is 'first<TAB>second'")
-    p.add_argument("--input", help="file of inputs: .jsonl objects (text, text_pair, tokens) or one text per line")
+    p.add_argument("texts", nargs="*", help="texts to predict (quote each one)")
+    p.add_argument("--input", help="file of inputs, one per line, in order: one text per line, or .jsonl objects "
+                                   "with text (and text_pair; an id field is copied to the output); a blank line "
+                                   "is an error")
+    p.add_argument("--pairs", choices=["tsv"], help="tsv: each text and each line of a text --input is "
+                                                    "TEXT<TAB>TEXT_PAIR (for tasks trained on pairs)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="inputs per forward pass (default: 64)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
                    help="inference precision: bf16 weights, or dynamic int8 quantisation (CPU)")
 
     p = sub.add_parser("embed", help="write sentence embeddings of texts (.npy or .jsonl)")
     p.add_argument("run_dir", help="a run directory, a model directory or 'default' (the packaged backbone)")
-    p.add_argument("--input", required=True, help="one text per line (or .jsonl with a text field)")
-    p.add_argument("--output", help="output file (.npy or .jsonl); default: INPUT.embeddings.npy")
+    p.add_argument("--input", required=True, help="one text per line (or .jsonl with a text field and an optional "
+                                                  "id); row i of the output is line i; a blank line is an error")
+    p.add_argument("--output", help="output file: .npy (one row per line) or .jsonl (id, text, embedding); default: "
+                                    "INPUT.embeddings.npy")
     p.add_argument("--batch-size", type=positive_int, default=64)
 
     p = sub.add_parser("quickstart", help="train sentiment + NER + similarity on bundled data, offline")
@@ -165,30 +174,77 @@ def _version() -> str:
     return __version__
 
 
-def _read_inputs(path: str) -> list:
-    return [item for _, item in _read_numbered(path)]
+@dataclass
+class Numbered:
+    """One prediction input with where it came from (``inputs[0]``, ``FILE:LINE``) and the ``id`` a .jsonl line
+    gave it (None when it gave none)."""
+
+    where: str
+    item: Any
+    id: Any = None
 
 
-def _read_numbered(path: str) -> list[tuple[str, Any]]:
-    """``(FILE:LINE, input)`` for each input of an ``--input`` file (blank lines are skipped)."""
+def _read_numbered(path: str, pairs: bool = False) -> list[Numbered]:
+    """Every line of an ``--input`` file as one input, in order, so that output line i belongs to input line i.
+
+    Raises:
+        MultituneError: naming FILE:LINE: a blank line, invalid JSON, a JSON line that is not an object, or (with
+            ``pairs``) a text line without a TAB.
+    """
     p = Path(path)
     if not p.is_file():
-        raise MultituneError(f"--input: file not found: {p}")
+        raise MultituneError(f"--input: {'file not found' if not p.exists() else 'not a file'}: {printable(p)}")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise MultituneError(f"{printable(p)}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    is_json = p.suffix in (".jsonl", ".json")
     items = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
+        where = f"{printable(p)}:{n}"
         if not line.strip():
+            hint = "" if is_json else " (or use .jsonl lines with an id field)"
+            raise MultituneError(f"{where}: blank line; every line is one input and output line i belongs to input "
+                                 f"line i, so remove blank lines{hint}")
+        if not is_json:
+            items.append(Numbered(where, _split_pair(line, where) if pairs else line))
             continue
-        if p.suffix in (".jsonl", ".json"):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MultituneError(f"{p}:{n}: invalid JSON: {exc.msg}") from None
-            if not isinstance(obj, dict):
-                raise MultituneError(f"{p}:{n}: expected a JSON object with a 'text' field")
-            items.append((f"{p}:{n}", obj))
-        else:
-            items.append((f"{p}:{n}", _text_or_pair(line)))
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MultituneError(f"{where}: invalid JSON: {exc.msg}") from None
+        if not isinstance(obj, dict):
+            raise MultituneError(f"{where}: expected a JSON object with a 'text' field")
+        items.append(Numbered(where, {k: v for k, v in obj.items() if k != "id"}, obj.get("id")))
     return items
+
+
+def _split_pair(text: str, where: str) -> tuple[str, str]:
+    if "\t" not in text:
+        raise MultituneError(f"{where}: no TAB; with --pairs tsv every input is TEXT<TAB>TEXT_PAIR")
+    first, second = text.split("\t", 1)
+    return first, second
+
+
+def _check_inputs(numbered: list[Numbered], task: str, pair_input: bool | None) -> None:
+    """Every input is a non-empty text (or pair) of the form the task takes, as the server checks it.
+
+    Raises:
+        MultituneError: naming the first bad input (FILE:LINE or ``inputs[i]``) and how to give the right form.
+    """
+    from multitune.tasks.base import form_mismatch, input_parts  # tasks/base imports torch (slow for --help)
+
+    for entry in numbered:
+        if isinstance(entry.item, dict) and "text" not in entry.item:
+            continue  # a ready example, e.g. {"tokens": [...]}: the task checks it
+        _, pair = input_parts(entry.item, entry.where)
+        if pair_input is None:
+            continue
+        problem = form_mismatch(task, pair_input, pair is not None)
+        if problem:
+            how = (" (give TEXT<TAB>TEXT_PAIR with --pairs tsv, or .jsonl lines with text and text_pair)"
+                   if pair_input else " (leave out --pairs, or text_pair in .jsonl)")
+            raise MultituneError(f"{entry.where}: {problem}{how}")
 
 
 # JSON output stays terminal-safe where json.dumps(ensure_ascii=False) is not: it escapes C0 controls (ESC is
@@ -205,19 +261,18 @@ def json_text(value: Any, **kwargs: Any) -> str:
     return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
-def _text_or_pair(text: str):
-    return tuple(text.split("\t", 1)) if "\t" in text else text
-
-
 def cmd_train(args) -> int:
     from multitune.config import load_config
     from multitune.training import train
+    from multitune.training.progress import print_next_steps, stderr_console
 
     config = load_config(args.config, args.overrides)
     if args.accept_changed_data and not args.resume:
         raise MultituneError("--accept-changed-data: only applies with --resume")
-    train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+    console = stderr_console()  # not wrapped at 80 columns when stderr is a log file
+    train(config, resume=args.resume, overwrite=args.overwrite, console=console, progress=not args.no_progress,
           accept_changed_data=args.accept_changed_data, protect=(Path(args.config),))
+    print_next_steps(console, config.output_dir, list(config.tasks))
     return 0
 
 
@@ -239,24 +294,35 @@ def cmd_predict(args) -> int:
     from multitune.inference import check_finite
     from multitune.model import load
 
-    numbered = [(f"inputs[{i}]", _text_or_pair(t)) for i, t in enumerate(args.texts)]
-    numbered += _read_numbered(args.input) if args.input else []
-    inputs = [item for _, item in numbered]
-    if not inputs:
+    numbered = [Numbered(f"inputs[{i}]", _split_pair(t, f"inputs[{i}]") if args.pairs else t)
+                for i, t in enumerate(args.texts)]
+    numbered += _read_numbered(args.input, pairs=bool(args.pairs)) if args.input else []
+    if not numbered:
         raise MultituneError("predict: give texts as arguments or a file with --input")
-    _check_task(args.run_dir, args.task, _saved_task_names(args.run_dir))  # before the model loads (seconds)
+    saved = _saved_tasks(args.run_dir)
+    _check_task(args.run_dir, args.task, None if saved is None else list(saved))  # before the model loads
+    _check_inputs(numbered, args.task, _saved_pair_input(saved, args.task))
     model = load(args.run_dir, precision=args.precision)
     _check_task(args.run_dir, args.task, list(model.tasks))
-    preds = model.predict(args.task, inputs, batch_size=args.batch_size)
-    for (where, _), pred in zip(numbered, preds):  # every line is checked before the first is printed
-        check_finite(pred, f"{where} (task {args.task})")
-    for pred in preds:
-        print(json_text(pred))
+    _check_inputs(numbered, args.task, bool(model.tasks[args.task].pair_input))
+    preds = model.predict(args.task, [e.item for e in numbered], batch_size=args.batch_size)
+    for entry, pred in zip(numbered, preds):  # every line is checked before the first is printed
+        check_finite(pred, f"{entry.where} (task {args.task})")
+    for entry, pred in zip(numbered, preds):
+        print(json_text({**({} if entry.id is None else {"id": entry.id}), "input": _shown_input(entry.item),
+                         **pred}))
     return 0
 
 
-def _saved_task_names(run_dir: str) -> list[str] | None:
-    """The task names in a model's ``multitune.json`` (of ``run_dir`` or its ``model/``), read without loading
+def _shown_input(item: Any) -> Any:
+    """The input as the output line carries it: the text, ``[text, text_pair]``, or the .jsonl object."""
+    if isinstance(item, dict) and "text" in item:
+        return item["text"] if item.get("text_pair") is None else [item["text"], item["text_pair"]]
+    return list(item) if isinstance(item, tuple) else item
+
+
+def _saved_tasks(run_dir: str) -> dict[str, Any] | None:
+    """The ``tasks`` of a model's ``multitune.json`` (of ``run_dir`` or its ``model/``), read without loading
     the model; None when there is no readable one (the loader then says what is wrong)."""
     for meta in (Path(run_dir) / "model" / "multitune.json", Path(run_dir) / "multitune.json"):
         try:
@@ -264,7 +330,7 @@ def _saved_task_names(run_dir: str) -> list[str] | None:
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             continue
         if isinstance(tasks, dict):
-            return [str(t) for t in tasks]
+            return {str(k): v for k, v in tasks.items()}
     return None
 
 
@@ -277,13 +343,32 @@ def _check_task(run_dir: str, task: str, names: list[str] | None) -> None:
     raise MultituneError(f"--task: the model in {run_dir} has no task {task!r}{hint}; its tasks: {', '.join(names)}")
 
 
+def _saved_pair_input(saved: dict[str, Any] | None, task: str) -> bool | None:
+    """Whether the saved task takes pairs, when its saved state says so (else None: checked after loading)."""
+    try:
+        value = saved[task]["state"]["pair_input"]  # type: ignore[index]
+    except (TypeError, KeyError):
+        return None
+    return value if isinstance(value, bool) else None
+
+
 def cmd_embed(args) -> int:
     import numpy as np
 
     from multitune.model import load
 
     numbered = _read_numbered(args.input)
-    texts = [x["text"] if isinstance(x, dict) else (x if isinstance(x, str) else x[0]) for _, x in numbered]
+    texts = []
+    for entry in numbered:
+        item = entry.item
+        if isinstance(item, dict) and item.get("text_pair") is not None:
+            raise MultituneError(f"{entry.where}: embed takes single texts; this line has a text_pair")
+        if isinstance(item, dict) and not isinstance(item.get("text"), str):
+            raise MultituneError(f"{entry.where}: expected a JSON object with a 'text' field")
+        text = item["text"] if isinstance(item, dict) else item
+        if not text.strip():
+            raise MultituneError(f"{entry.where}: the text is empty")
+        texts.append(text)
     if args.run_dir == "default":
         from multitune.backbones import load_backbone
         from multitune.model import MultiTaskModel
@@ -295,18 +380,21 @@ def cmd_embed(args) -> int:
     emb = model.embed_texts(texts, batch_size=args.batch_size).numpy()
     bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
     if len(bad):
-        raise MultituneError(f"{numbered[bad[0]][0]}: the embedding holds NaN or infinity (the model computes no "
+        raise MultituneError(f"{numbered[bad[0]].where}: the embedding holds NaN or infinity (the model computes no "
                              f"number for this text; are its weights finite?); nothing was written")
     out = Path(args.output or f"{args.input}.embeddings.npy")
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
     if out.suffix == ".jsonl":
         with open(tmp, "w", encoding="utf-8") as fh:
-            for t, v in zip(texts, emb):
-                fh.write(json.dumps({"text": t, "embedding": [round(float(x), 6) for x in v]}) + "\n")
+            for entry, t, v in zip(numbered, texts, emb):
+                record = {**({} if entry.id is None else {"id": entry.id}), "text": t,
+                          "embedding": [round(float(x), 6) for x in v]}
+                fh.write(json_text(record) + "\n")
     else:
         np.save(tmp, emb)
     os.replace(tmp, out)
-    print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {printable(out)}", file=sys.stderr)
+    print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {printable(out)} (row i: line i of "
+          f"{printable(args.input)})", file=sys.stderr)
     return 0
 
 

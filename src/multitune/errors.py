@@ -31,6 +31,11 @@ class DataError(MultituneError):
         super().__init__(f"{where}: {message}")
 
 
+class InputError(MultituneError):
+    """A prediction input is malformed or does not fit a requested task (the message starts with where the
+    input is: ``inputs[3]``, ``texts.jsonl:7``)."""
+
+
 MAX_SHOWN_CHARS = 200
 
 

@@ -13,13 +13,8 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from multitune.errors import MultituneError
-
-TEXT, PAIR = "text", "pair"
-
-
-class InputError(MultituneError):
-    """A prediction input is malformed or does not fit a requested task."""
+from multitune.errors import InputError, MultituneError
+from multitune.tasks.base import PAIR, TEXT, form_mismatch, input_parts
 
 
 class UnknownTaskError(MultituneError):
@@ -89,22 +84,7 @@ def normalize_input(item: Any, index: int) -> tuple[str, str | None]:
     Raises:
         InputError: naming ``inputs[index]``: another type, or an empty text.
     """
-    if isinstance(item, str):
-        text, pair = item, None
-    elif isinstance(item, Mapping) and isinstance(item.get("text"), str):
-        text, pair = item["text"], item.get("text_pair")
-    elif isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item):
-        text, pair = item
-    else:
-        raise InputError(f"inputs[{index}]: expected a text or {{'text': ..., 'text_pair': ...}}, got "
-                         f"{type(item).__name__}")
-    if pair is not None and not isinstance(pair, str):
-        raise InputError(f"inputs[{index}].text_pair: expected a text, got {type(pair).__name__}")
-    if not text.strip():
-        raise InputError(f"inputs[{index}].text: is empty")
-    if pair is not None and not pair.strip():
-        raise InputError(f"inputs[{index}].text_pair: is empty")
-    return text, pair
+    return input_parts(item, f"inputs[{index}]")
 
 
 def resolve_tasks(model: Any, inputs: Sequence[tuple[str, str | None]], tasks: Sequence[str] | None = None
@@ -140,10 +120,9 @@ def resolve_tasks(model: Any, inputs: Sequence[tuple[str, str | None]], tasks: S
                                  f" (its tasks: {_forms(model)})")
         else:
             for name in names:
-                if input_form(model.tasks[name]) != form:
-                    raise InputError(f"inputs[{i}]: task {name!r} takes "
-                                     f"{'a text pair {text, text_pair}' if form == TEXT else 'a single text'}, "
-                                     f"got {'one text' if form == TEXT else 'a pair'}")
+                problem = form_mismatch(name, model.tasks[name].pair_input, form == PAIR)
+                if problem:
+                    raise InputError(f"inputs[{i}]: {problem}")
             chosen = names
         plan.append(chosen)
     return plan

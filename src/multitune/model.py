@@ -26,14 +26,14 @@ from multitune.backbones.checks import (
     read_json_file,
     read_model_config,
 )
-from multitune.backbones.loading import check_tokenizer_files, load_exported_backbone
+from multitune.backbones.loading import check_tokenizer_files, load_exported_backbone, quiet_loading
 from multitune.backbones.pooling import POOLERS, pool
 from multitune.backbones.sentence_transformers import write_sentence_transformers_layout
 from multitune.config.parse import from_dict, to_dict
-from multitune.errors import ConfigError, MultituneError, shown
+from multitune.errors import ConfigError, InputError, MultituneError, shown
 from multitune.fileio import write_json_atomic
 from multitune.registry import Registry
-from multitune.tasks.base import TASKS, Task, TaskOutput
+from multitune.tasks.base import TASKS, Task, TaskOutput, prediction_examples
 from multitune.tasks.mixed import predict_mixed
 
 MODEL_FILE = "multitune.json"
@@ -194,13 +194,17 @@ class MultiTaskModel(nn.Module):
             One JSON-able dict per input: ``label``/``scores`` for classification, ``entities`` for
             token classification, ``score`` for regression, ``text`` for text-to-text.
 
+        One prediction per input, in input order. Inputs are checked first: an empty text, or a single text for
+        a task trained on pairs (or a pair for any other task), is an error naming ``inputs[i]``.
+
         Raises:
             MultituneError: the model has no task called ``task``.
+            InputError: a malformed input, or one of the wrong form for the task.
         """
         if task not in self.tasks:
             raise MultituneError(f"the model has no task {task!r}; its tasks: {', '.join(self.tasks)}")
         t = self.tasks[task]
-        examples = [t.example_from_input(x) for x in inputs]
+        examples = prediction_examples(task, t, inputs)
         if not examples:
             return []
         was_training = self.training
@@ -224,6 +228,10 @@ class MultiTaskModel(nn.Module):
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64, task: str | None = None) -> torch.Tensor:
         """Sentence embeddings of ``texts`` [n, hidden] (pooling and normalisation as configured), through
         ``task``'s adapter when the model has adapters (default: the shared adapter, else none)."""
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(f"texts[{i}]: " + ("is empty" if isinstance(text, str) else
+                                                    f"expected a text, got {type(text).__name__}"))
         self.eval()
         out = torch.zeros(len(texts), self.hidden_size)
         enc_order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -326,8 +334,9 @@ class MultiTaskModel(nn.Module):
             backbone = load_exported_backbone(path, export, auto_class)
         else:
             try:
-                backbone = auto_class.from_pretrained(weights_dir, use_safetensors=True,
-                                                      trust_remote_code=trust_remote_code)
+                with quiet_loading():  # no "Loading weights" bar from a library call
+                    backbone = auto_class.from_pretrained(weights_dir, use_safetensors=True,
+                                                          trust_remote_code=trust_remote_code)
             except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
                 raise MultituneError(f"{weights_dir}: cannot load the backbone: "
                                      f"{' '.join(str(exc).split())[:300]}") from None

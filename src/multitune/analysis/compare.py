@@ -44,6 +44,7 @@ from multitune.sampling import SAMPLERS
 from multitune.tasks import TASKS
 from multitune.training import StagePlan, train
 from multitune.training.affinity import Matrix, plot_affinity
+from multitune.training.progress import stderr_console
 from multitune.weighting import WEIGHTINGS
 
 AFFINITY_SAMPLES = 20  # measurements in the multi-task run when the config does not set analysis.affinity_every
@@ -137,7 +138,7 @@ def _task_rows(config: RunConfig, multi: Mapping[str, Any], single: Mapping[str,
         if m is None or s is None:
             continue
         task_cls = TASKS.get(config.tasks[task].type)
-        main = task_cls.main_metric_in(m)
+        main = task_cls.main_metric_in(m, config.tasks[task])
         greater = task_cls.greater_is_better_for(main)
         delta = m[main] - s[main]
         gain = delta if greater else -delta
@@ -169,7 +170,7 @@ def compare(config: RunConfig, output: str | Path | None = None, overwrite: bool
             with ``stages`` or with AdapterFusion; a non-empty ``output`` without ``overwrite``.
     """
 
-    console = console or Console(stderr=True)
+    console = console or stderr_console()
     if len(config.tasks) < 2:
         raise ConfigError("tasks", "compare needs at least two tasks (it trains them together and each alone)")
     if config.runs_in_stages:

@@ -4,7 +4,11 @@ as an encoder, an encoder-decoder (also warm-started from two encoder checkpoint
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,80 @@ from multitune.config.schema import BackboneConfig
 from multitune.errors import ConfigError, DataError, MultituneError, shown
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: environment variables that keep transformers and huggingface_hub off the network
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Load without transformers' output: no progress bars ("Loading weights") and no load reports (missing or
+    new weights, which multitune expects: heads and cross-attention start fresh), unless the user asked for
+    transformers' details by setting its verbosity to info or debug. The previous settings are restored
+    afterwards; they are process-wide, so a load in another thread meanwhile is quiet too.
+    """
+    from huggingface_hub import utils as hub_utils  # imported only when used: transformers imports it anyway
+    from transformers.utils import logging as hf_logging  # imported only when used: 0.5 s
+
+    bars, hub_bars_off, level = (hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled(),
+                                 hf_logging.get_verbosity())
+    # transformers switches the hub's bars (downloads) with its own; the hub warns when an environment
+    # variable (HF_HUB_DISABLE_PROGRESS_BARS) decides instead, which changes nothing here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_logging.disable_progress_bar()
+    if level >= logging.WARNING:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if bars:
+                hf_logging.enable_progress_bar()
+            if hub_bars_off != hub_utils.are_progress_bars_disabled():
+                (hub_utils.disable_progress_bars if hub_bars_off else hub_utils.enable_progress_bars)()
+
+
+def _offline_variable() -> str | None:
+    """``NAME=VALUE`` of the variable that makes the hub offline, as the user set it, or None."""
+    for name in OFFLINE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{name}={value}"
+    return None
+
+
+def _hub_unreachable(exc: BaseException) -> bool:
+    """Whether a load failed because the hub could not be asked (offline mode, or no network) and the files
+    are not in the local cache."""
+    # imported only when used (transformers imports it anyway)
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or "couldn't connect to" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _hub_error(name: str, field: str, exc: BaseException) -> ConfigError | None:
+    """The one-line error for a hub id that cannot be fetched (see :func:`_hub_unreachable`), or None when
+    ``exc`` is another failure."""
+    if not _hub_unreachable(exc):
+        return None
+    offline = _offline_variable()
+    if offline:
+        return ConfigError(field, f"{shown(name)} is not a local model directory and not in the Hugging Face cache, "
+                                  f"and {offline} is set, which forbids downloading it: unset "
+                                  f"{offline.split('=')[0]} (or run once online to cache the model), or give a "
+                                  f"local model directory")
+    return ConfigError(field, f"{shown(name)} is not a local model directory and not in the Hugging Face cache, "
+                              f"and the Hugging Face Hub could not be reached to download it: check the network "
+                              f"(or run once online to cache the model), or give a local model directory")
 
 
 def resolve_backbone(name: str, field: str = "backbone") -> str:
@@ -59,6 +137,8 @@ def resolve_backbone(name: str, field: str = "backbone") -> str:
         if not path.is_dir() or not ((path / "config.json").is_file() or gguf):
             raise ConfigError(field, f"{path} is not a model directory (expected config.json and weights in it)")
         return str(path)
+    if name.startswith((".", "/", "~")):  # a path, never a hub id (owner/name)
+        raise ConfigError(field, f"model directory not found: {path}")
     return name
 
 
@@ -69,8 +149,8 @@ def detect_type(source: str, trust_remote_code: bool, field: str) -> str:
     try:
         cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(field, f"cannot read the model config of {shown(source)}: "
-                                 f"{' '.join(str(exc).split())[:300]}") from None
+        raise _hub_error(source, field, exc) or ConfigError(
+            field, f"cannot read the model config of {shown(source)}: {' '.join(str(exc).split())[:300]}") from None
     if getattr(cfg, "is_encoder_decoder", False):
         return "encoder_decoder"
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (getattr(cfg, "architectures", None) or [])):
@@ -101,7 +181,7 @@ def _tokenizer(source: str, name: str, field: str, trust_remote_code: bool, **kw
     try:
         tokenizer = load_tokenizer(source, trust_remote_code, **kwargs)
     except DataError as exc:  # names the file, or the hub id
-        raise ConfigError(field, str(exc)) from None
+        raise _hub_error(name, field, exc) or ConfigError(field, str(exc)) from None
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(field, f"backbone {shown(name)} has no fast tokenizer (tokenizer.json); multitune needs "
                                  "one to align word labels with sub-tokens")
@@ -128,8 +208,8 @@ def _from_pretrained(auto_class: Any, source: str, name: str, field: str, **kwar
     try:
         return auto_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError, SafetensorError) as exc:
-        raise ConfigError(field, f"cannot load backbone {shown(name)}: {' '.join(str(exc).split())[:300]}"
-                          ) from None
+        raise _hub_error(name, field, exc) or ConfigError(
+            field, f"cannot load backbone {shown(name)}: {' '.join(str(exc).split())[:300]}") from None
 
 
 def _warm_start(config: BackboneConfig, trust_remote_code: bool, field: str) -> tuple[Any, Any]:
@@ -149,8 +229,11 @@ def _warm_start(config: BackboneConfig, trust_remote_code: bool, field: str) -> 
             encoder, decoder, tie_encoder_decoder=config.tie_encoder_decoder, use_safetensors=True,
             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ConfigError(field, f"cannot build an encoder-decoder from {shown(config.encoder)} + "
-                                 f"{shown(config.decoder)}: {' '.join(str(exc).split())[:300]}") from None
+        # the encoder's tokenizer loaded: a hub checkpoint that cannot be fetched is the decoder, if that is one
+        sub = "decoder" if not Path(decoder).is_dir() else "encoder"
+        raise _hub_error(getattr(config, sub), f"{field}.{sub}", exc) or ConfigError(
+            field, f"cannot build an encoder-decoder from {shown(config.encoder)} + {shown(config.decoder)}: "
+                   f"{' '.join(str(exc).split())[:300]}") from None
     start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     if start is None or end is None:
@@ -180,14 +263,19 @@ def load_backbone(spec: str | BackboneConfig, trust_remote_code: bool = False, f
         field: config field path named in errors.
 
     Raises:
-        ConfigError: the model or tokenizer cannot be loaded (missing files, offline without a cache,
-            no safetensors weights), with the reason on one line.
+        ConfigError: the model or tokenizer cannot be loaded (missing files, no safetensors weights, a hub id
+            that is not in the local cache while offline or without network), with the reason on one line.
     """
+    if isinstance(spec, str):
+        spec = BackboneConfig(name=spec)
+    with quiet_loading():
+        return _load_backbone(spec, trust_remote_code, field)
+
+
+def _load_backbone(spec: BackboneConfig, trust_remote_code: bool, field: str) -> tuple[Any, Any]:
     # imported only when used: 0.7 s
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    if isinstance(spec, str):
-        spec = BackboneConfig(name=spec)
     if spec.encoder is not None:
         return _warm_start(spec, trust_remote_code, field)
     name = spec.name or DEFAULT_BACKBONE
@@ -233,6 +321,11 @@ def load_exported_backbone(path: Path, export: dict, auto_class: Any) -> Any:
     Raises:
         MultituneError: the entry is malformed, or the weights do not hold the backbone.
     """
+    with quiet_loading():
+        return _load_exported_backbone(path, export, auto_class)
+
+
+def _load_exported_backbone(path: Path, export: dict, auto_class: Any) -> Any:
     from transformers import AutoConfig  # imported only when used: 0.5 s
 
     if not isinstance(export, dict) or export.get("layout") not in ("backbone", "task_model"):

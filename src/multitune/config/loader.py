@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ PACKAGED_BACKBONES = (DEFAULT_BACKBONE, SMOLLM2)
 
 FREEZE_SHORTHANDS = {"none": {}, "backbone": {"backbone": True}, "embeddings": {"embeddings": True}}
 SPLITS = ("train", "validation", "test")
+
+logger = logging.getLogger("multitune.config")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -76,9 +79,20 @@ def _typed_section(section: Any, registry: Any, key: str, path: str) -> Any:
     return from_dict(impl.config_class, section, path)
 
 
-def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check_files: bool = True
-                 ) -> RunConfig:
+def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check_files: bool = True, *,
+                 config_dir: str | Path | None = None) -> RunConfig:
     """Validate plain config data and return the typed config, paths resolved against ``base_dir``.
+
+    Forgiving defaults are applied with a note (logged to the ``multitune.config`` logger, which prints it to
+    stderr when logging is not configured): a ``training.eval_every`` above ``training.max_steps`` becomes
+    ``max_steps``.
+
+    Args:
+        data: the config as plain data (what the YAML file holds).
+        base_dir: directory that relative paths resolve against (default: the current directory).
+        check_files: check that data files exist.
+        config_dir: the folder of the config file ``data`` was read from; a relative data path that is not
+            found is looked for there too, so that the error can say where it is.
 
     Raises:
         ConfigError: naming the field path of the first problem found.
@@ -113,6 +127,8 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
     if config.freeze.backbone and config.training.gradual_unfreezing is not None:
         raise ConfigError("training.gradual_unfreezing", "cannot unfreeze a backbone that freeze.backbone keeps "
                                                          "frozen")
+    if config.stages is None:
+        _note_lowered_eval_every(config.training, "training")
     _check_stages(config, tasks)
     if config.adapters is not None:
         config.adapters.resolve(methods, "adapters")  # the method's own keys, typed by its config class
@@ -124,8 +140,16 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None, check
             raise ConfigError("training.early_stopping.metric",
                               f"expected 'mean' or 'task/metric' with a task of this run "
                               f"({', '.join(tasks)}), got {shown(es.metric)}")
-    resolve_paths(config, Path(base_dir) if base_dir else Path.cwd(), check_files)
+    resolve_paths(config, Path(base_dir) if base_dir else Path.cwd(), check_files,
+                  Path(config_dir) if config_dir is not None else None)
     return config
+
+
+def _note_lowered_eval_every(training: TrainingConfig, path: str) -> None:
+    if training.requested_eval_every is not None:
+        logger.warning("multitune: note: %s.eval_every (%d) is more than %s.max_steps (%d); evaluating at the "
+                       "end of training only (step %d)", path, training.requested_eval_every, path,
+                       training.max_steps, training.max_steps)
 
 
 def _in_memory_data(section: Any, path: str) -> Any:
@@ -169,6 +193,8 @@ def _in_memory_data(section: Any, path: str) -> Any:
 def stage_training(config: RunConfig, index: int) -> Any:
     """The typed training settings of stage ``index``: its overrides over the top-level ``training``."""
     merged = to_dict(config.training)
+    if config.training.requested_eval_every is not None:  # lowered to the top-level max_steps, not the stage's
+        merged["eval_every"] = config.training.requested_eval_every
     for key, value in (config.stages[index].training or {}).items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             value = {**merged[key], **value}
@@ -217,18 +243,30 @@ def _check_stages(config: RunConfig, tasks: dict[str, Any]) -> None:
         names.add(stage.name)
         if stage.replay and i == 0:
             raise ConfigError(f"stages[{i}].replay", "the first stage has no earlier tasks to replay")
-        stage_training(config, i)  # validates the merged settings now, before anything runs
+        # validates the merged settings now, before anything runs
+        _note_lowered_eval_every(stage_training(config, i), f"stages[{i}].training")
         staged.update(stage.tasks)
     unstaged = [t for t in tasks if t not in staged]
     if unstaged:
         raise ConfigError("stages", f"task {shown(unstaged[0])} is in no stage; list it in one")
 
 
-def resolve_paths(config: RunConfig, base_dir: Path, check_files: bool) -> None:
-    """Make data paths, the output directory and a local backbone path absolute (relative to ``base_dir``)."""
+def resolve_paths(config: RunConfig, base_dir: Path, check_files: bool, config_dir: Path | None = None) -> None:
+    """Make data paths, the output directory and a local backbone path absolute (relative to ``base_dir``).
+
+    Args:
+        config: the parsed config, changed in place.
+        base_dir: directory that relative paths resolve against.
+        check_files: check that data files exist (a ConfigError names the first that does not).
+        config_dir: the config file's folder, where a relative data path that is not found is looked for too:
+            the error then says so (paths still resolve against ``base_dir`` only).
+    """
 
     def absolute(p: str) -> str:
         return str(p if os.path.isabs(p) else (base_dir / p).resolve())
+
+    def not_found(what: str, value: str, expected: str = "") -> str:
+        return missing_path_message(what, value, base_dir, config_dir, expected)
 
     for name, task in config.tasks.items():
         for split in SPLITS:
@@ -241,27 +279,31 @@ def resolve_paths(config: RunConfig, base_dir: Path, check_files: bool) -> None:
                     spec.path = absolute(value)
                     if check_files and not Path(spec.path).exists():
                         raise ConfigError(f"tasks.{name}.data.{split}.path",
-                                          f"not found: {spec.path} (expected a datasets name, a directory "
-                                          f"written by save_to_disk, a parquet file or a folder of parquet files)")
+                                          not_found("not found", value, "expected a datasets name, a directory "
+                                                    "written by save_to_disk, a parquet file or a folder of "
+                                                    "parquet files"))
+                elif check_files and config_dir is not None and (config_dir / value).exists():
+                    # taken for a Hub dataset name, but it is local data beside the config file
+                    raise ConfigError(f"tasks.{name}.data.{split}.path", not_found("not found", value))
                 continue
             for attr in ("path", "source_path", "target_path"):
                 value = getattr(spec, attr)
                 if value is None:
                     continue
-                setattr(spec, attr, absolute(value))
+                setattr(spec, attr, absolute(os.path.expanduser(value)))  # as the readers expand it
                 if check_files:
                     p = Path(getattr(spec, attr))
                     if not p.exists():
-                        raise ConfigError(f"tasks.{name}.data.{split}.{attr}", f"file not found: {p}")
+                        raise ConfigError(f"tasks.{name}.data.{split}.{attr}", not_found("file not found", value))
                     if not p.is_file():
                         hint = " (a save_to_disk directory or a parquet folder is read with format: hf)"
                         raise ConfigError(f"tasks.{name}.data.{split}.{attr}",
                                           f"not a file: {p}{hint if p.is_dir() and attr == 'path' else ''}")
     vocab = config.backbone.extend_vocabulary
     if vocab is not None:
-        vocab.corpus = absolute(vocab.corpus)
+        value, vocab.corpus = vocab.corpus, absolute(os.path.expanduser(vocab.corpus))
         if check_files and not Path(vocab.corpus).is_file():
-            raise ConfigError("backbone.extend_vocabulary.corpus", f"file not found: {vocab.corpus}")
+            raise ConfigError("backbone.extend_vocabulary.corpus", not_found("file not found", value))
     config.output_dir = absolute(config.output_dir)
     for attr in ("name", "encoder", "decoder"):
         value = getattr(config.backbone, attr)
@@ -271,12 +313,38 @@ def resolve_paths(config: RunConfig, base_dir: Path, check_files: bool) -> None:
             setattr(config.backbone, attr, absolute(os.path.expanduser(value)))
 
 
+def missing_path_message(what: str, value: str, base_dir: Path, config_dir: Path | None = None,
+                         expected: str = "") -> str:
+    """The error text for a path that does not exist: ``WHAT: VALUE``, for a relative path with where it was
+    looked for, and with the config file's folder when the path exists relative to that instead.
+
+    Args:
+        what: how the text starts, e.g. ``file not found``.
+        value: the path as the config gives it.
+        base_dir: the directory relative paths resolve against (usually the current directory).
+        config_dir: the folder of the config file, or None (a config that was not read from a file).
+        expected: what the path should name, added in parentheses.
+    """
+    notes = [expected] if expected else []
+    if not os.path.isabs(os.path.expanduser(value)):
+        notes.append(f"looked in {base_dir.absolute() / value}")
+        beside = config_dir.absolute() / value if config_dir is not None else None
+        if beside is not None and beside.exists() and not (base_dir / value).exists():
+            cwd = base_dir.absolute() == Path.cwd()
+            fix = (f"run from {config_dir.absolute()} or write the path relative to the current directory" if cwd
+                   else f"write the path relative to {base_dir.absolute()}")
+            notes.append(f"it exists relative to the config file's folder: {beside} -- {fix}")
+    return f"{what}: {value}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None, base_dir: str | Path | None = None,
                 check_files: bool = True) -> RunConfig:
-    """Read, override and validate a run config file (see :func:`parse_config`)."""
+    """Read, override and validate a run config file (see :func:`parse_config`). Relative paths resolve
+    against ``base_dir`` (default: the current directory); a data file that is not found there but is beside
+    the config file is named in the error."""
     data = apply_overrides(read_yaml(path), list(overrides or []))
     try:
-        return parse_config(data, base_dir, check_files)
+        return parse_config(data, base_dir, check_files, config_dir=Path(path).absolute().parent)
     except ConfigError as exc:
         message = exc.args[0][len(exc.path) + 2:] if exc.path else exc.args[0]
         raise ConfigError(exc.path, f"{message} (in {path})") from None

@@ -6,6 +6,7 @@ implementation registers (``tasks.<name>.type``, ``sampling.strategy``, ``loss_w
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +36,8 @@ class SplitConfig:
     label: str | None = field(None, help="column holding the label or score (default: 'label')")
     tokens: str | None = field(None, help="jsonl/parquet/hf: column holding the token list (default: 'tokens')")
     tags: str | None = field(None, help="jsonl/parquet/hf: column holding the tag list (default: 'tags')")
-    source: str | None = field(None, help="text2text: column holding the input text (default: 'source')")
-    target: str | None = field(None, help="text2text: column holding the output text (default: 'target')")
+    source: str | None = field(None, help="column holding the input text (default: 'source')")
+    target: str | None = field(None, help="column holding the output text (default: 'target')")
     target_map: dict[str, str] | None = field(None, help="maps raw target values to text, e.g. {0: negative}")
     columns: list[str] | None = field(None, help="csv/tsv without header: the column names, in order")
     header: bool = field(True, help="csv/tsv: the first row names the columns")
@@ -46,8 +47,9 @@ class SplitConfig:
     source_path: str | None = field(None, help="parallel: file of source lines")
     target_path: str | None = field(None, help="parallel: file of target lines, line N translates line N")
     subset: str | None = field(None, help="hf: dataset configuration name")
-    split: str | None = field(None, help="hf: split of a Hub dataset, a saved DatasetDict or a parquet folder "
-                                         "(default: this split's name)")
+    split: str | None = field(None, help="hf: the Hugging Face dataset split to read, of a Hub dataset, a saved "
+                                         "DatasetDict or a parquet folder (default: this split's name); not the "
+                                         "split fractions, see data.split")
     encoding: str = field("utf-8", help="text encoding of the file")
     max_examples: int | None = field(None, help="keep a seeded random sample of at most this many examples",
                                      gt=0)
@@ -81,12 +83,17 @@ class SplitConfig:
 
 @dataclass
 class SplitFractions:
-    validation: float = field(0.1, help="fraction held out for validation", min=0.0, max=0.9)
-    test: float = field(0.0, help="fraction held out for test", min=0.0, max=0.9)
+    """Fractions of the training data held out when a task has no validation data of its own. These field
+    defaults are also what a task without a ``split:`` section gets."""
+
+    validation: float = field(0.1, help="fraction of train held out for validation", min=0.0, max=0.9)
+    test: float = field(0.1, help="fraction of train held out for test (0: none; a test file, when given, "
+                                  "is used instead)", min=0.0, max=0.9)
 
     def validate(self, path: str) -> None:
         if self.validation + self.test >= 1.0:
-            raise ConfigError(path, "validation + test fractions must leave some training data")
+            raise ConfigError(path, f"validation ({self.validation}) + test ({self.test}) fractions must leave "
+                                    f"some training data (test is 0.1 unless set)")
 
 
 @dataclass
@@ -94,7 +101,10 @@ class TaskDataConfig:
     train: SplitConfig | None = field(None, help="training data")
     validation: SplitConfig | None = field(None, help="validation data (evaluated during training)")
     test: SplitConfig | None = field(None, help="test data (evaluated once, on the restored best model)")
-    split: SplitFractions | None = field(None, help="carve validation/test out of train when they are absent")
+    split: SplitFractions | None = field(None, help="fractions of train carved out as validation and test when the "
+                                                    "task has no validation data (default: validation 0.1, test "
+                                                    "0.1); not a Hugging Face split name, which is "
+                                                    "data.{train,validation,test}.split")
 
     def validate(self, path: str) -> None:
         if self.train is None:
@@ -154,7 +164,8 @@ class TrainingConfig:
     max_grad_norm: float | None = field(1.0, help="gradient clipping norm (null: off)", gt=0.0)
     max_bad_steps: int = field(10, help="a step whose loss or gradient is not finite is skipped; the run stops "
                                         "after this many such steps in a row", min=1)
-    eval_every: int = field(200, help="evaluate every N optimizer steps", min=1)
+    eval_every: int = field(200, help="evaluate every N optimizer steps (a value above max_steps is lowered to "
+                                      "max_steps, with a note)", min=1)
     early_stopping: EarlyStoppingConfig | None = field(None, help="stop when the metric stops improving")
     per_task_best: bool = field(True, help="also keep each task's weights at its own best validation step in "
                                          "checkpoints/best-per-task/ (for `multitune export --task`); costs one "
@@ -177,6 +188,10 @@ class TrainingConfig:
                                  factory=list)
     mlflow_tracking_uri: str | None = field(None, help="MLflow tracking URI (default: the MLFLOW_TRACKING_URI "
                                                        "variable, else sqlite:///RUN/mlflow.db)")
+    #: the eval_every the config asked for when it exceeded max_steps and was lowered to it (None: not lowered);
+    #: not a key of the config, and not saved (config.yaml holds the value the run used)
+    requested_eval_every: int | None = dataclasses.field(default=None, init=False, repr=False, compare=False,
+                                                         metadata={"internal": True})
 
     def validate(self, path: str) -> None:
         for i, tracker in enumerate(self.report_to):
@@ -184,8 +199,9 @@ class TrainingConfig:
         if self.mlflow_tracking_uri is not None and "mlflow" not in self.report_to:
             raise ConfigError(f"{path}.mlflow_tracking_uri", "only used with report_to: [mlflow]")
         if self.eval_every > self.max_steps:
-            raise ConfigError(f"{path}.eval_every", f"({self.eval_every}) must not exceed "
-                                                    f"training.max_steps ({self.max_steps})")
+            # a newcomer who lowers max_steps should not have to lower eval_every too: the loop evaluates at
+            # max_steps anyway, so this is the same run (parse_config says so in a note)
+            self.requested_eval_every, self.eval_every = self.eval_every, self.max_steps
 
 
 @dataclass
@@ -308,7 +324,7 @@ class RunConfig:
                                                      "backbone (lora, dora, ia3, prefix, prompt, bottleneck; "
                                                      "see docs/adapters.md)")
     stages: list[StageConfig] | None = field(None, help="sequential training: stages run in order, each with "
-                                                        "its tasks and training settings (see docs/training.md)")
+                                                        "its tasks and training settings (see docs/staged-training.md)")
     analysis: AnalysisConfig = field(help="transfer analysis during training: gradient cosine similarity and "
                                           "look-ahead task affinity (see docs/transfer.md)", factory=AnalysisConfig)
     trust_remote_code: bool = field(False, help="allow model code from the backbone's repository to run")

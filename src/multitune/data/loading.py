@@ -6,14 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from multitune.config.schema import TaskDataConfig
+from multitune.config.schema import SplitFractions, TaskDataConfig
 from multitune.data.cleaning import clean_examples
 from multitune.data.readers import infer_format, read_split_with_labels, source_name
 from multitune.data.splits import sample_examples, split_examples
 from multitune.errors import ConfigError, DataError
-
-#: held-out fractions carved out of train when a task has no validation data and no ``split:`` section
-DEFAULT_FRACTIONS = {"validation": 0.1, "test": 0.1}
 
 
 @dataclass
@@ -44,7 +41,8 @@ def load_task_data(task_name: str, data: TaskDataConfig, base_dir: Path, seed: i
     Each configured split (train, and validation/test when set) is read and cleaned, then cut to its
     ``max_examples`` with a seeded sample. When validation is not configured, validation (and test, when
     that is not configured either) is carved out of the sampled train data with the ``data.split``
-    fractions (default: validation 0.1, test 0.1), stratified by ``stratify_key`` when given.
+    fractions (default: :class:`~multitune.config.schema.SplitFractions`, validation 0.1 and test 0.1, with or
+    without a ``split:`` section), stratified by ``stratify_key`` when given.
 
     Args:
         task_name: the task's name in the config, for error messages (``tasks.NAME.data.SPLIT``).
@@ -87,8 +85,8 @@ def load_task_data(task_name: str, data: TaskDataConfig, base_dir: Path, seed: i
         counts["sampled"] = len(examples)
         splits[split], report[split] = examples, counts
     if "validation" not in splits:
-        fractions = ({"validation": data.split.validation, "test": data.split.test} if data.split is not None
-                     else dict(DEFAULT_FRACTIONS))
+        carve = data.split if data.split is not None else SplitFractions()  # one set of defaults either way
+        fractions = {"validation": carve.validation, "test": carve.test}
         if sum(fractions.values()) >= 1:
             raise ConfigError(f"{where}.split", f"validation + test fractions must leave some training data, "
                                                 f"got {fractions}")

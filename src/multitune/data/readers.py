@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from multitune.config.loader import missing_path_message
 from multitune.config.schema import FORMATS, SplitConfig
 from multitune.errors import ConfigError, DataError
 
@@ -131,6 +132,7 @@ def _read_delimited(spec: SplitConfig, ctx: ReadContext, fmt: str, delimiter: st
     shown = spec.path
     names = list(spec.columns) if spec.columns else None
     skip_header = spec.header
+    header: list[str] | None = None
     try:
         with _open(path, spec, ctx, "path", newline="") as fh:
             reader = csv.reader(fh, delimiter=delimiter, quoting=quoting, strict=quoting != csv.QUOTE_NONE)
@@ -143,16 +145,50 @@ def _read_delimited(spec: SplitConfig, ctx: ReadContext, fmt: str, delimiter: st
                     if skip_header:
                         # With columns: given as well, the columns rename the header's names.
                         skip_header = False
+                        header = row
                         names = names or [c.strip() for c in row]
                         continue
                     if len(row) != len(names):
+                        hint = _delimiter_hint(spec, fmt, header, row, len(names))
                         raise DataError(shown, f"expected {len(names)} fields, found {len(row)} (columns: "
-                                               f"{', '.join(names)}; delimiter {delimiter!r})", line)
+                                               f"{', '.join(names)}; delimiter {delimiter!r}){hint}", line)
                     yield line, dict(zip(names, row))
             except csv.Error as exc:
                 raise DataError(shown, f"malformed {fmt.upper()} row starting here: {exc}", start) from None
     except UnicodeDecodeError as exc:
         raise _decode_error(path, shown, spec, exc) from None
+
+
+#: format -> (its default delimiter, how the message names it); the two formats a delimited file may be mistaken for
+_DELIMITED = {"csv": (",", "commas"), "tsv": ("\t", "tabs")}
+
+
+def _delimiter_hint(spec: SplitConfig, fmt: str, header: Sequence[str] | None, row: Sequence[str] | None = None,
+                   expected: int | None = None) -> str:
+    """``"; ... set format: tsv"`` when a file read as csv looks tab-separated (and the reverse), else ``""``.
+
+    It looks so when its header is one column holding the other format's delimiter (the file has none of
+    this format's), or when splitting ``row`` at the other delimiter gives the ``expected`` number of fields
+    where this one does not. Only for the format's default delimiter (a ``delimiter:`` setting is deliberate).
+
+    Args:
+        spec: the split's config.
+        fmt: the format the file was read as.
+        header: the header row as read (None: no header).
+        row: a row whose number of fields is wrong, as read.
+        expected: the number of fields that row should have (the number of columns).
+    """
+    if fmt not in _DELIMITED or spec.delimiter is not None:
+        return ""
+    other_fmt = "tsv" if fmt == "csv" else "csv"
+    (used, used_name), (other, other_name) = _DELIMITED[fmt], _DELIMITED[other_fmt]
+    suggestion = f"set format: {other_fmt} to read it as {other_fmt.upper()}"
+    if header is not None and len(header) == 1 and other in header[0]:
+        return f"; the header has {other_name} and no {used_name}: {suggestion}"
+    if row is not None and expected is not None and len(row) != expected \
+            and len(used.join(row).split(other)) == expected:
+        return f"; split at {other_name}, this row has the {expected} fields expected: {suggestion}"
+    return ""
 
 
 def read_csv(spec: SplitConfig, ctx: ReadContext) -> Iterator[Record]:
@@ -277,7 +313,8 @@ def _hf_table(spec: SplitConfig, ctx: ReadContext) -> _Table:
         path = ctx.base_dir / path
     if not path.exists():
         if spec.path.startswith((".", "/", "~")) or os.path.isabs(spec.path):
-            raise ConfigError(where, f"not found: {path} (expected {_LOCAL_FORMS})")
+            raise ConfigError(where, missing_path_message("not found", spec.path, ctx.base_dir,
+                                                          expected=f"expected {_LOCAL_FORMS}"))
         return _hub_table(spec, ctx, spec.path)
     if not os.access(path, os.R_OK):
         raise ConfigError(where, f"not readable (permission denied): {path}")
@@ -388,26 +425,53 @@ def _class_names(feature: Any) -> tuple[list[str], bool] | None:
 
 
 def _records(table: _Table, shown: str) -> Iterator[Record]:
-    """The table's rows numbered from 1, with ``ClassLabel`` values replaced by their names."""
+    """The table's rows numbered from 1, with ``ClassLabel`` values replaced by their names.
+
+    Raises:
+        DataError: a value that is not a class; for missing labels (-1), how many rows have one and where.
+    """
     decoders = {}
     if table.features is not None:
         decoders = {c: found for c, f in table.features.items() if (found := _class_names(f)) is not None}
-    for line, row in enumerate(table.rows, 1):
+    rows = enumerate(table.rows, 1)
+    for line, row in rows:
         row = dict(row)
         for column, (names, is_list) in decoders.items():
             value = row.get(column)
-            if value is not None:
-                row[column] = ([_class_name(v, names, column, shown, line) for v in value] if is_list
-                               else _class_name(value, names, column, shown, line))
+            if value is None:
+                continue
+            if _missing_label(value, is_list):  # an unlabelled split: count them all, not just this row
+                lines = [line] + [n for n, r in rows if _missing_label(r.get(column), is_list)]
+                raise DataError(shown, f"{column}: -1 is how a ClassLabel marks a missing label (an unlabelled "
+                                       f"split); {rows_where(lines, 'no label')}; expected one of "
+                                       f"0..{len(names) - 1} ({_short(', '.join(names))})", line)
+            row[column] = ([_class_name(v, names, column, shown, line) for v in value] if is_list
+                           else _class_name(value, names, column, shown, line))
         yield line, row
+
+
+def _missing_label(value: Any, is_list: bool) -> bool:
+    return value is not None and (-1 in value if is_list else value == -1)
+
+
+def rows_where(lines: Sequence[int], what: str, limit: int = 5) -> str:
+    """``"3 rows have no label: lines 4, 9, 17"`` for the (1-based) ``lines`` of the rows that have ``what``:
+    the count, and the first ``limit`` lines.
+
+    Args:
+        lines: line (or row) numbers of the bad rows, in file order.
+        what: what those rows have, e.g. ``no label``.
+        limit: how many line numbers to name at most.
+    """
+    more = f" and {len(lines) - limit} more" if len(lines) > limit else ""
+    if len(lines) == 1:
+        return f"1 row has {what}: line {lines[0]}"
+    return f"{len(lines)} rows have {what}: lines {', '.join(map(str, lines[:limit]))}{more}"
 
 
 def _class_name(value: Any, names: list[str], column: str, shown: str, line: int) -> str:
     if isinstance(value, int) and 0 <= value < len(names):
         return names[value]
-    if value == -1:
-        raise DataError(shown, f"{column}: -1 is how a ClassLabel marks a missing label (an unlabelled split); "
-                               f"expected one of 0..{len(names) - 1} ({_short(', '.join(names))})", line)
     raise DataError(shown, f"{column}: {value!r} is not a class of its ClassLabel; expected one of "
                            f"0..{len(names) - 1}", line)
 
@@ -575,10 +639,11 @@ def read_split_with_labels(spec: SplitConfig, base_dir: Path, split_name: str, f
                 ex[key] = record[column]
             elif explicit:
                 raise DataError(shown, f"no column {column!r} (set by {key}: {column}); columns found: "
-                                       f"{_names(record)}", line)
+                                       f"{_names(record)}{_delimiter_hint(spec, fmt, list(record))}", line)
             elif needed:
                 raise DataError(shown, f"missing column {column!r}, which this task needs (map another column "
-                                       f"with {key}: NAME); columns found: {_names(record)}", line)
+                                       f"with {key}: NAME); columns found: {_names(record)}"
+                                       f"{_delimiter_hint(spec, fmt, list(record))}", line)
         if map_key is not None and map_key in ex:
             ex[map_key] = _map_target(ex[map_key], spec.target_map, shown, line)
         _check_types(ex, shown, line)

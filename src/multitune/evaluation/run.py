@@ -37,5 +37,15 @@ def evaluate_run(run_dir: str | Path, split: str = "validation", overrides: list
         pad = model.tokenizer.pad_token_id or 0
         results[name] = evaluate_task(model, p.task, feats, p.data.splits[split], 64, pad)[0]
     if not results:
-        raise MultituneError(f"{run}: no task has {split} data (configure tasks.<name>.data.{split})")
+        raise MultituneError(f"{run}: no task has {split} data ({_how_to_get(split)})")
     return {split: results}
+
+
+def _how_to_get(split: str) -> str:
+    """The two ways a task gets a held-out split: a file of its own, or a fraction carved out of train."""
+    if split not in ("validation", "test"):
+        return f"configure tasks.<name>.data.{split}"
+    only = ", which applies when the task has no validation file" if split == "test" else ""
+    # carved when training: carving it now would take examples the model was trained on
+    return (f"give a task a {split} file, tasks.<name>.data.{split}, or carve a fraction out of train when "
+            f"training, tasks.<name>.data.split.{split}{only}")

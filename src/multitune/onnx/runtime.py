@@ -29,7 +29,7 @@ from multitune.onnx.files import (
     SENTENCE_EMBEDDING,
     require,
 )
-from multitune.tasks.base import Task, TaskOutput, pad
+from multitune.tasks.base import Task, TaskOutput, pad, prediction_examples
 
 MODEL_FILE = "multitune.json"
 
@@ -309,7 +309,7 @@ class OnnxMultiTaskModel:
         if not inputs:
             return []
         t = self.tasks[task]
-        examples = [t.example_from_input(x) for x in inputs]
+        examples = prediction_examples(task, t, inputs)
         feats = t.encode(examples, self.tokenizer, self.max_length)
         order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
         pad_id = self.tokenizer.pad_token_id or 0

@@ -12,6 +12,7 @@ from multitune.fileio import write_text_atomic
 from multitune.model import load
 from multitune.quickstart.data import write_quickstart_data
 from multitune.training import train
+from multitune.training.progress import print_next_steps, stderr_console
 
 QUICKSTART_STEPS = 300
 
@@ -48,12 +49,12 @@ def quickstart_config(data: dict[str, dict[str, Path]], output_dir: Path, steps:
 
 def run_quickstart(output_dir: Path, steps: int | None = None, progress: bool = True,
                    console: Console | None = None) -> dict:
-    """Generate the bundled data, train, and print metrics and a few predictions.
+    """Generate the bundled data, train, and print metrics, a few predictions and the next commands.
 
     Returns:
         The run's results (``results.json``).
     """
-    console = console or Console(stderr=True)
+    console = console or stderr_console()
     output_dir = output_dir.resolve()
     data_dir = output_dir.parent / f"{output_dir.name}-data"
     data = write_quickstart_data(data_dir)
@@ -65,9 +66,10 @@ def run_quickstart(output_dir: Path, steps: int | None = None, progress: bool = 
                       "# multitune train " + str(output_dir / "quickstart.yaml") + " --overwrite\n"
                       + yaml.safe_dump(raw, sort_keys=False))
     model = load(output_dir)
-    console.print("[bold]a few predictions[/] (multitune predict " + str(output_dir) + " --task NAME TEXT):")
+    console.print("[bold]a few predictions[/]:")
     for task, inputs in EXAMPLES.items():
         for text, pred in zip(inputs, model.predict(task, inputs)):
-            shown = {k: v for k, v in pred.items() if k not in ("scores", "tags")}
+            shown = {k: v for k, v in pred.items() if k not in ("scores", "tags", "tokens")}
             console.print(f"  [cyan]{task}[/] {text!r} -> {shown}")
+    print_next_steps(console, output_dir, list(EXAMPLES))
     return results

@@ -27,6 +27,7 @@ from multitune.rundir import MARKER, RunDirError, created_by_multitune, write_ma
 from multitune.search.report import write_reports
 from multitune.search.space import SearchSpace, load_space, overrides_for
 from multitune.training import train
+from multitune.training.progress import stderr_console
 
 STRATEGIES = ["tpe", "random", "grid"]
 PRUNERS = ["median", "none"]
@@ -221,7 +222,7 @@ def run_search(config_path: str | Path, space_path: str | Path, output_dir: str 
     """
     optuna = _import_optuna()
 
-    console = console or Console(stderr=True)
+    console = console or stderr_console()
     config_path, output = Path(config_path), Path(output_dir).resolve()
     overrides = list(overrides or [])
     config = load_config(config_path, overrides)  # the base config must be valid by itself

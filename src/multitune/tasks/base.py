@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,12 +18,68 @@ from torch import nn
 from multitune.backbones.architectures import BackboneArchitecture
 from multitune.backbones.checks import PROBE_TEXTS as PROBE_TEXTS  # the task types' export probes
 from multitune.config.schema import TaskConfig
-from multitune.errors import ConfigError, DataError, MultituneError
+from multitune.errors import ConfigError, DataError, InputError, MultituneError
 from multitune.registry import Registry
 
 TASKS: Registry[type[Task]] = Registry("task type")
 
 IGNORE_INDEX = -100
+
+TEXT, PAIR = "text", "pair"
+
+
+def input_parts(item: Any, where: str) -> tuple[str, str | None]:
+    """``(text, text_pair)`` of a prediction input: a string, a 2-sequence of strings or a mapping with ``text``
+    (and optionally ``text_pair``).
+
+    Raises:
+        InputError: naming ``where``: another type, a text that is not a string, or an empty text.
+    """
+    if isinstance(item, str):
+        text, pair = item, None
+    elif isinstance(item, Mapping) and isinstance(item.get("text"), str):
+        text, pair = item["text"], item.get("text_pair")
+    elif isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item):
+        text, pair = item
+    else:
+        raise InputError(f"{where}: expected a text, a (text, text_pair) pair or {{'text': ..., 'text_pair': ...}}, "
+                         f"got {type(item).__name__}")
+    if pair is not None and not isinstance(pair, str):
+        raise InputError(f"{where}.text_pair: expected a text, got {type(pair).__name__}")
+    if not text.strip():
+        raise InputError(f"{where}.text: is empty")
+    if pair is not None and not pair.strip():
+        raise InputError(f"{where}.text_pair: is empty")
+    return text, pair
+
+
+def form_mismatch(name: str, pair_input: bool, pair: bool) -> str | None:
+    """Why an input (a pair when ``pair``) does not fit task ``name`` (None when it does): a task trained on pairs
+    (``pair_input``) takes pairs only, every other task single texts only."""
+    if bool(pair_input) == pair:
+        return None
+    if pair_input:
+        return f"task {name!r} takes a text pair {{text, text_pair}}, got one text"
+    return f"task {name!r} takes a single text, got a pair"
+
+
+def prediction_examples(name: str, task: Task, inputs: Sequence[Any]) -> list[dict]:
+    """The task's examples for raw prediction inputs, each checked as the server checks it: a non-empty text,
+    or a pair for a task trained on pairs. A mapping without ``text`` (e.g. ``{"tokens": [...]}``, a
+    text-to-text ``{"source": ...}``) is a ready example and passes as it is.
+
+    Raises:
+        InputError: naming ``inputs[i]``.
+    """
+    examples = []
+    for i, item in enumerate(inputs):
+        if not (isinstance(item, Mapping) and "text" not in item):
+            _, pair = input_parts(item, f"inputs[{i}]")
+            problem = form_mismatch(name, task.pair_input, pair is not None)
+            if problem:
+                raise InputError(f"inputs[{i}]: {problem}")
+        examples.append(task.example_from_input(item))
+    return examples
 
 
 @dataclass
@@ -293,12 +349,16 @@ class Task(ABC):
         return metric not in cls.lower_is_better
 
     @classmethod
-    def main_metric_in(cls, metrics: dict[str, float]) -> str:
-        """The metric that represents the task among reported ``metrics`` (results of a finished run).
+    def main_metric_in(cls, metrics: dict[str, float], config: TaskConfig | None = None) -> str:
+        """The metric that represents the task among reported ``metrics`` (results of a finished run): the one
+        the task's ``config`` chose (a ``metric`` field, where the type has one), else the type's main metric.
 
         Raises:
             MultituneError: none of the task type's main metrics is among them.
         """
+        chosen = getattr(config, "metric", None)
+        if isinstance(chosen, str) and chosen in metrics:
+            return chosen
         for name in (cls.main_metric, *cls.alternative_main_metrics):
             if name in metrics:
                 return name

@@ -14,7 +14,8 @@ from torch.nn import functional as F
 
 from multitune.config.parse import field
 from multitune.config.schema import TaskConfig
-from multitune.errors import ConfigError, DataError
+from multitune.data.readers import rows_where
+from multitune.errors import ConfigError, DataError, shown
 from multitune.tasks.base import (
     DENSE_CONFUSION_LABELS,
     PROBE_TEXTS,
@@ -36,6 +37,11 @@ from multitune.tasks.base import (
     where,
 )
 
+# what ``tasks.<name>.metric`` (the task's main metric) may name, by kind of task
+SINGLE_LABEL_METRICS = ("accuracy", "macro_f1", "mcc", "f1")  # f1: binary tasks only
+MULTI_LABEL_METRICS = ("accuracy", "macro_f1", "micro_f1")  # micro F1 of a single-label task is its accuracy
+MAIN_METRICS = tuple(dict.fromkeys(SINGLE_LABEL_METRICS + MULTI_LABEL_METRICS))
+
 
 @dataclass
 class ClassificationConfig(TaskConfig):
@@ -56,20 +62,40 @@ class ClassificationConfig(TaskConfig):
                                          "epoch of this task's batches")
     tune_threshold: bool = field(False, help="binary / multi-label: pick the decision threshold(s) that maximise "
                                              "F1 on validation after training; saved and used by predict")
+    metric: str = field("accuracy", help="the task's main metric: what early stopping's 'mean' averages and "
+                                         "per-task model selection maximises. mcc (Matthews correlation) and f1 "
+                                         "(F1 of positive_label, binary tasks only) are for single-label tasks, "
+                                         "micro_f1 for multi-label ones", choices=list(MAIN_METRICS))
+    positive_label: str | None = field(None, help="binary: the positive class that the f1 metric scores "
+                                                  "(default: the second label in label order, label id 1: '1', "
+                                                  "'positive' or 'true' when labels are inferred and sorted, "
+                                                  "label 1 of a dataset's ClassLabel)")
 
     def validate(self, path: str) -> None:
         prefix = f"{path}." if path else ""
         check_class_weights(self.class_weights, prefix + "class_weights")
         if self.oversample and self.multi_label:
             raise ConfigError(prefix + "oversample", "only for single-label classification (multi_label is true)")
+        allowed = MULTI_LABEL_METRICS if self.multi_label else SINGLE_LABEL_METRICS
+        if self.metric not in allowed:
+            kind = "multi-label" if self.multi_label else "single-label"
+            raise ConfigError(prefix + "metric", f"{self.metric} is not reported by a {kind} task; expected one "
+                                                 f"of: {', '.join(allowed)}")
+        if self.multi_label and self.positive_label is not None:
+            raise ConfigError(prefix + "positive_label", "only for binary single-label classification "
+                                                         "(multi_label is true)")
+        if self.labels:  # else checked once the labels are known (ClassificationTask.setup)
+            positive_index(self.labels, self.positive_label, self.metric, prefix, self.multi_label)
 
 
 @TASKS.register("classification")
 class ClassificationTask(Task):
     """Pooled sentence (or pair) embedding -> linear classifier.
 
-    Metrics: ``accuracy`` (subset accuracy for multi-label), ``macro_f1``, ``micro_f1`` for multi-label, and
-    per label ``precision/<label>``, ``recall/<label>``, ``f1/<label>``.
+    Metrics: ``accuracy`` (subset accuracy for multi-label), ``macro_f1``, and per label ``precision/<label>``,
+    ``recall/<label>``, ``f1/<label>``; single-label tasks add ``mcc`` (Matthews correlation, multi-class
+    too) and, with exactly two labels, ``f1`` (F1 of ``positive_label``); multi-label tasks add ``micro_f1``
+    (no ``mcc``: it has no standard multi-label form). The main metric is the config's ``metric``.
 
     Class imbalance: ``class_weights`` weight the loss, ``oversample`` balances the batches (through
     :meth:`balance_groups`), ``tune_threshold`` picks decision thresholds on validation (:meth:`calibrate`).
@@ -88,6 +114,8 @@ class ClassificationTask(Task):
         self.weights: list[float] | None = None
         self.thresholds: list[float] | None = None  # binary: [p(second label)]; multi-label: one per label
         self.head_layout: str | None = None  # config.head resolved on the backbone (bind), or a saved model's
+        self.main_metric = config.metric
+        self.positive: int | None = None  # binary: index of the label the f1 metric scores (set in setup)
 
     def bind(self, architecture, tokenizer) -> None:
         super().bind(architecture, tokenizer)
@@ -111,7 +139,20 @@ class ClassificationTask(Task):
                                   + (f" ({', '.join(self.labels)})" if self.labels else ""), line)
         return [str(raw).strip()]
 
+    def _check_labels_present(self, examples: Sequence[dict]) -> None:
+        """Every single-label example has a label; else one error naming how many rows have none and where."""
+        if self.config.multi_label:
+            return
+        empty = [ex for ex in examples if ex.get("label") is None or not str(ex.get("label")).strip()]
+        if empty:
+            file, line = where(empty[0])
+            lines = [where(ex)[1] for ex in empty if where(ex)[0] == file and where(ex)[1] is not None]
+            count = rows_where(lines, "no label") if lines else f"{len(empty)} rows have no label"
+            raise DataError(file, f"empty label; {count}; expected one label per example"
+                                  + (f" ({', '.join(self.labels)})" if self.labels else ""), line)
+
     def setup(self, train_examples: Sequence[dict]) -> None:
+        self._check_labels_present(train_examples)
         self.pair_input = any(ex.get("text_pair") for ex in train_examples)
         if not self.labels:
             found = {lab for ex in train_examples for lab in self._example_labels(ex)}
@@ -131,8 +172,12 @@ class ClassificationTask(Task):
         if self.config.tune_threshold and not (self.config.multi_label or len(self.labels) == 2):
             raise ConfigError(f"tasks.{self.name}.tune_threshold", f"needs a binary or multi-label task; "
                                                                    f"{self.name!r} has {len(self.labels)} labels")
+        self.main_metric = self.config.metric
+        self.positive = positive_index(self.labels, self.config.positive_label, self.config.metric,
+                                       f"tasks.{self.name}.", self.config.multi_label)
 
     def check_examples(self, examples: Sequence[dict]) -> None:
+        self._check_labels_present(examples)
         for ex in examples:
             for lab in self._example_labels(ex):
                 if lab not in self.label_index:
@@ -226,8 +271,12 @@ class ClassificationTask(Task):
         gold = [self.label_index[self._example_labels(ex)[0]] for ex in examples]
         pred = [self.label_index[p["label"]] for p in predictions]
         metrics = {"accuracy": float(accuracy_score(gold, pred)),
-                   "macro_f1": float(f1_score(gold, pred, average="macro", labels=list(range(n)), zero_division=0))}
-        return metrics | self._per_label(gold, pred)
+                   "macro_f1": float(f1_score(gold, pred, average="macro", labels=list(range(n)), zero_division=0)),
+                   "mcc": matthews_correlation(gold, pred, n)}
+        per_label = self._per_label(gold, pred)
+        if self.positive is not None:
+            metrics["f1"] = per_label[f"f1/{self.labels[self.positive]}"]
+        return metrics | per_label
 
     def _per_label(self, gold: Any, pred: Any) -> dict[str, float]:
         """``precision/<label>``, ``recall/<label>``, ``f1/<label>`` (class indices or indicator matrices)."""
@@ -310,7 +359,8 @@ class ClassificationTask(Task):
 
     def state(self) -> dict:
         return {"labels": self.labels, "class_weights": self.weights, "thresholds": self.thresholds,
-                "pair_input": self.pair_input, "head": self.head_layout}
+                "pair_input": self.pair_input, "head": self.head_layout, "main_metric": self.main_metric,
+                "positive_label": None if self.positive is None else self.labels[self.positive]}
 
     def load_state(self, state: dict) -> None:
         self.labels = list(state["labels"])
@@ -320,6 +370,76 @@ class ClassificationTask(Task):
         self.pair_input = bool(state.get("pair_input", False))
         # a model saved before the layout was kept in the state: its config's choice (auto did not exist yet)
         self.head_layout = state.get("head") or (self.config.head if self.config.head != "auto" else "pooled")
+        # a model saved before the main metric was selectable: its config's choice (the default, accuracy)
+        self.main_metric = state.get("main_metric") or self.config.metric
+        if self.main_metric not in MAIN_METRICS:
+            raise ValueError(f"unknown main metric {shown(self.main_metric)} (expected one of: "
+                             f"{', '.join(MAIN_METRICS)})")
+        try:
+            self.positive = positive_index(self.labels, state.get("positive_label") or self.config.positive_label,
+                                           self.main_metric, f"tasks.{self.name}.", self.config.multi_label)
+        except ConfigError as exc:  # restore_tasks names the model file
+            raise ValueError(str(exc)) from None
+
+
+def positive_index(labels: Sequence[str], configured: str | None, metric: str, prefix: str = "",
+                   multi_label: bool = False) -> int | None:
+    """The index of the positive class of a binary task, checking the ``positive_label`` and ``metric`` settings
+    against the task's labels.
+
+    Args:
+        labels: the task's labels, in order.
+        configured: ``positive_label`` (None: the second label, label id 1).
+        metric: ``metric`` (the main metric); ``f1`` needs exactly two labels.
+        prefix: the task's config path with a trailing dot (``tasks.<name>.``), for errors.
+        multi_label: a multi-label task, which has no positive class.
+
+    Returns:
+        The positive label's index for a single-label task with two labels, else None.
+
+    Raises:
+        ConfigError: ``metric: f1`` or a ``positive_label`` on a task without exactly two labels, or a
+            ``positive_label`` that is not one of them.
+    """
+    binary = len(labels) == 2 and not multi_label
+    if metric == "f1" and not binary:
+        raise ConfigError(prefix + "metric", f"f1 (F1 of the positive class) needs a binary task; this one has "
+                                             f"{len(labels)} labels ({', '.join(labels)}); use macro_f1 or mcc")
+    if configured is not None and configured not in labels:
+        raise ConfigError(prefix + "positive_label", f"got {shown(configured)}; expected one of the task's "
+                                                     f"labels: {', '.join(labels)}")
+    if configured is not None and not binary:
+        raise ConfigError(prefix + "positive_label", f"only for a binary task; this one has {len(labels)} labels "
+                                                     f"({', '.join(labels)})")
+    if not binary:
+        return None
+    return 1 if configured is None else list(labels).index(configured)
+
+
+def matthews_correlation(gold: Sequence[int], pred: Sequence[int], n: int) -> float:
+    """The Matthews correlation coefficient of single-label predictions, multi-class as Gorodkin (2004)
+    generalises it (what scikit-learn's ``matthews_corrcoef`` computes); 0 when a side is constant.
+
+    Computed from the class totals, not from a confusion matrix, so that a task with 10,000 labels costs no
+    dense 10,000 x 10,000 table.
+
+    Args:
+        gold: gold class index per example.
+        pred: predicted class index per example.
+        n: the number of classes.
+
+    Returns:
+        The coefficient, in [-1, 1].
+    """
+    gold_arr, pred_arr = np.asarray(gold, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    s = float(len(gold_arr))
+    correct = float(np.sum(gold_arr == pred_arr))
+    t = np.bincount(gold_arr, minlength=n).astype(float)  # true count per class
+    p = np.bincount(pred_arr, minlength=n).astype(float)  # predicted count per class
+    cov_pp, cov_tt = s * s - p @ p, s * s - t @ t
+    if cov_pp <= 0 or cov_tt <= 0:
+        return 0.0
+    return float((correct * s - p @ t) / np.sqrt(cov_pp * cov_tt))
 
 
 def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:

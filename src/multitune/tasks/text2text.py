@@ -90,7 +90,7 @@ class Text2TextTask(Task):
     # -- data ------------------------------------------------------------------------
     def example_from_input(self, item: Any) -> dict:
         if isinstance(item, dict):
-            return dict(item)
+            return {"source": item["text"]} if "source" not in item and "text" in item else dict(item)
         return {"source": str(item)}
 
     def encode(self, examples: Sequence[dict], tokenizer: Any, max_length: int) -> list[dict]:

@@ -238,8 +238,10 @@ class TokenClassificationTask(Task):
         return TaskOutput(loss, {"logits": logits})
 
     def decode(self, output, batch, examples) -> list[dict]:
-        """Tags and entities per example. Each word takes its tag from the one row (window) whose
-        ``word_index`` holds it; a word with no sub-token (e.g. a lone control character) stays ``O``."""
+        """Tokens (the words the text was split into), their tags, and entities (with character ``start``/``end``
+        offsets into the text when it was given as a text) per example. Each word takes its tag from the one row
+        (window) whose ``word_index`` holds it; a word with no sub-token (e.g. a lone control character) stays
+        ``O``."""
         probs = torch.softmax(output.outputs["logits"], dim=-1)
         best_p, best = (t.tolist() for t in probs.max(dim=-1))
         owner = batch["window_of"].tolist() if "window_of" in batch else list(range(len(examples)))
@@ -260,7 +262,7 @@ class TokenClassificationTask(Task):
                     ent["start"], ent["end"] = ex["offsets"][start][0], ex["offsets"][end - 1][1]
                     ent["text"] = ex["text"][ent["start"]:ent["end"]]
                 entities.append(ent)
-            preds.append({"tags": ex_tags, "entities": entities})
+            preds.append({"tokens": list(ex["tokens"]), "tags": ex_tags, "entities": entities})
         return preds
 
     def compute_metrics(self, predictions, examples) -> dict[str, float]:

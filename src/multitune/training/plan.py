@@ -27,6 +27,7 @@ from multitune.errors import ConfigError, MultituneError
 from multitune.fileio import replace_dir, write_json_atomic
 from multitune.rundir import check_output_dir, clear_dir, lock_dir, lock_scope, write_marker
 from multitune.training.callbacks import Callback, EvaluateHook
+from multitune.training.progress import stderr_console
 from multitune.training.run import StagePlan
 from multitune.training.run_dir import check_run_dir
 from multitune.training.stages import forgetting_matrix, write_forgetting
@@ -52,9 +53,12 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
     Args:
         config: a validated config (see :func:`multitune.config.load_config`).
         resume: continue from ``output_dir/checkpoints/last`` (starts afresh when there is none); a staged run
-            skips its finished stages.
+            skips its finished stages. Only ``training.max_steps`` may differ from the run's saved config (not
+            below the steps made): a larger value extends a finished or interrupted run, with the learning-rate
+            schedule rebuilt for the new total (see :func:`multitune.training.setup.continue_schedule`). A
+            finished run resumed with nothing left to train says so and returns its ``results.json``.
         overwrite: replace a non-empty ``output_dir`` that multitune wrote.
-        console: where progress and tables go (default: stderr).
+        console: where progress and tables go (default: stderr; not wrapped when it is not a terminal).
         progress: show a live progress bar.
         plan: train only ``plan.active`` and evaluate ``plan.seen`` (one stage; ``config`` without stages).
         on_evaluate: called after each validation evaluation (after its checkpoint) with keywords ``step``
@@ -73,7 +77,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False, cons
         ConfigError, DataError, MultituneError: bad config, data or run directory; nothing is written then.
             The run directory is locked while the run writes it: a second process gets a one-line error.
     """
-    console = console or Console(stderr=True)
+    console = console or stderr_console()
     callbacks = [*callbacks, *([EvaluateHook(on_evaluate)] if on_evaluate is not None else [])]
     if not config.runs_in_stages:
         return train_run(config, resume, overwrite, console, progress, plan, callbacks, accept_changed_data,

@@ -1,6 +1,13 @@
-"""Progress bar with the current task losses, evaluation lines and the final metrics table."""
+"""What a run shows on its console: the progress bar (or plain loss lines without one), evaluation lines, the
+parameter and results tables and the next commands."""
 
 from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -13,8 +20,32 @@ from rich.progress import (
 )
 from rich.table import Table
 
+#: columns of a console that is not a terminal (a CI log, ``2>log``), instead of rich's 80
+LOG_WIDTH = 160
+
+
+def stderr_console() -> Console:
+    """The console a run reports on: stderr. When stderr is not a terminal (a CI log, ``2>log``) lines are not
+    wrapped at all (``soft_wrap``) and tables get :data:`LOG_WIDTH` columns instead of rich's 80, unless the
+    ``COLUMNS`` environment variable sets the width."""
+    console = Console(stderr=True)
+    if not console.is_terminal and not console.is_jupyter:
+        console.soft_wrap = True
+        if not os.environ.get("COLUMNS"):
+            console.width = LOG_WIDTH
+    return console
+
+
+def live_display(console: Console) -> bool:
+    """Whether ``console`` can show a live progress bar (in a log file rich would only print its last frame)."""
+    return console.is_jupyter or console.is_terminal and not console.is_dumb_terminal
+
 
 class TrainingProgress:
+    """The live progress bar with the current task losses, and the evaluation lines. Disabled (``--no-progress``,
+    a console that is not a terminal, or not the main process), it prints the loss lines that
+    :class:`~multitune.training.callbacks.MetricsLogger` hands it instead."""
+
     def __init__(self, console: Console, total: int, enabled: bool = True):
         self.console = console
         self.total = total
@@ -31,6 +62,13 @@ class TrainingProgress:
     def update(self, step: int, losses: dict[str, float]) -> None:
         text = " ".join(f"{n}={v:.3f}" for n, v in losses.items())
         self.progress.update(self.task_id, completed=step, description=text)
+
+    def log_losses(self, step: int, losses: dict[str, float], lr: float) -> None:
+        """Without the live bar: one plain line of the mean loss of each task since the last line, and the learning
+        rate, e.g. ``step 20/100: loss sentiment=0.6931 ner=1.2040 | lr 0.0009``."""
+        if not self.enabled:
+            text = " ".join(f"{n}={v:.4f}" for n, v in losses.items())
+            self.console.print(f"step {step}/{self.total}: loss {text} | lr {lr:.3g}", markup=False, highlight=False)
 
     def log_eval(self, step: int, results: dict[str, dict[str, float]], value: float, improved: bool) -> None:
         parts = []
@@ -55,7 +93,7 @@ def print_results_table(console: Console, results: dict, tasks: dict) -> None:
             ordered = [main] + [k for k in metrics if k != main and "/" not in k]
             table.add_row(name, tasks[name].config.type, split,
                           "  ".join(f"{k}={metrics[k]:.4f}" for k in ordered))
-    console.print(table)
+    console.print(table, soft_wrap=False)  # a table fits the console width (centred title), even in a log
     tr = results.get("train", {})
     if tr:
         console.print(f"{tr['steps']} steps in {tr['wall_s']:.1f}s, {tr['examples_per_s']:.1f} examples/s, "
@@ -64,15 +102,71 @@ def print_results_table(console: Console, results: dict, tasks: dict) -> None:
 
 
 def print_parameter_table(console: Console, rows: list[dict]) -> None:
-    """Trainable and frozen parameter counts per part of the model and the learning rate each part gets."""
+    """Trainable and frozen parameter counts per part of the model and the learning rate each part gets.
+
+    Consecutive layers that are alike (same counts, learning rate and unfreezing step) share one row,
+    ``backbone/layer_00-05`` with ``1,774,464 each``; ``parameters.json`` keeps one row per part.
+    """
     table = Table(title="parameters", show_lines=False)
     for col in ("part", "trainable", "frozen", "lr", "unfreezes at step"):
         table.add_column(col, justify="left" if col == "part" else "right")
-    for r in rows:
-        table.add_row(r["group"], f"{r['trainable']:,}", f"{r['frozen']:,}",
+    for part, r, n in collapse_layers(rows):
+        each = " each" if n > 1 else ""
+        table.add_row(part, f"{r['trainable']:,}" + (each if r["trainable"] else ""),
+                      f"{r['frozen']:,}" + (each if r["frozen"] else ""),
                       "-" if r["lr"] is None else f"{r['lr']:.3g}",
                       "-" if r["unfreezes_at_step"] is None else str(r["unfreezes_at_step"]))
     trainable = sum(r["trainable"] for r in rows)
     total = trainable + sum(r["frozen"] for r in rows)
     table.caption = f"{trainable:,} of {total:,} parameters train ({100 * trainable / max(total, 1):.2f}%)"
-    console.print(table)
+    console.print(table, soft_wrap=False)  # a table fits the console width (centred title), even in a log
+
+
+_LAYER = re.compile(r"(.*)layer_(\d+)")
+_ALIKE = ("trainable", "frozen", "lr", "unfreezes_at_step")
+
+
+def collapse_layers(rows: Sequence[dict]) -> list[tuple[str, dict, int]]:
+    """The parameter table's rows with each run of consecutive, alike layers as one.
+
+    Returns:
+        ``(part, row, n)`` per row: ``n`` layers share ``row``'s counts each; ``part`` names their range
+        (``backbone/layer_00-05``) or, for one row, the row's own part.
+    """
+    out: list[tuple[str, dict, int]] = []
+    previous = None  # (prefix, number) of the row before, when it is a layer
+    for row in rows:
+        match = _LAYER.fullmatch(row["group"])
+        layer = (match.group(1), int(match.group(2))) if match else None
+        if layer and previous and layer == (previous[0], previous[1] + 1) \
+                and all(row[k] == out[-1][1][k] for k in _ALIKE):
+            _, first, n = out[-1]
+            out[-1] = (f"{first['group']}-{match.group(2)}", first, n + 1)
+        else:
+            out.append((row["group"], row, 1))
+        previous = layer
+    return out
+
+
+def print_next_steps(console: Console, run_dir: str | Path, tasks: Sequence[str]) -> None:
+    """Where a finished run's model and results are, and the commands that use them, with the run's own path
+    and its first task (paths and names quoted for a POSIX shell), e.g.::
+
+        model: runs/demo/model; results: runs/demo/results.json
+        next: multitune evaluate runs/demo
+              multitune predict runs/demo --task sentiment "some text"
+              multitune report runs/demo    # writes runs/demo/report.html
+              multitune export runs/demo --task sentiment --output runs/demo-sentiment
+              multitune serve runs/demo
+    """
+    run = Path(run_dir)
+    task = tasks[0] if tasks else "TASK"
+    path, name, export = shlex.quote(str(run)), shlex.quote(task), shlex.quote(f"{run}-{task}")
+    lines = [f"model: {run / 'model'}; results: {run / 'results.json'}",
+             f"next: multitune evaluate {path}",
+             f'      multitune predict {path} --task {name} "some text"',
+             f"      multitune report {path}    # writes {run / 'report.html'}",
+             f"      multitune export {path} --task {name} --output {export}",
+             f"      multitune serve {path}"]
+    for line in lines:  # never wrapped: each command stays one line to copy
+        console.print(line, markup=False, highlight=False, soft_wrap=True)

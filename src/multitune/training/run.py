@@ -86,6 +86,7 @@ class Run:
     step_offset: int = 0
     staged: bool = False  # one stage of a staged or AdapterFusion run
     resumed: bool = False
+    max_steps_before: int | None = None  # resumed with another training.max_steps: the checkpoint's (else None)
     running: dict[str, list[float]] = field(default_factory=dict)  # train losses since the last log line
     step_losses: dict[str, float] = field(default_factory=dict)
     step_seconds: float = 0.0

@@ -116,13 +116,15 @@ def build_model(config: RunConfig, tasks: dict[str, Task], backbone: Backbone, i
 
 @dataclass
 class Optimization:
-    """What trains and how: parameter groups (one table row per part), optimizer, LR schedule, unfreezing."""
+    """What trains and how: parameter groups (one table row per part), optimizer, LR schedule (and its warmup
+    steps), unfreezing."""
 
     groups: list[dict]
     new_modules: list[tuple]
     optimizer: torch.optim.Optimizer
     scheduler: Any
     unfreezer: GradualUnfreezer | None
+    warmup_steps: int = 0
 
 
 def build_optimization(model: MultiTaskModel, weighting: torch.nn.Module, config: RunConfig,
@@ -158,9 +160,51 @@ def build_optimization(model: MultiTaskModel, weighting: torch.nn.Module, config
         steps_per_epoch = math.ceil(train_examples / (tcfg.batch_size * num_processes))
         unfreezer = GradualUnfreezer(model.backbone, tcfg.gradual_unfreezing, steps_per_epoch)
     optimizer = build_optimizer(groups, tcfg.learning_rate)
-    warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else int(tcfg.warmup_ratio * tcfg.max_steps)
+    warmup = schedule_warmup(tcfg)
     scheduler = build_scheduler(optimizer, tcfg.scheduler, warmup, tcfg.max_steps)
-    return Optimization(groups, new_modules, optimizer, scheduler, unfreezer)
+    return Optimization(groups, new_modules, optimizer, scheduler, unfreezer, warmup)
+
+
+def schedule_warmup(tcfg: TrainingConfig) -> int:
+    """The warmup steps of a run that starts now: ``warmup_steps``, else ``warmup_ratio`` of ``max_steps``."""
+    return tcfg.warmup_steps if tcfg.warmup_steps is not None else int(tcfg.warmup_ratio * tcfg.max_steps)
+
+
+def continue_schedule(scheduler: Any, tcfg: TrainingConfig, step: int, trained_for: int | None,
+                      trained_warmup: int | None) -> tuple[Any, int]:
+    """The learning-rate schedule of a resumed run, standing at its checkpoint's ``step``.
+
+    Resumed with the same ``training.max_steps`` the checkpoint was trained for, the run continues on the very
+    same schedule (bit for bit). Resumed with another ``max_steps`` (extended; or an interrupted run shortened,
+    never below the steps made), the schedule is rebuilt for the new total:
+
+    - warmup keeps the length it had when the run started (``trained_warmup``; ``warmup_ratio`` is not applied
+      to the new ``max_steps`` again), so warmup already done stays done;
+    - the ``linear`` or ``cosine`` decay runs from the end of warmup to the new ``max_steps``, and the learning
+      rate continues from the new schedule's value at ``step``. A finished run whose rate had decayed to 0
+      so starts again at ``lr * (1 - (step - warmup) / (max_steps - warmup))`` (linear) and decays to 0 at the
+      new ``max_steps``: the extension is a continuation of one longer schedule, not a second warmup and decay.
+      ``constant`` stays constant.
+
+    Args:
+        scheduler: the run's scheduler, built for ``tcfg`` with the checkpoint's state loaded into it.
+        trained_for, trained_warmup: the ``max_steps`` and warmup steps the checkpoint was trained with (None in
+            a checkpoint from before they were recorded: then this config's).
+
+    Returns:
+        ``(scheduler, warmup steps)``: the same scheduler when nothing changed, else a rebuilt one whose
+        optimizer learning rates are set for the next step.
+    """
+    warmup = trained_warmup if trained_warmup is not None else schedule_warmup(tcfg)
+    if trained_for == tcfg.max_steps and warmup == schedule_warmup(tcfg):
+        return scheduler, warmup
+    saved = scheduler.state_dict()
+    rebuilt = build_scheduler(scheduler.optimizer, tcfg.scheduler, warmup, tcfg.max_steps)
+    rebuilt.load_state_dict(saved)  # its position (last_epoch = step) and base rates; the factor is the new one
+    for group, base, factor in zip(rebuilt.optimizer.param_groups, rebuilt.base_lrs, rebuilt.lr_lambdas):
+        group["lr"] = base * factor(step)  # the rate of the next optimizer step, as LambdaLR.step would set it
+    rebuilt._last_lr = [group["lr"] for group in rebuilt.optimizer.param_groups]
+    return rebuilt, warmup
 
 
 def build_sampling(config: RunConfig, train_features: dict[str, list[dict]], tasks: dict[str, Task],

@@ -33,7 +33,7 @@ def forgetting_matrix(config: RunConfig, stage_results: list[dict]) -> dict:
         for task in seen:
             metrics = r["validation"].get(task)
             if metrics is not None:
-                main = TASKS.get(config.tasks[task].type).main_metric_in(metrics)
+                main = TASKS.get(config.tasks[task].type).main_metric_in(metrics, config.tasks[task])
                 rows.setdefault(task, {})[r["stage"]] = metrics[main]
     stages = [s.name for s in config.stages]
     return {"stages": stages, "metric": {t: _main_metric_name(config, t, stage_results) for t in rows},
@@ -52,7 +52,7 @@ def write_forgetting(out: Path, forgetting: dict, console: Console) -> None:
 def _main_metric_name(config: RunConfig, task: str, stage_results: list[dict]) -> str:
     for r in stage_results:
         if task in r["validation"]:
-            return TASKS.get(config.tasks[task].type).main_metric_in(r["validation"][task])
+            return TASKS.get(config.tasks[task].type).main_metric_in(r["validation"][task], config.tasks[task])
     return ""
 
 

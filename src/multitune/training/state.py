@@ -23,6 +23,9 @@ class TrainerState:
         bad_steps: steps skipped for a non-finite loss or gradient, per task; bad_in_a_row: the current streak.
         per_task_best: each task's own best step, score and metrics (see :mod:`multitune.training.per_task`).
         data_files: fingerprints of the data files the run reads (``--resume`` compares them).
+        max_steps, warmup_steps: the learning-rate schedule the state was trained on (its total and its warmup,
+            fixed when the run started): ``--resume`` with another ``training.max_steps`` rebuilds the schedule
+            from them (see :func:`multitune.training.setup.continue_schedule`). None in older checkpoints.
     """
 
     step: int = 0
@@ -37,6 +40,8 @@ class TrainerState:
     bad_in_a_row: int = 0
     per_task_best: dict[str, dict] = field(default_factory=dict)
     data_files: dict[str, dict] | None = None
+    max_steps: int | None = None
+    warmup_steps: int | None = None
 
     def state_dict(self, **snapshots: Any) -> dict:
         """Plain data for ``trainer_state.json``: the counters, plus ``snapshots`` of the run's other stateful
@@ -45,12 +50,14 @@ class TrainerState:
                 "bad_evals": self.bad_evals, "examples": self.examples, "real_tokens": self.real_tokens,
                 "padded_tokens": self.padded_tokens, "train_seconds": self.train_seconds,
                 "bad_steps": self.bad_steps, "bad_in_a_row": self.bad_in_a_row, "per_task_best": self.per_task_best,
-                "data_files": self.data_files, **snapshots}
+                "data_files": self.data_files, "max_steps": self.max_steps, "warmup_steps": self.warmup_steps,
+                **snapshots}
 
     @classmethod
     def from_state_dict(cls, data: dict) -> tuple[TrainerState, dict]:
         """The state a checkpoint recorded, and its snapshots (``SNAPSHOT_KEYS``). Checkpoints written before
-        the numerical guard, per-task selection or data fingerprints existed load with those fields empty.
+        the numerical guard, per-task selection, data fingerprints or the recorded schedule existed load with those
+        fields empty.
 
         Raises:
             KeyError, TypeError, ValueError: the data is not a trainer state (the caller names the file).
@@ -62,5 +69,10 @@ class TrainerState:
                     train_seconds=float(data.get("train_seconds", 0.0)),
                     bad_steps=dict(data.get("bad_steps") or {}),
                     bad_in_a_row=int(data.get("bad_in_a_row", 0)),
-                    per_task_best=dict(data.get("per_task_best") or {}), data_files=data.get("data_files"))
+                    per_task_best=dict(data.get("per_task_best") or {}), data_files=data.get("data_files"),
+                    max_steps=_int_or_none(data.get("max_steps")), warmup_steps=_int_or_none(data.get("warmup_steps")))
         return state, snapshots
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)

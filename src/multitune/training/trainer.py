@@ -43,9 +43,9 @@ from multitune.training.finish import finish_run
 from multitune.training.loop import train_loop
 from multitune.training.multistep import WeightedStep
 from multitune.training.per_task import PER_TASK_DIR, PerTaskBest
-from multitune.training.progress import TrainingProgress, print_parameter_table
+from multitune.training.progress import TrainingProgress, live_display, print_parameter_table, stderr_console
 from multitune.training.run import Run, StagePlan
-from multitune.training.run_dir import CHECKPOINTS, check_run_dir
+from multitune.training.run_dir import CHECKPOINTS, check_run_dir, finished_results
 from multitune.training.runlog import RunLog
 from multitune.training.setup import (
     build_accelerator,
@@ -53,6 +53,7 @@ from multitune.training.setup import (
     build_model,
     build_optimization,
     build_sampling,
+    continue_schedule,
 )
 from multitune.training.state import TrainerState
 from multitune.training.trackers import Trackers
@@ -83,14 +84,25 @@ def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False, 
     Returns:
         The content of ``results.json``.
     """
-    console = console or Console(stderr=True)
+    console = console or stderr_console()
     with lock_scope():
         run, setup = build_run(config, resume, overwrite, console, progress, plan, accept_changed_data, protect)
+        # a finished run with nothing left to train says so and returns its results (its checkpoint is loaded,
+        # nothing is trained or written again), so a script that resumes until a run is done may call this again
+        done = finished_results(config, run.out) if run.resumed and plan is None else None
+        if done is not None:
+            discard_stale_checkpoints(run)
+            early = " (early stopping stopped it)" if done["train"].get("stopped_early") else ""
+            console.print(f"{run.out}: the run is already finished at step {run.state.step}{early}; to train it "
+                          f"further, resume it with a larger training.max_steps, e.g. --resume --set "
+                          f"training.max_steps={2 * config.training.max_steps}", markup=False, highlight=False)
+            return done
         run.callbacks = Callbacks([*default_callbacks(run, setup), *callbacks])
         open_run_dir(run, setup, resume, overwrite, plan, protect)
         run.callbacks.fire("on_run_start", run)
         run.core.train()
-        run.bar = TrainingProgress(run.console, config.training.max_steps, enabled=progress and run.main_process)
+        run.bar = TrainingProgress(run.console, config.training.max_steps,
+                                   enabled=progress and run.main_process and live_display(run.console))
         run.bar.start(run.state.step)
         try:
             train_loop(run)
@@ -144,7 +156,8 @@ def build_run(config: RunConfig, resume: bool, overwrite: bool, console: Console
               core=core, tasks=tasks, prepared=prepared, active=active, evaluated=evaluated, weighting=weighting,
               multi=multi, optimizer=optimizer, scheduler=opt.scheduler, trainable=trainable, batchers=batchers,
               sampler=sampler, strategy=strategy, pad_id=pad_id, deployed_attention=loaded.deployed_attention,
-              state=TrainerState(data_files=fingerprints(data_files(config))), running={n: [] for n in tasks},
+              state=TrainerState(data_files=fingerprints(data_files(config)), max_steps=tcfg.max_steps,
+                                 warmup_steps=opt.warmup_steps), running={n: [] for n in tasks},
               selection_metric=tcfg.early_stopping.metric if tcfg.early_stopping else "mean",
               step_offset=plan.step_offset if plan is not None else 0, staged=plan is not None,
               log=RunLog(out / "metrics.jsonl", accelerator.is_main_process))
@@ -160,6 +173,11 @@ def build_run(config: RunConfig, resume: bool, overwrite: bool, console: Console
 def restore(run: Run, found: Path, accept_changed_data: bool) -> None:
     """Continue from the checkpoint in ``found``: weights, optimizer, scheduler, random number generators, the
     trainer state and the sampler's and batchers' positions. Reads only.
+
+    A run resumed with another ``training.max_steps`` than its checkpoint was trained for (``--resume --set
+    training.max_steps=N`` extends a finished or interrupted run) gets its learning-rate schedule rebuilt for
+    the new total, keeping its warmup (:func:`~multitune.training.setup.continue_schedule`), and
+    ``run.max_steps_before`` records the old total (early stopping then lets a run it had stopped train on).
 
     Raises:
         MultituneError: a data file changed since the checkpoint (unless ``accept_changed_data``), or the
@@ -180,6 +198,12 @@ def restore(run: Run, found: Path, accept_changed_data: bool) -> None:
                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); it cannot be resumed"
                              ) from None
     run.state.data_files = inputs  # (differs from the checkpoint's only with --accept-changed-data)
+    tcfg, trained_for = run.config.training, run.state.max_steps
+    run.scheduler, warmup = continue_schedule(run.scheduler, tcfg, run.state.step, trained_for,
+                                              run.state.warmup_steps)
+    if trained_for is not None and trained_for != tcfg.max_steps:
+        run.max_steps_before = trained_for
+    run.state.max_steps, run.state.warmup_steps = tcfg.max_steps, warmup
     run.resumed = True
 
 
@@ -249,16 +273,28 @@ def open_run_dir(run: Run, setup: Setup, resume: bool, overwrite: bool, plan: St
         write_json_atomic(out / "parameters.json", setup.parameters)
     print_parameter_table(console, setup.parameters)
     if run.resumed:
+        discard_stale_checkpoints(run)
         if run.main_process:
-            for directory in (run.checkpoint_dir("last"), run.checkpoint_dir("best")):
-                discard_stale_copy(directory)  # a run killed just after replacing it may not write it again
             # lines logged after the checkpoint belong to steps trained again
             kept = [r for r in read_jsonl(out / "metrics.jsonl")
                     if isinstance(r.get("step", 0), int) and r.get("step", 0) <= run.state.step]
             write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-        console.print(f"resumed from step {run.state.step}")
+        console.print(f"resumed from step {run.state.step}" + (
+            "" if run.max_steps_before is None else
+            f"; training.max_steps {run.max_steps_before} -> {tcfg.max_steps}: the learning-rate schedule "
+            f"continues as one schedule over {tcfg.max_steps} steps"
+            + (f" (its {run.state.warmup_steps} warmup steps kept)" if run.state.warmup_steps else "")
+            + f", at lr {run.optimizer.param_groups[0]['lr']:.3g} now"))
     elif run.main_process:
         (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def discard_stale_checkpoints(run: Run) -> None:
+    """Remove the copy of ``checkpoints/last`` and ``best`` that a run killed just after replacing them left
+    (a resumed run may not write them again)."""
+    if run.main_process:
+        for directory in (run.checkpoint_dir("last"), run.checkpoint_dir("best")):
+            discard_stale_copy(directory)
 
 
 def _check_sampling(config: RunConfig, names: list[str]) -> None:
