@@ -1,4 +1,4 @@
-"""Performance suite (issue 7): multitune against HF Trainer (defaults and tuned) and tasknet, in one run.
+"""Performance suite: multitune against HF Trainer (defaults and tuned) and tasknet, in one run.
 
 Training on SST-2, WNUT-17, STS-B alone and the three as one multi-task mixture, with the same examples,
 steps and settings for every system; inference over real texts for all three tasks; scaling curves of

@@ -71,6 +71,48 @@ def test_grouped_stream_is_seeded_and_resumes_exactly():
     assert not all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(first[:5], first[19:24]))
 
 
+def _correlated_features(n=960, seed=0):
+    """Class 1 is three times as long as class 0 on average, as in paraphrase data where length tells the
+    label: plain length sorting puts the classes into different batches."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    lengths = np.where(labels == 1, rng.integers(30, 90, n), rng.integers(5, 40, n))
+    return [{"input_ids": [i + 10] + [7] * (int(k) - 1), "labels": int(y)}
+            for i, (k, y) in enumerate(zip(lengths, labels))]
+
+
+def _minority_share(batches):
+    """Per full batch, the share of its less frequent class."""
+    shares = []
+    for b in batches:
+        if len(b["labels"]) == 32:
+            ones = float(b["labels"].float().mean())
+            shares.append(min(ones, 1 - ones))
+    return np.array(shares)
+
+
+def test_grouped_batches_keep_the_label_mix_when_length_tells_the_label():
+    feats = _correlated_features()
+    task = _task()
+    plain = _epoch(TaskBatcher(task, feats, 32, 0, seed=3), len(feats))
+    grouped = _epoch(TaskBatcher(task, feats, 32, 0, seed=3, group_by_length=True), len(feats))
+    assert task.length_strata(feats) == [f["labels"] for f in feats]
+    overall = float(np.mean([f["labels"] for f in feats]))
+    # each batch holds the window's class mix to within a row or two per class
+    assert np.all(_minority_share(grouped) >= min(overall, 1 - overall) - 3 / 32)
+    # the price of the mix where the classes' lengths barely overlap: less padding saved than by length alone
+    assert _padding(grouped) < 0.75 * _padding(plain)
+
+    class LengthOnly(type(task)):  # the same task without strata: grouping by length alone
+        def length_strata(self, features):
+            return None
+
+    alone = LengthOnly("sentiment", task.config)
+    alone.setup([])
+    one_sided = _epoch(TaskBatcher(alone, feats, 32, 0, seed=3, group_by_length=True), len(feats))
+    assert np.mean(_minority_share(one_sided) < 0.1) > 0.3  # what the strata prevent: many one-sided batches
+
+
 def test_feature_length_counts_both_sides_and_targets():
     assert feature_length({"input_ids": [1, 2, 3], "labels": 1}) == 3
     assert feature_length({"input_ids": [1, 2], "pair_input_ids": [3, 4, 5]}) == 5

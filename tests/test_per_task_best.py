@@ -16,7 +16,7 @@ from multitune.cli import main
 from multitune.config import parse_config
 from multitune.model import MultiTaskModel
 from multitune.training import Callback, train
-from multitune.training.per_task import META_FILE, PER_TASK_DIR, WEIGHTS_FILE
+from multitune.training.per_task import IN_BEST, META_FILE, PER_TASK_DIR, WEIGHTS_FILE
 from tests.conftest import crash_after_batches, write
 
 POS = "good fine great nice bright lovely superb".split()
@@ -113,17 +113,24 @@ def test_each_task_keeps_its_own_best_step_and_weights(full_run):
     last_best = {r["task"]: r for r in logged if r["kind"] == "task_best"}
     assert {t: (r["step"], r["score"]) for t, r in last_best.items()} == {t: (best[t]["step"], best[t]["score"])
                                                                            for t in TASKS}
-    # the snapshot: the task's head and the trained backbone at its best step; no frozen embeddings, no other head
+    # the snapshot: the task's head and the trained backbone at its best step; no frozen embeddings, no other
+    # head. A task whose best step is the run's best step writes none: checkpoints/best holds those weights
     for t in TASKS:
         snap = run / "checkpoints" / PER_TASK_DIR / t
         meta = json.loads((snap / META_FILE).read_text())
         assert (meta["step"], meta["score"], meta["metrics"]) == (best[t]["step"], best[t]["score"], best[t]["metrics"])
+        at_best = states[best[t]["step"]]
+        if best[t]["step"] == results["train"]["best_step"]:
+            assert meta["weights"] == IN_BEST and not (snap / WEIGHTS_FILE).exists()
+            tensors = load_file(str(run / "checkpoints" / "best" / "model.safetensors"))
+            assert tensors.keys() == at_best.keys() and all(torch.equal(v, at_best[k]) for k, v in tensors.items())
+            continue
+        assert meta["weights"] == WEIGHTS_FILE
         tensors = load_file(str(snap / WEIGHTS_FILE))
         other = next(o for o in TASKS if o != t)
         assert any(k.startswith(f"heads.{t}.") for k in tensors)
         assert not any(k.startswith(f"heads.{other}.") or "embeddings" in k for k in tensors)
         assert any(k.startswith("backbone.encoder.") for k in tensors)
-        at_best = states[best[t]["step"]]
         assert all(torch.equal(v, at_best[k]) for k, v in tensors.items())
     assert sorted(p.name for p in (run / "checkpoints" / PER_TASK_DIR).iterdir()) == sorted(TASKS)
 
@@ -173,6 +180,8 @@ def test_lora_export_takes_adapter_and_head_from_the_tasks_best_step(tiny_backbo
     results, states = train_capturing(raw)
     run, best = tmp_path / "run", results["train"]["per_task_best"]
     for t in TASKS:  # the snapshot holds the task's adapter and head only: the backbone is frozen
+        if best[t]["step"] == results["train"]["best_step"]:
+            continue  # (its weights are those of checkpoints/best)
         tensors = load_file(str(run / "checkpoints" / PER_TASK_DIR / t / WEIGHTS_FILE))
         assert {k.split(".")[0] for k in tensors} == {"heads", "adapters"}
         assert all(k.startswith((f"heads.{t}.", f"adapters.adapters.{t}.")) for k in tensors)
@@ -236,22 +245,31 @@ def test_errors_and_fallbacks(full_run, tiny_backbone, tmp_path, capsys):
     assert main(["export", str(run), "--task", "sentiment", "--merge", "--output", str(tmp_path / "e")]) == 2
     assert "no adapters" in capsys.readouterr().err
     # a snapshot that does not fit the model: one line naming the file
+    best = full_run["results"]["train"]
+    task = next(t for t in TASKS if best["per_task_best"][t]["step"] != best["best_step"])  # it has its own weights
     broken = tmp_path / "broken"
     shutil.copytree(run, broken)
-    weights = broken / "checkpoints" / PER_TASK_DIR / "sentiment" / WEIGHTS_FILE
+    weights = broken / "checkpoints" / PER_TASK_DIR / task / WEIGHTS_FILE
     tensors = load_file(str(weights))
-    key = next(k for k in tensors if k.startswith("heads.sentiment."))
+    key = next(k for k in tensors if k.startswith(f"heads.{task}."))
     save_file({**tensors, key: torch.zeros(3, 3)}, str(weights))
-    assert main(["export", str(broken), "--task", "sentiment", "--output", str(tmp_path / "e")]) == 2
+    assert main(["export", str(broken), "--task", task, "--output", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(weights) in err and key in err
     save_file({**tensors, "backbone.no.such.weight": torch.zeros(2)}, str(weights))
-    assert main(["export", str(broken), "--task", "sentiment", "--output", str(tmp_path / "e")]) == 2
+    assert main(["export", str(broken), "--task", task, "--output", str(tmp_path / "e")]) == 2
     assert "backbone.no.such.weight" in capsys.readouterr().err
     weights.write_bytes(b"not safetensors")
-    assert main(["export", str(broken), "--task", "sentiment", "--output", str(tmp_path / "e")]) == 2
+    assert main(["export", str(broken), "--task", task, "--output", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(weights) in err
+    # a snapshot that refers to the run's best checkpoint, which holds another step: one line, no export
+    weights.unlink()
+    meta_file = weights.parent / META_FILE
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "weights": IN_BEST}))
+    assert main(["export", str(broken), "--task", task, "--output", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(meta_file) in err and f"holds step {best['best_step']}" in err
     assert not (tmp_path / "e").exists()
     # without snapshots (training.per_task_best: false) the records stay; export falls back to the final model
     raw = run_config(full_run["data"], tiny_backbone, tmp_path / "plain", per_task_best=False, max_steps=6)

@@ -1,4 +1,4 @@
-"""Helpers of ``bench/perf.py``, the performance suite of issue 7 (multitune vs HF Trainer vs tasknet).
+"""Helpers of ``bench/perf.py``, the performance suite (multitune vs HF Trainer vs tasknet).
 
 ``common``: data preparation, machine facts, matmul peak, FLOPs, metrics, atomic files;
 ``hf``: HF Trainer runs (defaults and tuned) and HF pipelines; ``mt``: multitune runs, inference and

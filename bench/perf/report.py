@@ -1,4 +1,4 @@
-"""The suite's result: FLOP utilisation and ratios added to every run, the goals of issue 7 checked against
+"""The suite's result: FLOP utilisation and ratios added to every run, the suite's goals checked against
 the measurements, the markdown tables and the two plots."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _ok(run: dict | None) -> bool:
 
 
 def goals(result: dict) -> list[dict]:
-    """Issue 7's goals, each with the measured value and whether it is met (None: not measured)."""
+    """The suite's goals, each with the measured value and whether it is met (None: not measured)."""
     out = []
     training = result["training"]
 
@@ -248,7 +248,7 @@ def markdown(result: dict, stem: str) -> str:
         lines += ["", f"![training throughput]({stem}-training.png) ![scaling]({stem}-scaling.png)", ""]
     elif sc:
         lines += ["## Scaling (multitune)", "", f"{sc.get('status')}: {sc.get('error')}", ""]
-    lines += ["## Goals (issue 7)", "", "| goal | measured | met |", "|---|---|---|"]
+    lines += ["## Goals", "", "| goal | measured | met |", "|---|---|---|"]
     for g in result["goals"]:
         met = "not measured" if g["met"] is None else ("met" if g["met"] else "**not met**")
         lines.append(f"| {g['goal']} | {g['measured']} | {met} |")

@@ -1,11 +1,19 @@
-"""Crash-safe file writes: everything is written beside its target and renamed into place."""
+"""Crash-safe file writes: everything is written beside its target and renamed into place.
+
+Files may be hard links of one another (:func:`link_or_copy`: a checkpoint that holds the same weights as
+another one shares their file). That is safe because nothing here ever writes into an existing file: every
+write goes to a new file that is renamed into place, so a name that is replaced gets a new file and every
+other name of the old one keeps its content. Code that writes a run's files keeps to the same rule.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -139,3 +147,48 @@ def recover_dir(final: Path) -> Path | None:
         return final
     old = final.with_name(final.name + ".old")
     return old if old.exists() else None
+
+
+# errors of os.link that mean "no hard links here" (another filesystem, one without links, too many links)
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> bool:
+    """Give the file ``src`` a second name ``dst`` (a hard link: no bytes are written), or copy it where the
+    filesystem has no hard links. ``dst`` must not exist. Since no multitune code writes into an existing
+    file (see the module docstring), replacing or deleting one name never changes what the other holds.
+
+    Returns:
+        True when ``dst`` is a link, False when it is a copy.
+    """
+    try:
+        os.link(src, dst)
+        return True
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+    shutil.copyfile(src, dst)  # a new file with a new modification time: it was written
+    shutil.copymode(src, dst)
+    return False
+
+
+def copy_tree_linked(src: str | Path, dst: str | Path) -> None:
+    """Copy the directory ``src`` to the new directory ``dst`` with every file linked (:func:`link_or_copy`)."""
+    shutil.copytree(src, dst, copy_function=link_or_copy)
+
+
+def files_on_disk(root: str | Path) -> dict[tuple[int, int, int], int]:
+    """Every regular file below ``root``, one entry per file on disk however many names (hard links) it has:
+    ``(device, inode, modification time in ns)`` -> size in bytes. The modification time tells a new file from
+    an old one whose inode number the filesystem gave again. Reads only; files that vanish meanwhile are
+    skipped."""
+    found: dict[tuple[int, int, int], int] = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):  # a symbolic link is not a file of its own
+                found[(st.st_dev, st.st_ino, st.st_mtime_ns)] = st.st_size
+    return found

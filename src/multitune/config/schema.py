@@ -169,7 +169,8 @@ class TrainingConfig:
     early_stopping: EarlyStoppingConfig | None = field(None, help="stop when the metric stops improving")
     per_task_best: bool = field(True, help="also keep each task's weights at its own best validation step in "
                                          "checkpoints/best-per-task/ (for `multitune export --task`); costs one "
-                                         "copy of the trained parameters per task on disk (a backbone per task "
+                                         "copy of the trained parameters on disk per task whose best step is not "
+                                         "the run's best step (a backbone per task "
                                          "under full fine-tuning, the task's adapter and head with per-task "
                                          "adapters); each task's best step is recorded in results.json either "
                                          "way")

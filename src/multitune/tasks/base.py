@@ -291,6 +291,16 @@ class Task(ABC):
         """
         return None
 
+    def length_strata(self, features: Sequence[dict]) -> list[int] | None:
+        """Strata that length-grouped batches keep mixed, asked once by
+        :class:`~multitune.training.batching.TaskBatcher` with ``group_by_length``: where length goes with
+        the label, batches of similar length alone would be one-sided.
+
+        Returns:
+            One integer stratum per training feature (e.g. its class), or None: group by length alone (default).
+        """
+        return None
+
     def calibrate(self, predictions: Sequence[Any], examples: Sequence[dict]) -> dict | None:
         """Tune decision settings (e.g. thresholds) on validation; the trainer calls it once after training,
         with the validation predictions of the restored best model, before the final evaluation and saving.

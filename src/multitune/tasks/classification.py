@@ -302,6 +302,13 @@ class ClassificationTask(Task):
             raise ConfigError(f"tasks.{self.name}.oversample", "only for single-label classification")
         return [int(f["labels"]) for f in features]
 
+    def length_strata(self, features: Sequence[dict]) -> list[int] | None:
+        """Single-label: each feature's class, so that length-grouped batches keep the class mix (multi-label:
+        length alone)."""
+        if self.config.multi_label or not features or "labels" not in features[0]:
+            return None
+        return [int(f["labels"]) for f in features]
+
     def calibrate(self, predictions: Sequence[dict], examples: Sequence[dict]) -> dict | None:
         """With ``tune_threshold``: pick the thresholds that maximise F1 on validation and keep them in
         :meth:`state`, so that :meth:`decode` (and a loaded model) applies them.

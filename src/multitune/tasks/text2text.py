@@ -15,7 +15,7 @@ from torch import nn
 from multitune.config.parse import field
 from multitune.config.schema import TaskConfig
 from multitune.errors import ConfigError
-from multitune.tasks.base import TASKS, ExportSpec, Task, TaskOutput
+from multitune.tasks.base import IGNORE_INDEX, TASKS, ExportSpec, Task, TaskOutput
 
 # targets with at most this many distinct values, each seen ~10 times on average, form a label set
 MAX_INFERRED_LABELS = 32
@@ -121,6 +121,14 @@ class Text2TextTask(Task):
         return TaskOutput(None, {"generated": ids})
 
     # -- results ---------------------------------------------------------------------
+    def length_strata(self, features: Sequence[dict]) -> list[int] | None:
+        """With a label set (labels as text): each feature's target, so that length-grouped batches keep the
+        label mix; free text: length alone."""
+        if not self.labels or not features or "labels" not in features[0]:
+            return None
+        ids: dict[tuple, int] = {}
+        return [ids.setdefault(tuple(t for t in f["labels"] if t != IGNORE_INDEX), len(ids)) for f in features]
+
     def decode(self, output, batch, examples) -> list[dict]:
         texts = self.tokenizer.batch_decode(output.outputs["generated"], skip_special_tokens=True)
         preds = []

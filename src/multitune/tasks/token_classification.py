@@ -237,6 +237,14 @@ class TokenClassificationTask(Task):
                                    ignore_index=IGNORE_INDEX)
         return TaskOutput(loss, {"logits": logits})
 
+    def length_strata(self, features: Sequence[dict]) -> list[int] | None:
+        """Sentences with and without an entity (long sentences hold more entities), so that length-grouped
+        batches keep both."""
+        outside = self.label_index.get("O")
+        if not features or "labels" not in features[0]:
+            return None
+        return [int(any(t not in (IGNORE_INDEX, outside) for t in f["labels"])) for f in features]
+
     def decode(self, output, batch, examples) -> list[dict]:
         """Tokens (the words the text was split into), their tags, and entities (with character ``start``/``end``
         offsets into the text when it was given as a text) per example. Each word takes its tag from the one row

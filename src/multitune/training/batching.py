@@ -29,11 +29,18 @@ class TaskBatcher:
     order is still a pure function of ``(seed, epoch)``.
 
     Length grouping (``group_by_length``): the epoch's permutation is cut into windows of
-    ``GROUP_WINDOW`` batches; each window is sorted by length and cut into batches, and all full batches of
+    ``GROUP_WINDOW`` batches; each window is ordered by length and cut into batches, and all full batches of
     the epoch are shuffled (the short last batch stays last). Batches hold rows of similar length, so
     dynamic padding adds little, while which examples meet in a batch and the batch order stay random. The
     order is still a pure function of ``(seed, epoch)`` and batches start at multiples of ``batch_size``, so
     ``(epoch, position)`` remains the whole state.
+
+    Label mix: where length goes with the label (paraphrase pairs, short negative phrases), a window sorted
+    by length alone makes one-sided batches, and training on them can collapse. So when the task names
+    strata (``task.length_strata``: e.g. the class of each example), each stratum of a window is sorted by
+    length on its own and the window is ordered by each row's length *quantile within its stratum*: batch k
+    takes the k-th length slice of every stratum, so every batch keeps the window's label mix (to within one
+    row per stratum) and its rows are still of similar length within each stratum.
 
     Args:
         task: the task (its ``collate`` pads a batch).
@@ -54,6 +61,10 @@ class TaskBatcher:
         self.pad_token_id = pad_token_id
         self.seed = seed
         self.lengths = np.array([feature_length(f) for f in features], dtype=np.int64) if group_by_length else None
+        strata = task.length_strata(features) if group_by_length else None
+        if strata is not None and len(strata) != len(features):
+            raise ValueError(f"length_strata returned {len(strata)} strata for {len(features)} features")
+        self.strata = None if strata is None else np.asarray(strata, dtype=np.int64)
         self.epoch = 0
         self.position = 0
         groups = task.balance_groups(features)
@@ -81,13 +92,25 @@ class TaskBatcher:
 
     def _grouped(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         window = self.GROUP_WINDOW * self.batch_size
-        # stable sort inside each window, longest first, so that ties keep the random order
-        sorted_windows = [order[i:i + window][np.argsort(-self.lengths[order[i:i + window]], kind="stable")]
-                          for i in range(0, len(order), window)]
+        sorted_windows = [self._window_order(order[i:i + window]) for i in range(0, len(order), window)]
         flat = np.concatenate(sorted_windows) if sorted_windows else order
         full = len(flat) // self.batch_size
         batches = flat[:full * self.batch_size].reshape(full, self.batch_size)[rng.permutation(full)]
         return np.concatenate([batches.reshape(-1), flat[full * self.batch_size:]])
+
+    def _window_order(self, rows: np.ndarray) -> np.ndarray:
+        """The rows of one window, longest first; with strata, by length quantile within each stratum (rows at
+        the same quantile of different strata interleave, so each batch cut from the result mixes them)."""
+        assert self.lengths is not None
+        by_length = rows[np.argsort(-self.lengths[rows], kind="stable")]  # stable: ties keep the random order
+        if self.strata is None:
+            return by_length
+        quantile = np.empty(len(by_length))
+        strata = self.strata[by_length]
+        for s in np.unique(strata):
+            at = np.flatnonzero(strata == s)
+            quantile[at] = (np.arange(len(at)) + 0.5) / len(at)
+        return by_length[np.argsort(quantile, kind="stable")]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self.position >= len(self._order):

@@ -1,10 +1,10 @@
 """Callbacks: everything that watches or steers a training run, called at named events of the loop.
 
 The loop (:mod:`multitune.training.loop`) only trains; model selection, early stopping, the task sampler's
-schedule, gradual unfreezing, logging, checkpoints, per-task selection, the affinity probe, the experiment
-trackers and user code are callbacks. Each event is called on every callback in one order, the list built by
-:func:`multitune.training.trainer.default_callbacks` (its ordering rules are written next to it); a user's
-callbacks come after the built-in ones.
+schedule, gradual unfreezing, logging, checkpoints (and the measure of what they write), per-task selection,
+the affinity probe, the experiment trackers and user code are callbacks. Each event is called on every
+callback in one order, the list built by :func:`multitune.training.trainer.default_callbacks` (its ordering
+rules are written next to it); a user's callbacks come after the built-in ones.
 
 Events (each gets the :class:`~multitune.training.run.Run`; ``run.state`` holds the counters):
 
@@ -27,6 +27,8 @@ Whatever a callback raises ends the run with that error (a search prunes a trial
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +36,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from multitune.evaluation.evaluator import selection_value
+from multitune.fileio import files_on_disk
 from multitune.training.checkpoint import rng_states, save_checkpoint
+from multitune.training.run_dir import CHECKPOINTS
 from multitune.training.state import TrainerState
 
 if TYPE_CHECKING:
@@ -203,18 +207,77 @@ class MetricsLogger(Callback):
 
 
 class Checkpointer(Callback):
-    """After each evaluation, on the main process: ``checkpoints/best`` when the selection metric improved,
-    then ``checkpoints/last`` (model, loss weighting, optimizer, scheduler and the trainer state with its
-    snapshots). Checkpointing does not disturb the training random number stream."""
+    """After each evaluation, on the main process: ``checkpoints/best`` when the selection metric improved
+    (the weights, loss weighting and trainer state: restoring the best model needs nothing else), then
+    ``checkpoints/last`` (all of that, plus optimizer, scheduler and random states, for ``--resume``), which
+    links the files it shares with a ``best`` of the same step. Checkpointing does not disturb the training
+    random number stream."""
 
     def on_evaluate(self, run: Run, results: dict[str, dict[str, float]]) -> None:
         if not run.main_process:
             return
         rng = rng_states()
-        for directory in ([run.checkpoint_dir("best")] if run.improved else []) + [run.checkpoint_dir("last")]:
-            run.callbacks.fire("on_save", run, directory)
-            save_checkpoint(directory, run.core, run.weighting, run.optimizer, run.scheduler, run.snapshot())
+        state = run.snapshot()
+        best = run.checkpoint_dir("best") if run.improved else None
+        if best is not None:
+            run.callbacks.fire("on_save", run, best)
+            with run.timing_writes():
+                save_checkpoint(best, run.core, run.weighting, None, None, state)
+        last = run.checkpoint_dir("last")
+        run.callbacks.fire("on_save", run, last)
+        with run.timing_writes():
+            save_checkpoint(last, run.core, run.weighting, run.optimizer, run.scheduler, state, same_as=best)
         torch.set_rng_state(rng["torch"])
+
+
+class DiskUse(Callback):
+    """What the run wrote, measured on disk (never estimated), for ``results.json``'s ``train``:
+
+    - ``bytes_written``: the files this run put in its directory, each counted once however many names (hard
+      links) it has, including checkpoints it replaced later (counted after each evaluation's checkpoints and
+      once the model is written; ``results.json`` and the plots, written after that, are left out);
+    - ``disk_bytes``: what the run directory holds at that moment, each file once (``du`` without
+      ``--count-links``, in bytes rather than blocks);
+    - ``write_s``: the time spent writing checkpoints, per-task snapshots and the model;
+    - ``process_s``: the wall time of the whole process so far (the ``multitune train`` command from its start,
+      to compare with the training time ``wall_s``; None where the operating system does not tell).
+
+    A resumed run counts what its own process wrote (files older than its start are an earlier process's).
+    """
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        # (file modification times come from a clock that may lag a tick behind time.time_ns)
+        self.since_ns = time.time_ns() - 50_000_000
+        self.written: dict[tuple[int, int, int], int] = {}
+
+    def count(self, root: Path) -> dict[tuple[int, int, int], int]:
+        """Add the files below ``root`` that this run wrote; return every file below it."""
+        found = files_on_disk(root)
+        self.written.update({key: size for key, size in found.items() if key[2] >= self.since_ns})
+        return found
+
+    def on_evaluate(self, run: Run, results: dict[str, dict[str, float]]) -> None:
+        if run.main_process:  # checkpoint files are never changed once written: each is counted once
+            self.count(self.out / CHECKPOINTS)
+
+    def on_run_end(self, run: Run, results: dict) -> None:
+        if not run.main_process:
+            return
+        found = self.count(self.out)
+        results["train"].update({"bytes_written": sum(self.written.values()), "disk_bytes": sum(found.values()),
+                                 "write_s": round(run.write_seconds, 2), "process_s": process_seconds()})
+
+
+def process_seconds() -> float | None:
+    """Wall time since this process started (Linux: from ``/proc``), or None where it cannot be read."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # the name may hold spaces
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, clock ticks after boot
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return round(max(uptime - started, 0.0), 2)
 
 
 class EvaluateHook(Callback):

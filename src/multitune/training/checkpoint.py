@@ -2,6 +2,11 @@
 
 A checkpoint is written into a temporary directory and renamed into place; the previous good
 checkpoint is only removed once the new one is complete.
+
+``checkpoints/last`` holds everything a resume needs; ``checkpoints/best`` holds only what restoring the best
+model needs (weights, loss weighting, trainer state), since nothing resumes from it. When both are written at
+the same step, ``last`` links the files it shares with ``best`` (:func:`multitune.fileio.link_or_copy`)
+instead of writing them again.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from multitune.errors import MultituneError
-from multitune.fileio import recover_dir, replace_dir, write_text_atomic
+from multitune.fileio import link_or_copy, recover_dir, replace_dir, write_text_atomic
 
 STATE_FILE = "trainer_state.json"
+MODEL_WEIGHTS = "model.safetensors"
+WEIGHTING_FILE = "weighting.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
 
 
 def rng_states() -> dict[str, Any]:
@@ -39,9 +47,15 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(path: Path, model: nn.Module, weighting: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: dict) -> None:
+def save_checkpoint(path: Path, model: nn.Module, weighting: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    scheduler: Any, state: dict, same_as: Path | None = None) -> None:
     """Write a complete checkpoint at ``path`` (atomically replacing an older one).
+
+    Args:
+        optimizer, scheduler: None for a checkpoint of the weights only (``best``: nothing resumes from it).
+        same_as: a checkpoint just written from the same model at the same moment (``best``, when ``last``
+            follows it at the same step): its weight and state files are linked instead of written again,
+            if its trainer state is exactly ``state``.
 
     Raises:
         MultituneError: the disk or quota filled up; the temporary directory is removed and the message names
@@ -53,14 +67,24 @@ def save_checkpoint(path: Path, model: nn.Module, weighting: nn.Module, optimize
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    # Python's JSON (NaN kept): a resumed run must see exactly the counters it saved
+    state_text = json.dumps(state, indent=2, ensure_ascii=False) + "\n"
     try:
-        save_model(model, str(tmp / "model.safetensors"))
-        if weighting.state_dict():  # learned weights and the state in buffers (e.g. loss histories)
-            save_model(weighting, str(tmp / "weighting.safetensors"))
-        _torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()},
-                    tmp / "optimizer.pt")
-        # Python's JSON (NaN kept): a resumed run must see exactly the counters it saved
-        write_text_atomic(tmp / STATE_FILE, json.dumps(state, indent=2, ensure_ascii=False) + "\n")
+        # every file is new in tmp: a linked file is never written into (see multitune.fileio)
+        weighted = bool(weighting.state_dict())  # learned weights and the state in buffers (e.g. loss histories)
+        shared = [MODEL_WEIGHTS, STATE_FILE] + ([WEIGHTING_FILE] if weighted else [])
+        if same_as is not None and _state_text(same_as) == state_text \
+                and all((same_as / name).is_file() for name in shared):
+            for name in shared:
+                link_or_copy(same_as / name, tmp / name)
+        else:
+            save_model(model, str(tmp / MODEL_WEIGHTS))
+            if weighted:
+                save_model(weighting, str(tmp / WEIGHTING_FILE))
+            write_text_atomic(tmp / STATE_FILE, state_text)
+        if optimizer is not None:
+            _torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "rng": rng_states()}, tmp / OPTIMIZER_FILE)
         replace_dir(tmp, path)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -71,6 +95,13 @@ def save_checkpoint(path: Path, model: nn.Module, weighting: nn.Module, optimize
                                  + (f"the last good checkpoint is {last} (free space, then resume with --resume)"
                                     if last is not None else "no checkpoint of this run was written yet")) from None
         raise
+
+
+def _state_text(path: Path) -> str | None:
+    try:
+        return (path / STATE_FILE).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 class _Recorder(io.RawIOBase):
@@ -150,15 +181,15 @@ def load_checkpoint(path: Path, model: nn.Module, weighting: nn.Module | None = 
     Only safetensors and ``weights_only`` torch files are read: a checkpoint cannot run code.
     """
     try:
-        load_model(model, str(path / "model.safetensors"), strict=True)
-        if weighting is not None and (path / "weighting.safetensors").exists():
-            load_model(weighting, str(path / "weighting.safetensors"), strict=True)
+        load_model(model, str(path / MODEL_WEIGHTS), strict=True)
+        if weighting is not None and (path / WEIGHTING_FILE).exists():
+            load_model(weighting, str(path / WEIGHTING_FILE), strict=True)
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         if optimizer is not None:
             try:
-                extra = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+                extra = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
             except pickle.UnpicklingError:
-                raise MultituneError(f"{path / 'optimizer.pt'}: cannot load checkpoint: it holds pickled objects "
+                raise MultituneError(f"{path / OPTIMIZER_FILE}: cannot load checkpoint: it holds pickled objects "
                                      "other than tensors and plain data, which weights_only loading refuses "
                                      "(a checkpoint must not run code)") from None
             optimizer.load_state_dict(extra["optimizer"])

@@ -58,7 +58,8 @@ def finish_run(run: Any, setup: Any) -> dict:
                                                                        run.prepared.items()},
                             run.tasks, setup.vocab_report, adapter_summary(run.core, run.config, fusion_attention))
     if run.main_process:
-        save_model(run.core, run.out, run.config, results, run.state.step)
+        with run.timing_writes():
+            save_model(run.core, run.out, run.config, results, run.state.step)
     run.callbacks.fire("on_run_end", run, results)
     if run.main_process:
         write_json_atomic(run.out / "results.json", results)

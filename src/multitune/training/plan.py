@@ -24,7 +24,7 @@ from multitune.config.loader import save_config, stage_training
 from multitune.config.schema import BackboneConfig, RunConfig, StageConfig
 from multitune.data.fingerprint import data_files
 from multitune.errors import ConfigError, MultituneError
-from multitune.fileio import replace_dir, write_json_atomic
+from multitune.fileio import copy_tree_linked, replace_dir, write_json_atomic
 from multitune.rundir import check_output_dir, clear_dir, lock_dir, lock_scope, write_marker
 from multitune.training.callbacks import Callback, EvaluateHook
 from multitune.training.progress import stderr_console
@@ -162,7 +162,7 @@ def train_stages(config: RunConfig, resume: bool, overwrite: bool, console: Cons
     tmp = out / ".model.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(Path(stages[-1].config.output_dir) / "model", tmp)
+    copy_tree_linked(Path(stages[-1].config.output_dir) / "model", tmp)  # the same files: linked, not written again
     replace_dir(tmp, out / "model")
     final = {**results, "stages": stage_results, "forgetting": forgetting}
     write_json_atomic(out / "results.json", final)

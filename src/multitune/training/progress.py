@@ -98,7 +98,17 @@ def print_results_table(console: Console, results: dict, tasks: dict) -> None:
     if tr:
         console.print(f"{tr['steps']} steps in {tr['wall_s']:.1f}s, {tr['examples_per_s']:.1f} examples/s, "
                       f"{tr['real_tokens_per_s']:.0f} real tokens/s ({tr['padded_tokens_per_s']:.0f} padded), "
-                      f"best step {tr['best_step']}")
+                      f"best step {tr['best_step']}" + disk_summary(tr))
+
+
+def disk_summary(train: dict) -> str:
+    """The end of the end-of-train line: the whole process's time and what the run wrote, e.g.
+    ``; process 533.7s; wrote 635 MB in 3.0s, 363 MB on disk`` (empty for results without them)."""
+    if "bytes_written" not in train:
+        return ""
+    process = f"; process {train['process_s']:.1f}s" if train.get("process_s") is not None else ""
+    return (f"{process}; wrote {train['bytes_written'] / 1e6:,.0f} MB in {train['write_s']:.1f}s, "
+            f"{train['disk_bytes'] / 1e6:,.0f} MB on disk")
 
 
 def print_parameter_table(console: Console, rows: list[dict]) -> None:

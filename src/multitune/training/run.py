@@ -8,7 +8,10 @@ can drive :func:`multitune.training.loop.train_loop` with a fake object that has
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +97,7 @@ class Run:
     improved: bool = False
     should_stop: bool = False
     stopped_early: bool = False
+    write_seconds: float = 0.0  # spent writing checkpoints, per-task snapshots and the model (this process)
 
     @property
     def main_process(self) -> bool:
@@ -101,6 +105,15 @@ class Run:
 
     def checkpoint_dir(self, name: str) -> Path:
         return self.out / CHECKPOINTS / name
+
+    @contextlib.contextmanager
+    def timing_writes(self) -> Iterator[None]:
+        """Count the time of the block in ``write_seconds`` (``results.json``: ``train.write_s``)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.write_seconds += time.perf_counter() - start
 
     def snapshot(self) -> dict:
         """The trainer state with the sampler, running losses and batchers, as a checkpoint records it."""

@@ -32,6 +32,7 @@ from multitune.training.callbacks import (
     Callback,
     Callbacks,
     Checkpointer,
+    DiskUse,
     MetricsLogger,
     ModelSelection,
     SamplerSchedule,
@@ -213,7 +214,7 @@ def default_callbacks(run: Run, setup: Setup) -> list[Callback]:
     - the trackers come first, so that they see every record of ``metrics.jsonl``;
     - on evaluation: model selection first (best value, early stopping), then per-task selection (its records
       go into the checkpoint), the sampler's feedback (the checkpoint holds the sampler as it is after it),
-      logging, then the checkpoint, which sees all of the above;
+      logging, then the checkpoint, which sees all of the above, then the measure of what it wrote;
     - on a step's start: the sampler's schedule, then unfreezing; on its end: the affinity probe (its record
       precedes the step's train line), then logging.
 
@@ -233,7 +234,7 @@ def default_callbacks(run: Run, setup: Setup) -> list[Callback]:
         callbacks.append(Unfreezing(setup.unfreezer))
     callbacks += [AffinityProbe(run.config, run.multi, run.prepared, run.active, run.pad_id,
                                 staged=run.staged),
-                  MetricsLogger(tcfg.log_every), Checkpointer()]
+                  MetricsLogger(tcfg.log_every), Checkpointer(), DiskUse(run.out)]
     if tcfg.compile:
         callbacks.append(StepTimer())
     return callbacks
