@@ -4,12 +4,14 @@ across batches and resume exactly; the optimizer uses the fused AdamW kernel whe
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from multitune.config.parse import from_dict
 from multitune.optim import build_optimizer
 from multitune.tasks import TASKS
-from multitune.training.batching import TaskBatcher, feature_length
+from multitune.training.batching import TaskBatcher, feature_length, padding_share
+from multitune.training.progress import fast_path_summary
 
 
 def _task():
@@ -51,6 +53,30 @@ def test_grouped_epoch_covers_every_example_once_with_little_padding():
     # batches are not globally sorted: the batch order is shuffled
     widths = [b["input_ids"].shape[1] for b in grouped[:-1]]
     assert widths != sorted(widths) and widths != sorted(widths, reverse=True)
+
+
+def test_padding_share_is_what_the_collated_epoch_pads():
+    """The run's printed padding share, computed from lengths alone, equals the padding of the batches the
+    batcher then collates, with and without grouping, over two tasks."""
+    feats, other = _features(), _features(300, seed=3)
+    for grouped in (False, True):
+        batchers = [TaskBatcher(_task(), f, 32, 0, seed=s, group_by_length=grouped) for f, s in ((feats, 1),
+                                                                                                (other, 2))]
+        share = padding_share(batchers, grouped)
+        batches = _epoch(batchers[0], len(feats)) + _epoch(batchers[1], len(other))
+        assert share == pytest.approx(_padding(batches), abs=1e-9)
+    assert padding_share(batchers, False) > 0.4 > 0.1 > padding_share(batchers, True)
+    assert padding_share([], True) is None
+
+
+def test_fast_path_line_says_what_a_setting_that_is_off_costs():
+    on = fast_path_summary("bf16", "auto", True, True, 0.08, 0.46)
+    assert on == ("fast path: bf16 autocast (precision: auto); length grouping: 8% of training tokens are padding "
+                  "(46% without it)")
+    off = fast_path_summary("fp32", "fp32", True, False, 0.46, 0.08)
+    assert "precision: auto would use it" in off and "46% of training tokens are padding (8% with group_by_length" \
+        in off
+    assert "no native bf16" in fast_path_summary("fp32", "auto", False, True, 0.1, 0.4)
 
 
 def test_grouped_stream_is_seeded_and_resumes_exactly():

@@ -267,6 +267,28 @@ def test_a_run_writes_each_file_once_and_reports_it(tiny_backbone, toy_data, tmp
     assert again["train"]["bytes_written"] > again["train"]["disk_bytes"]  # step 1's checkpoints were replaced
 
 
+@pytest.mark.parametrize("tune", [False, True])
+def test_the_end_of_a_run_validates_once_more_only_when_calibration_changes_the_model(tiny_backbone, toy_data,
+                                                                                      tmp_path, monkeypatch, tune):
+    """One validation pass in the loop (step 4), one on the restored best model; a second one only after
+    thresholds were tuned, and its results are the calibrated model's."""
+    from multitune.training.run import Run
+
+    raw = toy_config(toy_data, tiny_backbone, tmp_path / "run", max_steps=4, eval_every=4)
+    raw["tasks"] = {"sentiment": {**raw["tasks"]["sentiment"], "tune_threshold": tune}}
+    calls: list[str] = []
+    evaluate = Run.evaluate
+
+    def counting(self, split, predictions=None):
+        calls.append(split)
+        return evaluate(self, split, predictions)
+
+    monkeypatch.setattr(Run, "evaluate", counting)
+    results = train(parse_config(raw), progress=False, console=Console(file=io.StringIO()))
+    assert calls.count("validation") == (3 if tune else 2)
+    assert ("calibration" in results) is tune
+
+
 def test_a_staged_run_links_its_model_to_the_last_stages(tiny_backbone, toy_data, tmp_path):
     raw = toy_config(toy_data, tiny_backbone, tmp_path / "run", max_steps=2, eval_every=2)
     raw["tasks"] = {k: raw["tasks"][k] for k in ("ner", "sentiment")}

@@ -150,8 +150,8 @@ def test_exported_task_reproduces_its_recorded_best_metrics(full_run, capsys):
         assert _evaluate(out, capsys) == {t: best[t]["metrics"]}
         exported = MultiTaskModel.load(out)
         assert list(exported.tasks) == [t] and exported.adapters is None
-        if best[t]["step"] != results["train"]["best_step"]:  # not the run's model: other weights, other scores
-            assert best[t]["metrics"] != results["validation"][t]
+        if best[t]["step"] != results["train"]["best_step"]:  # not the run's model: other weights (the scores
+            # may tie: a task's best is its first evaluation with its top score)
             theirs = final.state_dict()
             assert any(not torch.equal(v, theirs[k]) for k, v in exported.state_dict().items())
         text = ["--pairs", "tsv", "the film was great\tthe meal was good"] if exported.tasks[t].pair_input \

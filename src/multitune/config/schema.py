@@ -147,8 +147,9 @@ class TrainingConfig:
     max_length: int = field(128, help="tokens per input after truncation", min=8)
     compile: bool = field(False, help="torch.compile the backbone (dynamic shapes); costs a one-off compile time, "
                                       "reported as train.compile_s in results.json")
-    group_by_length: bool = field(False, help="batch rows of similar length together (seeded windows of 50 "
-                                              "batches sorted by length, batch order shuffled): far less padding")
+    group_by_length: bool = field(True, help="batch rows of similar length together (seeded windows of 50 "
+                                             "batches sorted by length within each task's label strata, batch "
+                                             "order shuffled): far less padding, the label mix of each batch kept")
     learning_rate: float = field(5e-5, help="learning rate of the backbone", gt=0.0)
     head_learning_rate: float | None = field(None, help="learning rate of task heads and other new parameters "
                                                         "(default: learning_rate)", gt=0.0)
@@ -174,7 +175,7 @@ class TrainingConfig:
                                          "under full fine-tuning, the task's adapter and head with per-task "
                                          "adapters); each task's best step is recorded in results.json either "
                                          "way")
-    precision: str = field("fp32", help="compute precision: fp32, bf16 autocast with fp32 master weights, or auto "
+    precision: str = field("auto", help="compute precision: fp32, bf16 autocast with fp32 master weights, or auto "
                                         "(bf16 where the GPU or CPU computes it natively, else fp32)",
                            choices=["fp32", "bf16", "auto"])
     attention: str = field("auto", help="attention kernels of the backbone while training: eager (plain matmuls), "

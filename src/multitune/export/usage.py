@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from multitune.cards import ModelCard, base_model_info, task_cards, training_summary, write_card
+from multitune.tasks.regression import bi_encoder_score
 from multitune.training.card import EXAMPLE, EXAMPLE_PAIR, example_call
 
 
@@ -152,11 +153,12 @@ def _usage(path: str, task: str, meta: dict, report: dict) -> tuple[list[tuple[s
                 f"encoder = SentenceTransformer({path!r}{remote})\n")
         if kind == "sentence_embedding":
             low, high = cfg.get("label_range") or (0, 1)
+            score = bi_encoder_score(state)
             code += (f"a, b = encoder.encode([{EXAMPLE_PAIR[0]!r}, {EXAMPLE_PAIR[1]!r}], convert_to_tensor=True)\n"
                      "cosine = float((a @ b) / (a.norm() * b.norm()))\n"
-                     f"print({low} + ({high} - {low}) * (cosine + 1) / 2)\n")
-            notes.append(f"The similarity score is {low} + ({high} - {low}) * (cosine + 1) / 2 of the two "
-                         "sentence embeddings.")
+                     f"print({low} + ({high} - {low}) * {score})\n")
+            notes.append(f"The similarity score is {low} + ({high} - {low}) * {score}, from the cosine of the two "
+                         "sentence embeddings (`multitune_score` in `config.json`).")
         else:
             code += f"print(encoder.encode([{EXAMPLE!r}]).shape)\n"
         usage.append(("sentence-transformers (sentence embeddings)", code))

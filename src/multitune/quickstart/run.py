@@ -43,7 +43,7 @@ def quickstart_config(data: dict[str, dict[str, Path]], output_dir: Path, steps:
         "loss_weighting": {"strategy": "uncertainty"},
         "training": {"max_steps": steps, "batch_size": 16, "max_length": 64, "learning_rate": 8e-5,
                      "head_learning_rate": 2e-3, "warmup_ratio": 0.1, "scheduler": "linear",
-                     "eval_every": max(1, steps // 3), "precision": "fp32"},
+                     "eval_every": max(1, steps // 3)},  # precision and length grouping: the defaults
     }
 
 

@@ -31,6 +31,61 @@ from multitune.tasks.base import (
     where,
 )
 
+#: the training objectives (``objective``); cosent ranks cosines, so it needs the bi-encoder
+OBJECTIVES = ("mse", "cosent")
+#: the bi-encoder's score on the 0-1 scale of ``label_range``, from the cosine of the two sentence embeddings, as
+#: kept in the task's saved state (``score``). A sentence-embedding backbone puts unrelated sentences near cosine
+#: 0, not -1, so the cosine itself is the score (as sentence-transformers' CosineSimilarityLoss fits it), kept
+#: inside the range; models saved before the state named it scored (cosine + 1) / 2 and keep doing so.
+BI_SCORE, LEGACY_BI_SCORE = "max(cosine, 0)", "(cosine + 1) / 2"
+BI_SCORES = (BI_SCORE, LEGACY_BI_SCORE)
+#: CoSENT's scale: the inverse temperature of its cosine differences (20, as in Su 2022 and sentence-transformers)
+COSENT_SCALE = 20.0
+
+
+def cosent_loss(cosine: torch.Tensor, labels: torch.Tensor, scale: float = COSENT_SCALE) -> torch.Tensor:
+    """CoSENT: ``log(1 + sum over pairs (i, j) with labels[i] > labels[j] of exp(scale * (cos_j - cos_i)))``.
+
+    Every pair of rows whose gold scores are ordered is penalised when their cosines are ordered the other
+    way (or too close), so the loss asks for the gold *order* only, never for a particular cosine: a
+    backbone trained for cosine similarity keeps its geometry, and the loss does not change under any
+    increasing map of the gold scores.
+
+    Args:
+        cosine: [batch] cosine similarities of the pairs.
+        labels: [batch] gold scores (any increasing scale).
+        scale: inverse temperature of the cosine differences.
+
+    Returns:
+        The scalar loss; 0 (with a zero gradient) when no two gold scores differ.
+
+    Reference:
+        Su, "CoSENT: a more efficient sentence vector scheme than Sentence-BERT" (2022),
+        https://kexue.fm/archives/8847; ``CoSENTLoss`` in sentence-transformers.
+
+    Example:
+        >>> cosent_loss(torch.tensor([0.5, 0.6]), torch.tensor([5.0, 1.0]))  # log(1 + exp(20 * (0.6 - 0.5)))
+        tensor(2.1269)
+    """
+    cosine, labels = cosine.float(), labels.float()
+    diff = scale * (cosine[None, :] - cosine[:, None])  # [i, j]: scale * (cos_j - cos_i)
+    diff = diff.masked_fill(~(labels[:, None] > labels[None, :]), float("-inf"))
+    return torch.logsumexp(torch.cat([diff.new_zeros(1), diff.flatten()]), dim=0)
+
+
+def bi_encoder_score(state: dict) -> str:
+    """The score formula of a saved bi-encoder (its task ``state``), in terms of ``cosine``, on the 0-1 scale of
+    its ``label_range``: one of :data:`BI_SCORES`.
+
+    Raises:
+        ValueError: a formula this version does not compute (a model saved by a newer multitune).
+    """
+    score = state.get("score", LEGACY_BI_SCORE)
+    if score not in BI_SCORES:
+        raise ValueError(f"score {score!r} is not one this multitune computes ({', '.join(BI_SCORES)}); "
+                         f"upgrade multitune")
+    return score
+
 
 @dataclass
 class RegressionConfig(TaskConfig):
@@ -44,6 +99,10 @@ class RegressionConfig(TaskConfig):
                                      "auto (pooler on encoder backbones, pooled on the others)",
                       choices=list(SENTENCE_HEADS))
     dropout: float = field(0.1, help="dropout before the regressor (cross-encoder)", min=0.0, max=0.9)
+    objective: str = field("mse", help="training objective: mse (squared error against the gold score scaled to "
+                                       "0-1, of the sigmoid output for the cross-encoder, of the cosine for the "
+                                       "bi-encoder) or, bi-encoder only, cosent (CoSENT: ranks each batch's "
+                                       "pairs by cosine in the order of their gold scores)", choices=list(OBJECTIVES))
 
     def validate(self, path: str) -> None:
         if self.label_range is not None and (len(self.label_range) != 2 or
@@ -52,6 +111,9 @@ class RegressionConfig(TaskConfig):
                                                      f"got {self.label_range}")
         if self.encoder == "bi" and self.label_range is None:
             raise ConfigError(f"{path}.label_range", "required with encoder: bi (cosine is mapped onto it)")
+        if self.encoder == "cross" and self.objective == "cosent":
+            raise ConfigError(f"{path}.objective", "cosent ranks the cosines of a bi-encoder; the cross-encoder "
+                                                   "trains with mse (leave objective out, or set encoder: bi)")
         if self.encoder == "bi" and self.head == "pooler":
             raise ConfigError(f"{path}.head", "a bi-encoder has no head (it scores the cosine of two sentence "
                                               "embeddings); head: pooler needs encoder: cross")
@@ -71,9 +133,15 @@ class RegressionHead(nn.Module):
 class RegressionTask(Task):
     """Scores for texts or pairs (e.g. semantic similarity 0-5).
 
-    With ``label_range`` the model predicts on a 0-1 scale (sigmoid for the cross-encoder, cosine
-    mapped from [-1, 1] for the bi-encoder) that is mapped back onto the range. Without it the
-    cross-encoder predicts raw values. Metrics: ``pearson``, ``spearman``, ``mse`` (on the original scale).
+    With ``label_range`` the model predicts on a 0-1 scale (sigmoid for the cross-encoder, the cosine of
+    the two sentence embeddings, below 0 taken as 0, for the bi-encoder) that is mapped back onto the range.
+    Without it the cross-encoder predicts raw values. Metrics: ``pearson``, ``spearman``, ``mse`` (on the
+    original scale).
+
+    The cross-encoder trains with the squared error on the 0-1 scale. The bi-encoder has no parameters of its
+    own, so before any step it scores exactly as its backbone's cosine; it trains with ``objective``: ``mse``
+    (the default: squared error of the cosine against the score on the 0-1 scale, as sentence-transformers'
+    ``CosineSimilarityLoss``) or ``cosent`` (:func:`cosent_loss`).
     """
 
     config_class = RegressionConfig
@@ -85,6 +153,7 @@ class RegressionTask(Task):
     def __init__(self, name: str, config: RegressionConfig):
         super().__init__(name, config)
         self.head_layout: str | None = None  # config.head resolved on the backbone (bind), or a saved model's
+        self.bi_score = BI_SCORE  # the score this version trains; a saved model's own comes from load_state
 
     def bind(self, architecture, tokenizer) -> None:
         super().bind(architecture, tokenizer)
@@ -95,21 +164,25 @@ class RegressionTask(Task):
         self.pair_input = self.config.encoder == "bi" or any(ex.get("text_pair") for ex in train_examples)
 
     def state(self) -> dict:
-        return {"pair_input": self.pair_input, "head": self.head_layout}
+        state = {"pair_input": self.pair_input, "head": self.head_layout}
+        return {**state, "score": self.bi_score} if self.config.encoder == "bi" else state
 
     def load_state(self, state: dict) -> None:
         self.pair_input = bool(state.get("pair_input", self.config.encoder == "bi"))
         # a model saved before the layout was kept in the state: its config's choice (auto did not exist yet)
         self.head_layout = state.get("head") or (self.config.head if self.config.head != "auto" else "pooled")
+        self.bi_score = bi_encoder_score(state) if self.config.encoder == "bi" else BI_SCORE
 
     def export_spec(self) -> ExportSpec:
         """A cross-encoder exports as ``AutoModelForSequenceClassification`` with one output
         (``problem_type: regression``); its ``logits`` are the head's raw output: with ``label_range`` the score is
         ``low + (high - low) * sigmoid(logit)`` (recorded as ``multitune_label_range`` in ``config.json``).
-        A bi-encoder exports as its backbone with the sentence-transformers layout (cosine of embeddings)."""
+        A bi-encoder exports as its backbone with the sentence-transformers layout; its score,
+        ``low + (high - low) * max(cosine, 0)`` of the two embeddings, is recorded as ``multitune_score``."""
         pairs = [(a, b) for a, b in zip(PROBE_TEXTS, PROBE_TEXTS[1:] + PROBE_TEXTS[:1])]
         config = {"multitune_label_range": self.config.label_range}
         if self.config.encoder == "bi":
+            config["multitune_score"] = f"low + (high - low) * {self.bi_score}"
             return ExportSpec("sentence_embedding", "sentence-similarity", config, pairs)
 
         def logits(model, head, batch):
@@ -184,7 +257,16 @@ class RegressionTask(Task):
             first = model.embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
             second = model.embed(batch["pair_input_ids"], batch["pair_attention_mask"],
                                  batch.get("pair_token_type_ids"))
-            pred = (F.cosine_similarity(first.float(), second.float(), dim=-1) + 1) / 2
+            cosine = F.cosine_similarity(first.float(), second.float(), dim=-1)
+            if self.bi_score == LEGACY_BI_SCORE:
+                fitted = pred = (cosine + 1) / 2
+            else:  # mse fits the cosine itself, so that a pair below cosine 0 still learns; the score stays in range
+                fitted, pred = cosine, cosine.clamp(min=0)
+            if "labels" not in batch:
+                return TaskOutput(None, {"scores": pred})
+            loss = (cosent_loss(cosine, batch["labels"]) if self.config.objective == "cosent" else
+                    F.mse_loss(fitted, batch["labels"]))
+            return TaskOutput(loss, {"scores": pred})
         else:
             hidden = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
             if isinstance(head, PoolerHead):

@@ -141,3 +141,30 @@ def feature_length(feature: dict) -> int:
     n = sum(len(v) for k, v in feature.items() if k.endswith("input_ids"))
     labels = feature.get("labels")
     return n + (len(labels) if isinstance(labels, (list, tuple)) else 0)
+
+
+
+def epoch_tokens(batcher: TaskBatcher, group_by_length: bool) -> tuple[int, int]:
+    """``(real tokens, token slots)`` of one epoch of ``batcher``'s task as it would be batched with or without
+    length grouping (rows padded to the longest row of their batch; both sides of a pair and text-to-text
+    targets count as one row), computed from the lengths alone, so a run can say before its first step what
+    grouping saves or costs on its own data."""
+    features = batcher.features
+    if not features:
+        return 0, 0
+    order = TaskBatcher(batcher.task, features, batcher.batch_size, 0, batcher.seed, group_by_length)._order
+    lengths = np.array([feature_length(features[i]) for i in order], dtype=np.int64)
+    real = slots = 0
+    for start in range(0, len(lengths), batcher.batch_size):
+        chunk = lengths[start:start + batcher.batch_size]
+        real += int(chunk.sum())
+        slots += int(chunk.max()) * len(chunk)
+    return real, slots
+
+
+def padding_share(batchers: Sequence[TaskBatcher], group_by_length: bool) -> float | None:
+    """The share of padding among the token slots of one epoch of every task's training batches (see
+    :func:`epoch_tokens`); ``None`` without features."""
+    real, slots = (sum(t) for t in zip(*(epoch_tokens(b, group_by_length) for b in batchers))) if batchers \
+        else (0, 0)
+    return 1.0 - real / slots if slots else None

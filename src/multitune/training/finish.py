@@ -38,18 +38,16 @@ def finish_run(run: Any, setup: Any) -> dict:
     best = find_checkpoint(run.checkpoint_dir("best"))
     if best is not None:
         load_checkpoint(best, run.core)
-    predictions: dict[str, list] = {}  # tasks that tune decision thresholds do it now, on the restored best model
-    run.evaluate("validation", predictions)
+    predictions: dict[str, list] = {}
+    validation, fusion_attention = final_validation(run, predictions)
+    # tasks that tune decision thresholds do it now, on the restored best model's validation predictions; only
+    # when one changes its thresholds does validation run again, so that the results are the calibrated model's
     calibrated = calibrate(run.tasks, run.active, predictions, {n: p.data.splits["validation"] for n, p in
                                                                 run.prepared.items() if "validation" in p.data.splits})
     if calibrated:
         run.log({"kind": "calibrate", "step": run.state.step, "tasks": calibrated})
-    predictions = {}
-    adapters = run.core.adapters
-    if adapters is not None:
-        adapters.fusion_attention(reset=True)  # measured on the final validation pass only
-    validation = run.evaluate("validation", predictions)
-    fusion_attention = adapters.fusion_attention() if adapters is not None else {}
+        predictions = {}
+        validation, fusion_attention = final_validation(run, predictions)
     test = run.evaluate("test") if any("test" in p.features for p in run.prepared.values()) else None
     train_info = train_summary(run.state, run.stopped_early, run.selection_metric, setup.tokenize_s, setup.precision,
                                getattr(run.core.backbone.config, "_attn_implementation", None),
@@ -68,6 +66,16 @@ def finish_run(run: Any, setup: Any) -> dict:
         print_results_table(run.console, results, run.tasks)
     run.log.close()
     return results
+
+
+def final_validation(run: Any, predictions: dict[str, list]) -> tuple[dict, dict]:
+    """The final model's validation metrics (its predictions into ``predictions``) and, with AdapterFusion,
+    the fusion attention measured on this pass alone."""
+    adapters = run.core.adapters
+    if adapters is not None:
+        adapters.fusion_attention(reset=True)
+    validation = run.evaluate("validation", predictions)
+    return validation, adapters.fusion_attention() if adapters is not None else {}
 
 
 def plot_run(out: Path) -> None:

@@ -180,3 +180,35 @@ def print_next_steps(console: Console, run_dir: str | Path, tasks: Sequence[str]
              f"      multitune serve {path}"]
     for line in lines:  # never wrapped: each command stays one line to copy
         console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def fast_path_summary(precision: str, configured: str, native_bf16: bool, grouped: bool,
+                      padding: float | None, other_padding: float | None) -> str:
+    """One line on the two settings that decide most of a step's cost, and what turning one off costs here.
+
+    Args:
+        precision: the resolved precision (fp32 or bf16).
+        configured: ``training.precision`` as written (auto, fp32 or bf16).
+        native_bf16: whether the device computes bf16 natively.
+        grouped: ``training.group_by_length``.
+        padding: the padding share of an epoch's training tokens as batched in this run.
+        other_padding: the same with the other grouping setting.
+
+    Example:
+        >>> fast_path_summary("fp32", "fp32", True, False, 0.46, 0.08)
+        'fast path: precision fp32 (this device computes bf16 natively: precision: auto would use it); length grouping off: 46% of training tokens are padding (8% with group_by_length: true)'
+    """
+    if precision == "bf16":
+        parts = [f"bf16 autocast{' (precision: auto)' if configured == 'auto' else ''}"]
+    elif native_bf16:
+        parts = ["precision fp32 (this device computes bf16 natively: precision: auto would use it)"]
+    else:
+        parts = ["precision fp32 (this device has no native bf16)" if configured == "auto" else "precision fp32"]
+    if padding is not None and other_padding is not None:
+        if grouped:
+            parts.append(f"length grouping: {padding:.0%} of training tokens are padding ({other_padding:.0%} "
+                         f"without it)")
+        else:
+            parts.append(f"length grouping off: {padding:.0%} of training tokens are padding ({other_padding:.0%} "
+                         f"with group_by_length: true)")
+    return "fast path: " + "; ".join(parts)

@@ -177,7 +177,8 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
 
     def evaluate(self, split: str, predictions: dict[str, list] | None = None) -> dict[str, dict[str, float]]:
-        """Metrics of every evaluated task that has ``split``, with the attention kernels a loaded model gets.
+        """Metrics of every evaluated task that has ``split``, in fp32 and with the attention kernels a loaded
+        model gets, so that they are the metrics of the model a user loads.
 
         Args:
             predictions: filled with each task's predictions when given.
@@ -191,9 +192,9 @@ class Run:
         try:
             for n, p in self.prepared.items():
                 if split in p.features and n in self.evaluated:
+                    # in fp32 whatever training.precision says: the metrics are those of the model a user loads
                     results[n], preds = evaluate_task(self.core, p.task, p.features[split], p.data.splits[split],
-                                                      tcfg.eval_batch_size or 2 * tcfg.batch_size, self.pad_id,
-                                                      self.autocast)
+                                                      tcfg.eval_batch_size or 2 * tcfg.batch_size, self.pad_id)
                     if predictions is not None:
                         predictions[n] = preds
         finally:

@@ -142,7 +142,9 @@ def build_optimization(model: MultiTaskModel, weighting: torch.nn.Module, config
     tcfg: TrainingConfig = config.training
     head_lr = tcfg.head_learning_rate or tcfg.learning_rate
     apply_freezing(model.backbone, model.heads, config.freeze)
-    new_modules: list[tuple] = [("heads", model.heads), ("loss_weighting", weighting)]
+    weighting_lr = weighting.parameter_learning_rate()
+    new_modules: list[tuple] = [("heads", model.heads),
+                                ("loss_weighting", weighting, *([weighting_lr] if weighting_lr else []))]
     if model.adapters is not None:  # parameter-efficient: the backbone stays frozen, adapters train
         model.backbone.requires_grad_(False)
         adapter_lr = config.adapters.learning_rate or tcfg.learning_rate

@@ -28,6 +28,7 @@ from multitune.rundir import check_output_dir, clear_dir, lock_dir, lock_scope, 
 from multitune.sampling import SAMPLERS
 from multitune.tasks.prepared import build_tasks, read_task_data, tokenize_all
 from multitune.training.affinity import AffinityProbe
+from multitune.training.batching import padding_share
 from multitune.training.callbacks import (
     Callback,
     Callbacks,
@@ -41,10 +42,17 @@ from multitune.training.callbacks import (
 )
 from multitune.training.checkpoint import STATE_FILE, find_checkpoint, load_checkpoint
 from multitune.training.finish import finish_run
+from multitune.training.hardware import bf16_supported
 from multitune.training.loop import train_loop
 from multitune.training.multistep import WeightedStep
 from multitune.training.per_task import PER_TASK_DIR, PerTaskBest
-from multitune.training.progress import TrainingProgress, live_display, print_parameter_table, stderr_console
+from multitune.training.progress import (
+    TrainingProgress,
+    fast_path_summary,
+    live_display,
+    print_parameter_table,
+    stderr_console,
+)
 from multitune.training.run import Run, StagePlan
 from multitune.training.run_dir import CHECKPOINTS, check_run_dir, finished_results
 from multitune.training.runlog import RunLog
@@ -259,6 +267,10 @@ def open_run_dir(run: Run, setup: Setup, resume: bool, overwrite: bool, plan: St
                   f"device {acc.device}"
                   + (f", {acc.num_processes} processes (global batch {tcfg.batch_size * acc.num_processes})"
                      if acc.num_processes > 1 else ""))
+    active = [run.batchers[n] for n in run.active]
+    console.print(fast_path_summary(setup.precision, tcfg.precision, bf16_supported(acc.device),
+                                    tcfg.group_by_length, padding_share(active, tcfg.group_by_length),
+                                    padding_share(active, not tcfg.group_by_length)), markup=False, highlight=False)
     acc.wait_for_everyone()  # every process has checked the run directory before the main one writes
     if run.main_process:
         if plan is not None and plan.before_write is not None:

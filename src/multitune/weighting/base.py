@@ -65,6 +65,10 @@ class LossWeighting(nn.Module, ABC):
         self.config = config
         self.stats: dict[str, Any] = {}
 
+    def parameter_learning_rate(self) -> float | None:
+        """The learning rate of the strategy's own parameters (if it has any), or None for the heads' rate."""
+        return None
+
     @abstractmethod
     def forward(self, losses: dict[str, torch.Tensor], shared_layer: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, float]]:

@@ -48,14 +48,29 @@ class StaticWeighting(LossWeighting):
         return sum(w[n] * loss for n, loss in losses.items()), {n: w[n] for n in losses}
 
 
+@dataclass
+class UncertaintyConfig(WeightingConfig):
+    learning_rate: float = field(0.05, help="learning rate of the log-variances (AdamW, on the run's schedule): "
+                                            "high enough that a weight can reach its balance 1 / loss within the "
+                                            "first hundred steps even when the tasks' losses differ 20-fold", gt=0.0)
+
+
 @WEIGHTINGS.register("uncertainty")
 class UncertaintyWeighting(LossWeighting):
     """Homoscedastic-uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018).
 
     Each task t has a learned log-variance s_t; the combined loss is
     sum_t 0.5 * exp(-s_t) * L_t + 0.5 * s_t, so a noisy task is down-weighted while the s_t term
-    keeps the weights from collapsing to zero. The logged weight of task t is exp(-s_t).
+    keeps the weights from collapsing to zero. The logged weight of task t is exp(-s_t), whose balance point is
+    1 / L_t: tasks whose losses live on different scales (a mean squared error on a 0-1 scale of about 0.02
+    next to a cross-entropy of 0.5) end up contributing alike.
+
+    The log-variances learn at their own ``learning_rate``: AdamW moves a parameter by about its learning rate
+    per step, so at a head's 1e-3 a weight could grow only about e^1 over a thousand steps and the strategy
+    would stay a plain sum for a whole fine-tuning run.
     """
+
+    config_class = UncertaintyConfig
 
     def __init__(self, task_names, config):
         super().__init__(task_names, config)
@@ -72,3 +87,6 @@ class UncertaintyWeighting(LossWeighting):
             total = total + 0.5 * torch.exp(-s) * loss + 0.5 * s
         w = self.weights()
         return total, {n: w[n] for n in losses}
+
+    def parameter_learning_rate(self) -> float | None:
+        return self.config.learning_rate
