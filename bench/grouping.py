@@ -1,6 +1,7 @@
 """Length grouping against label mix: dev metrics and padding with batches drawn in random order (``none``),
 grouped by length alone (``length``, the grouping multitune had before batches kept their label mix) and
-grouped by length within label strata (``strata``, what ``group_by_length: true`` does now), on every task
+grouped by length within label strata (``strata``, what ``group_by_length: true`` does now; ``strata-w10``: the
+same with sorted windows of 10 batches instead of 50), on every task
 type, a sentence-pair classification task included. Writes bench/results/grouping-<date>.json and .md.
 
     python bench/grouping.py [--seeds 42 43] [--workloads sst2 paraphrase wnut17 stsb text2text]
@@ -31,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-VARIANTS = ("none", "length", "strata")
+VARIANTS = ("none", "length", "strata", "strata-w10")
 MAIN = {"sst2": ("sentiment", "accuracy"), "paraphrase": ("paraphrase", "accuracy"), "wnut17": ("ner", "f1"),
         "stsb": ("similarity", "pearson"), "text2text": ("sentiment", "accuracy")}
 
@@ -106,19 +107,24 @@ def run(workload: str, variant: str, seed: int, out: str, folder: Path) -> dict:
         if self.lengths is not None:
             self._order = self._permutation(self.epoch)
 
+    window = batching.TaskBatcher.GROUP_WINDOW
     if variant == "length":
         batching.TaskBatcher.__init__ = length_only
+    if variant == "strata-w10":  # smaller sorted windows: more randomness in which rows meet, more padding
+        batching.TaskBatcher.GROUP_WINDOW = 10
     try:
         return train(parse_config(raw), overwrite=True, progress=False)
     finally:
         batching.TaskBatcher.__init__ = original
+        batching.TaskBatcher.GROUP_WINDOW = window
 
 
 def markdown(info: dict) -> str:
     lines = [f"# Length grouping and label mix ({info['date']}, {info['machine']})", "",
              "Dev metric of each workload's task (mean over seeds, min-max in brackets) and the share of padded "
              "tokens in training batches.", "",
-             "| workload | metric | none | length | strata | padding none / length / strata |", "|---|---|---|---|---|---|"]
+             "| workload | metric | " + " | ".join(VARIANTS) + " | padding " + " / ".join(VARIANTS) + " |",
+             "|---|---|" + "---|" * (len(VARIANTS) + 1)]
     for workload in dict.fromkeys(r["workload"] for r in info["rows"]):
         rows = [r for r in info["rows"] if r["workload"] == workload]
         cells, pads = [], []
