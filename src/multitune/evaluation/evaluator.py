@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ def eval_batches(task: Task, features: Sequence[dict], batch_size: int, pad_toke
 
 @torch.inference_mode()
 def evaluate_task(model: Any, task: Task, features: Sequence[dict], examples: Sequence[dict], batch_size: int,
-                  pad_token_id: int, autocast: Any = None) -> tuple[dict[str, float], list[Any]]:
+                  pad_token_id: int) -> tuple[dict[str, float], list[Any]]:
     """Predict every example of a split and score the predictions.
 
     Returns:
@@ -36,8 +35,7 @@ def evaluate_task(model: Any, task: Task, features: Sequence[dict], examples: Se
     try:
         for idx, batch in eval_batches(task, features, batch_size, pad_token_id):
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast() if autocast else contextlib.nullcontext():
-                out = model.infer(task.name, batch)
+            out = model.infer(task.name, batch)
             for i, p in zip(idx, task.decode(out, batch, [examples[i] for i in idx])):
                 predictions[i] = p
     finally:

@@ -143,7 +143,6 @@ def feature_length(feature: dict) -> int:
     return n + (len(labels) if isinstance(labels, (list, tuple)) else 0)
 
 
-
 def epoch_tokens(batcher: TaskBatcher, group_by_length: bool) -> tuple[int, int]:
     """``(real tokens, token slots)`` of one epoch of ``batcher``'s task as it would be batched with or without
     length grouping (rows padded to the longest row of their batch; both sides of a pair and text-to-text
@@ -165,6 +164,8 @@ def epoch_tokens(batcher: TaskBatcher, group_by_length: bool) -> tuple[int, int]
 def padding_share(batchers: Sequence[TaskBatcher], group_by_length: bool) -> float | None:
     """The share of padding among the token slots of one epoch of every task's training batches (see
     :func:`epoch_tokens`); ``None`` without features."""
-    real, slots = (sum(t) for t in zip(*(epoch_tokens(b, group_by_length) for b in batchers))) if batchers \
-        else (0, 0)
+    real = slots = 0
+    for batcher in batchers:
+        r, s = epoch_tokens(batcher, group_by_length)
+        real, slots = real + r, slots + s
     return 1.0 - real / slots if slots else None
