@@ -203,6 +203,9 @@ def test_train_save_reload_predict(toy_data, tiny_backbone, tmp_path, method, ar
     backbone_rows = [r for r in table if r["group"].startswith("backbone/")]
     assert backbone_rows and all(r["trainable"] == 0 for r in backbone_rows)
     assert any(r["group"].startswith("adapters") and r["trainable"] > 0 for r in table)
+    # adapters train at their method's own rate, not at the backbone's learning_rate
+    rates = {r["lr"] for r in table if r["group"].startswith("adapters") and r["trainable"]}
+    assert rates == {METHODS.get(method).default_learning_rate} and 5e-3 not in rates
     # the saved backbone is the untouched pretrained one; adapters sit in their own file
     saved = load_file(str(tmp_path / "run" / "model" / "backbone" / "model.safetensors"))
     original = load_file(f"{tiny_backbone}/model.safetensors")

@@ -101,6 +101,21 @@ def test_each_freezing_mode_trains_exactly_the_intended_parameters(tiny_backbone
     assert not frozen & _changed(before, model)
 
 
+def test_freezing_word_embeddings_keeps_the_rest_of_the_embedding_layer_training(tiny_backbone):
+    model, tok = _model(tiny_backbone)
+    model.train()
+    apply_freezing(model.backbone, model.heads, from_dict(FreezeConfig, {"word_embeddings": True}))
+    groups = build_param_groups(model.backbone, [("heads", model.heads)], 1e-2, 1e-2, 0.0)
+    before = _snapshot(model)
+    _train_steps(model, tok, groups, 4)
+    words = "backbone.embeddings.word_embeddings.weight"
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {words}
+    changed = _changed(before, model)
+    assert words not in changed and "embeddings" in _changed_regions(before, model)
+    assert "backbone.embeddings.position_embeddings.weight" in changed
+
+
 def test_gradual_unfreezing_releases_one_group_from_the_top(tiny_backbone):
     model, tok = _model(tiny_backbone)
     model.train()

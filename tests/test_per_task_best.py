@@ -175,7 +175,7 @@ def test_export_from_final_matches_the_final_model(full_run, capsys):
 
 def test_lora_export_takes_adapter_and_head_from_the_tasks_best_step(tiny_backbone, tmp_path, capsys):
     data = write_data(tmp_path)
-    raw = run_config(data, tiny_backbone, tmp_path / "run", adapters={"method": "lora", "r": 4},
+    raw = run_config(data, tiny_backbone, tmp_path / "run", adapters={"method": "lora", "r": 4, "learning_rate": 3e-2},
                      learning_rate=3e-2)
     results, states = train_capturing(raw)
     run, best = tmp_path / "run", results["train"]["per_task_best"]

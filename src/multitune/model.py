@@ -246,7 +246,7 @@ class MultiTaskModel(nn.Module):
         return out
 
     # -- persistence -----------------------------------------------------------------------
-    def save(self, path: str | Path, extra: dict | None = None) -> None:
+    def save(self, path: str | Path, extra: dict | None = None, weights: dict | None = None) -> None:
         """Write a directory any user can reload (the caller writes into a temporary directory and renames it,
         see the trainer):
 
@@ -259,17 +259,27 @@ class MultiTaskModel(nn.Module):
         The directory has no ``config.json`` at its top: stock task classes refuse it instead of loading a
         newly initialised head. One task at a time leaves multitune as a stock model through
         ``multitune export`` (:mod:`multitune.export`).
+
+        ``weights``: the full state dict to write instead of the modules' own (a model sharded by FSDP, whose
+        own are shards; gathered by :func:`multitune.training.distributed.full_state_dict`).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+
+        def part(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+            if weights is None:
+                return module.state_dict()
+            return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
         backbone_dir = path / BACKBONE_DIR
-        self.backbone.save_pretrained(backbone_dir, safe_serialization=True)
+        self.backbone.save_pretrained(backbone_dir, safe_serialization=True,
+                                      state_dict=None if weights is None else part(self.backbone, "backbone."))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(backbone_dir)
-        heads = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
+        heads = {k: v.detach().cpu().contiguous() for k, v in part(self.heads, "heads.").items()}
         save_file(heads, str(path / HEADS_FILE), metadata={"format": "multitune-heads"})
         if self.adapters is not None:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.adapters.state_dict().items()}
+            state = {k: v.detach().cpu().contiguous() for k, v in part(self.adapters, "adapters.").items()}
             save_file(state, str(path / ADAPTERS_FILE), metadata={"format": "multitune-adapters"})
         if self.adapters is None and self.architecture.type_name == "encoder":
             write_sentence_transformers_layout(path, BACKBONE_DIR, self.pooling, self.normalize_embeddings,

@@ -49,6 +49,7 @@ class IA3Method(AdapterMethod):
     config_class = IA3Config
     mergeable = True
     peft_type = "IA3"
+    default_learning_rate = 3e-3  # Liu et al. 2022 (T-Few) train the IA3 vectors at 3e-3
 
     def __init__(self, config, backbone, architecture):
         super().__init__(config, backbone, architecture)

@@ -94,6 +94,8 @@ class PromptTuningMethod(_SoftPromptMethod):
     peft_inexact = ("PEFT's prompt tuning keeps the virtual positions in the token states (heads and the decoder "
                     "see them), multitune removes them")
     families = ("encoder", "encoder_decoder")
+    # Lester et al. 2021 train prompts at 0.3 with Adafactor; with AdamW about a tenth of it is the usual choice
+    default_learning_rate = 3e-2
 
     def new_adapter(self, backbone, path, module):
         return SoftPromptAdapter(_vocab_sample(module.get_input_embeddings(), self.options.num_virtual_tokens))
@@ -133,6 +135,8 @@ class PrefixTuningMethod(_SoftPromptMethod):
     peft_inexact = ("PEFT's task classes cannot run prefix tuning on this backbone (its forward takes no "
                     "past_key_values argument)")
     families = ("encoder",)
+    # without Li & Liang's reparametrising MLP the prefix is trained directly: PEFT-style setups use 1e-3 to 1e-2
+    default_learning_rate = 3e-3
 
     def _shape(self, backbone):
         cfg = backbone.config

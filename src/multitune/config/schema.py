@@ -284,6 +284,8 @@ class FreezeConfig:
 
     backbone: bool = field(False, help="freeze the whole backbone: feature extraction, only heads train")
     embeddings: bool = field(False, help="freeze the embedding layer")
+    word_embeddings: bool = field(False, help="freeze the word-embedding matrix only (position embeddings and "
+                                              "the embedding norm still train)")
     layers: list[int] | None = field(None, help="[first, last]: freeze backbone layers first..last (0-based, "
                                                 "inclusive)")
     heads: list[str] | None = field(None, help="task names whose heads stay frozen (e.g. keep a finished task)")

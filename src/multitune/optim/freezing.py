@@ -26,9 +26,10 @@ def apply_freezing(backbone: nn.Module, heads: nn.ModuleDict, config: FreezeConf
         raise ConfigError("freeze.layers", f"the backbone has {num_layers} layers (0..{num_layers - 1}), "
                                            f"got {config.layers}")
     frozen = 0
+    words = backbone.get_input_embeddings().weight if config.word_embeddings else None
     for name, p in named:
         d = depths[name]
-        if (config.backbone or (config.embeddings and d == EMBEDDINGS)
+        if (config.backbone or (config.embeddings and d == EMBEDDINGS) or p is words
                 or (config.layers is not None and config.layers[0] + 1 <= d <= config.layers[1] + 1)):
             p.requires_grad_(False)
             frozen += p.numel()

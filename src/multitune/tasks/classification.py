@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 from torch import nn
 from torch.nn import functional as F
 
@@ -16,6 +15,7 @@ from multitune.config.parse import field
 from multitune.config.schema import TaskConfig
 from multitune.data.readers import rows_where
 from multitune.errors import ConfigError, DataError, shown
+from multitune.tasks import metrics as task_metrics
 from multitune.tasks.base import (
     DENSE_CONFUSION_LABELS,
     PROBE_TEXTS,
@@ -264,14 +264,14 @@ class ClassificationTask(Task):
             for i, (p, ex) in enumerate(zip(predictions, examples)):
                 gold[i, [self.label_index[lab] for lab in self._example_labels(ex)]] = 1
                 pred[i, [self.label_index[lab] for lab in p["labels"]]] = 1
-            metrics = {"accuracy": float(accuracy_score(gold, pred)),
-                       "micro_f1": float(f1_score(gold, pred, average="micro", zero_division=0)),
-                       "macro_f1": float(f1_score(gold, pred, average="macro", zero_division=0))}
+            metrics = {"accuracy": task_metrics.accuracy(gold, pred),
+                       "micro_f1": task_metrics.micro_f1(gold, pred),
+                       "macro_f1": task_metrics.macro_f1(gold, pred)}
             return metrics | self._per_label(gold, pred)
         gold = [self.label_index[self._example_labels(ex)[0]] for ex in examples]
         pred = [self.label_index[p["label"]] for p in predictions]
-        metrics = {"accuracy": float(accuracy_score(gold, pred)),
-                   "macro_f1": float(f1_score(gold, pred, average="macro", labels=list(range(n)), zero_division=0)),
+        metrics = {"accuracy": task_metrics.accuracy(gold, pred),
+                   "macro_f1": task_metrics.macro_f1(gold, pred, n),
                    "mcc": matthews_correlation(gold, pred, n)}
         per_label = self._per_label(gold, pred)
         if self.positive is not None:
@@ -280,8 +280,7 @@ class ClassificationTask(Task):
 
     def _per_label(self, gold: Any, pred: Any) -> dict[str, float]:
         """``precision/<label>``, ``recall/<label>``, ``f1/<label>`` (class indices or indicator matrices)."""
-        prec, rec, f1, _ = precision_recall_fscore_support(gold, pred, labels=list(range(len(self.labels))),
-                                                           average=None, zero_division=0)
+        prec, rec, f1 = task_metrics.label_scores(gold, pred, len(self.labels))
         metrics = {}
         for i, lab in enumerate(self.labels):
             metrics[f"precision/{lab}"] = float(prec[i])

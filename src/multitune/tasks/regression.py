@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import pearsonr, spearmanr
 from torch import nn
 from torch.nn import functional as F
 
 from multitune.config.parse import field
 from multitune.config.schema import TaskConfig
 from multitune.errors import ConfigError, DataError
+from multitune.tasks import metrics as task_metrics
 from multitune.tasks.base import (
     PROBE_TEXTS,
     SENTENCE_HEADS,
@@ -288,5 +288,5 @@ class RegressionTask(Task):
         if len(gold) < 2 or np.std(pred) == 0 or np.std(gold) == 0:
             pearson = spearman = 0.0  # undefined for constant predictions: count as no correlation
         else:
-            pearson, spearman = float(pearsonr(pred, gold)[0]), float(spearmanr(pred, gold)[0])
+            pearson, spearman = task_metrics.pearson(pred, gold), task_metrics.spearman(pred, gold)
         return {"pearson": pearson, "spearman": spearman, "mse": float(np.mean((pred - gold) ** 2))}

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import sacrebleu
-from sklearn.metrics import f1_score
 from torch import nn
 
 from multitune.config.parse import field
 from multitune.config.schema import TaskConfig
 from multitune.errors import ConfigError
+from multitune.tasks import metrics as task_metrics
 from multitune.tasks.base import IGNORE_INDEX, TASKS, ExportSpec, Task, TaskOutput
 
 # targets with at most this many distinct values, each seen ~10 times on average, form a label set
@@ -151,8 +151,7 @@ class Text2TextTask(Task):
             gold = [index.get(_norm(r), -1) for r in refs]
             pred = [index.get(_norm(h), -1) for h in hyps]  # -1: not a label, always wrong
             metrics["accuracy"] = sum(g == p for g, p in zip(gold, pred)) / max(len(gold), 1)
-            metrics["macro_f1"] = float(f1_score(gold, pred, labels=list(range(len(self.labels))),
-                                                 average="macro", zero_division=0))
+            metrics["macro_f1"] = task_metrics.macro_f1(gold, pred, len(self.labels))
             metrics["invalid"] = sum(p == -1 for p in pred) / max(len(pred), 1)
         else:
             metrics["bleu"] = sacrebleu.corpus_bleu(hyps, [refs], lowercase=self.lowercase).score

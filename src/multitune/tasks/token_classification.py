@@ -1,4 +1,4 @@
-"""Token classification (NER and other BIO tagging) with entity-level seqeval metrics."""
+"""Token classification (NER and other BIO tagging) with entity-level (conlleval / seqeval) metrics."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from seqeval.metrics import f1_score, precision_score, recall_score
 from torch import nn
 from torch.nn import functional as F
 
 from multitune.config.parse import field
 from multitune.config.schema import TaskConfig
 from multitune.errors import DataError
+from multitune.tasks import metrics as task_metrics
 from multitune.tasks.base import (
     IGNORE_INDEX,
     PROBE_TEXTS,
@@ -94,7 +94,8 @@ def first_rows(window_of: torch.Tensor) -> torch.Tensor:
 class TokenClassificationTask(Task):
     """Per-word BIO tags; each word's label sits on its first sub-token, the other sub-tokens are ignored.
 
-    Metrics: entity-level ``precision``, ``recall``, ``f1`` (seqeval, exact span and type match).
+    Metrics: entity-level ``precision``, ``recall``, ``f1`` (exact span and type match, the numbers
+    of seqeval and conlleval; see :func:`multitune.tasks.metrics.entity_scores`).
     ``class_weights`` weight the cross-entropy per tag (``balanced``: inverse frequency of the training words'
     tags, counted per word, not per sub-token).
 
@@ -276,9 +277,8 @@ class TokenClassificationTask(Task):
     def compute_metrics(self, predictions, examples) -> dict[str, float]:
         gold = [list(ex["tags"]) for ex in examples]
         pred = [p["tags"] for p in predictions]
-        return {"precision": float(precision_score(gold, pred, zero_division=0)),
-                "recall": float(recall_score(gold, pred, zero_division=0)),
-                "f1": float(f1_score(gold, pred, zero_division=0))}
+        precision, recall, f1 = task_metrics.entity_scores(gold, pred)
+        return {"precision": precision, "recall": recall, "f1": f1}
 
     def export_spec(self) -> ExportSpec:
         """``AutoModelForTokenClassification``: per sub-token ``logits``; a word's tag is its first sub-token's,

@@ -38,6 +38,7 @@ import torch
 from multitune.evaluation.evaluator import selection_value
 from multitune.fileio import files_on_disk
 from multitune.training.checkpoint import rng_states, save_checkpoint
+from multitune.training.distributed import full_state_dict
 from multitune.training.run_dir import CHECKPOINTS
 from multitune.training.state import TrainerState
 
@@ -214,6 +215,7 @@ class Checkpointer(Callback):
     random number stream."""
 
     def on_evaluate(self, run: Run, results: dict[str, dict[str, float]]) -> None:
+        weights = full_state_dict(run.core)  # FSDP: every process takes part in gathering them (else None)
         if not run.main_process:
             return
         rng = rng_states()
@@ -222,11 +224,14 @@ class Checkpointer(Callback):
         if best is not None:
             run.callbacks.fire("on_save", run, best)
             with run.timing_writes():
-                save_checkpoint(best, run.core, run.weighting, None, None, state)
+                save_checkpoint(best, run.core, run.weighting, None, None, state, weights=weights)
         last = run.checkpoint_dir("last")
         run.callbacks.fire("on_save", run, last)
+        # a sharded run's optimizer state is not written: the main process holds only its shard (no resume)
+        optimizer = run.optimizer if weights is None else None
         with run.timing_writes():
-            save_checkpoint(last, run.core, run.weighting, run.optimizer, run.scheduler, state, same_as=best)
+            save_checkpoint(last, run.core, run.weighting, optimizer, run.scheduler, state, same_as=best,
+                            weights=weights)
         torch.set_rng_state(rng["torch"])
 
 

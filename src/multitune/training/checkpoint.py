@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from multitune.errors import MultituneError
 from multitune.fileio import link_or_copy, recover_dir, replace_dir, write_text_atomic
+from multitune.training.distributed import load_weights
 
 STATE_FILE = "trainer_state.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -48,7 +49,8 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, model: nn.Module, weighting: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    scheduler: Any, state: dict, same_as: Path | None = None) -> None:
+                    scheduler: Any, state: dict, same_as: Path | None = None,
+                    weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write a complete checkpoint at ``path`` (atomically replacing an older one).
 
     Args:
@@ -78,7 +80,10 @@ def save_checkpoint(path: Path, model: nn.Module, weighting: nn.Module, optimize
             for name in shared:
                 link_or_copy(same_as / name, tmp / name)
         else:
-            save_model(model, str(tmp / MODEL_WEIGHTS))
+            if weights is None:
+                save_model(model, str(tmp / MODEL_WEIGHTS))
+            else:
+                save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / MODEL_WEIGHTS))
             if weighted:
                 save_model(weighting, str(tmp / WEIGHTING_FILE))
             write_text_atomic(tmp / STATE_FILE, state_text)
@@ -181,7 +186,7 @@ def load_checkpoint(path: Path, model: nn.Module, weighting: nn.Module | None = 
     Only safetensors and ``weights_only`` torch files are read: a checkpoint cannot run code.
     """
     try:
-        load_model(model, str(path / MODEL_WEIGHTS), strict=True)
+        load_weights(model, path / MODEL_WEIGHTS)  # (an FSDP-sharded model: every process takes its shard)
         if weighting is not None and (path / WEIGHTING_FILE).exists():
             load_model(weighting, str(path / WEIGHTING_FILE), strict=True)
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))

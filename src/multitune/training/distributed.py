@@ -11,14 +11,31 @@ Semantics, with ``W`` processes and ``training.batch_size`` ``B``:
   :func:`average_gradients` does the same for parameters outside the DDP module (learned loss weights);
 - every process evaluates every task on the same (identical) weights, so early stopping decides alike;
   only the main process writes files.
+
+Under FSDP2 (``accelerate launch --use_fsdp --fsdp_version 2``) the same holds, with the model's parameters
+sharded over the processes (``torch.distributed.fsdp.fully_shard``) instead of replicated: FSDP reduce-scatters
+the gradients, and whatever reads or writes the whole model goes through the helpers below, which every process
+must call (they gather or scatter):
+
+- :func:`full_state_dict` gathers the full (unsharded) weights onto the main process, which writes them
+  (checkpoints, ``model/``);
+- :func:`load_weights` loads a full weights file into the sharded model;
+- :func:`prepare` registers :meth:`MultiTaskModel.infer` with FSDP, so that evaluation gathers the weights
+  as ``forward`` does.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate import FullyShardedDataParallelPlugin, PartialState
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+from safetensors.torch import load_file, load_model
+
+from multitune.errors import ConfigError, MultituneError
 
 
 def ddp_kwargs() -> list:
@@ -68,3 +85,150 @@ def all_processes(flag: bool, accelerator: Any) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item() == 1.0)
+
+
+def fsdp_on_cpu(accelerator: Any) -> None:
+    """Shard with FSDP2 on CPU processes when the launch asked for FSDP (``accelerate launch --use_fsdp``).
+
+    Accelerate turns a launch into FSDP only on accelerator devices (in ``AcceleratorState.__init__`` the FSDP
+    branch is taken for ``MULTI_GPU``, ``MULTI_XPU``, ... but not ``MULTI_CPU``): on CPU processes (gloo) it
+    silently trains with DDP instead. PyTorch's ``fully_shard`` does run on CPU over gloo, so this sets the
+    state as Accelerate sets it for GPUs (distributed type FSDP, the plugin read from the launcher's ``FSDP_*``
+    environment). Call it right after building the Accelerator; it changes nothing otherwise.
+
+    Raises:
+        MultituneError: the launch asked for FSDP version 1 (only FSDP2 runs on CPU).
+    """
+    state = accelerator.state
+    if accelerator.device.type != "cpu" or accelerator.num_processes == 1 \
+            or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" \
+            or state.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.FSDP):
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment
+    if plugin.fsdp_version != 2:
+        raise MultituneError("FSDP on CPU processes needs FSDP2: launch with --use_fsdp --fsdp_version 2")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state.fsdp_plugin = plugin
+    # both shared states: AcceleratorState copies PartialState's distributed type whenever it is instantiated
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def check_fsdp_run(accelerator: Any, strategy: str, weighting: Any, gradual_unfreezing: bool, affinity_every: int,
+                   resuming: bool) -> None:
+    """Under FSDP, refuse before anything is built what a sharded run does not support: steps that run several
+    forward or backward passes and average gradients themselves (loss weightings that take every task in a
+    step or work on gradients, the affinity probe), gradual unfreezing (it holds the parameters that sharding
+    replaces), and resuming (a checkpoint holds the main process's shard of the optimizer state only).
+
+    Args:
+        strategy, weighting: ``loss_weighting.strategy`` and its class (which declares what a step needs).
+        gradual_unfreezing: ``training.gradual_unfreezing`` is set.
+        affinity_every: ``analysis.affinity_every``.
+        resuming: the run resumes from a checkpoint.
+
+    Raises:
+        ConfigError: naming the field; MultituneError: for ``--resume``.
+    """
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if weighting.needs_all_tasks or weighting.needs_per_task_gradients or weighting.needs_shared_layer:
+        raise ConfigError("loss_weighting.strategy", f"{strategy} is not supported with FSDP (it takes every task "
+                                                     f"in a step, or works on gradients); use a loss-level "
+                                                     f"weighting (sum, static, uncertainty, dwa) or DDP")
+    if gradual_unfreezing:
+        raise ConfigError("training.gradual_unfreezing", "is not supported with FSDP; use DDP")
+    if affinity_every:
+        raise ConfigError("analysis.affinity_every", "the affinity analysis is not supported with FSDP; set it to "
+                                                     "0 or use DDP")
+    if resuming:
+        raise MultituneError("--resume is not supported with FSDP: a checkpoint holds only the main process's "
+                             "shard of the optimizer state; train again, or train with DDP to be able to resume")
+
+
+def prepare(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+            ) -> tuple[torch.nn.Module, Any]:
+    """``accelerator.prepare(model, optimizer)``, and under FSDP2 what the multi-task model needs:
+
+    - with ``--fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP`` and no layer class named, the backbone's
+      transformer layers (its ``_no_split_modules``) are sharded as units; the heads and what is left of the
+      backbone form the root unit;
+    - parameters the optimizer trains outside the model (learned loss weights) stay plain, replicated tensors
+      (Accelerate would look for them in the sharded model), in their place in the optimizer's groups;
+    - :meth:`~multitune.model.MultiTaskModel.infer` (evaluation) gathers the weights as ``forward`` does.
+
+    Returns:
+        ``(model, optimizer)`` as prepared; under FSDP2 the model is the same object, sharded in place, and the
+        optimizer holds its new (sharded) parameters.
+
+    Raises:
+        MultituneError: FSDP version 1 (its flat parameters do not fit the optimizer's groups built here).
+    """
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return accelerator.prepare(model, optimizer)
+    if not accelerator.is_fsdp2:
+        raise MultituneError("FSDP version 1 is not supported: launch with --use_fsdp --fsdp_version 2")
+    from torch.distributed.fsdp import register_fsdp_forward_method
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.auto_wrap_policy is transformer_auto_wrap_policy and not plugin.transformer_cls_names_to_wrap:
+        present = {type(m).__name__ for m in model.modules()}
+        plugin.transformer_cls_names_to_wrap = [n for n in getattr(model.backbone, "_no_split_modules", None) or []
+                                                if n in present]
+    inside = {id(p) for p in model.parameters()}
+    outside = [[(i, p) for i, p in enumerate(g["params"]) if id(p) not in inside] for g in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) in inside]
+    model, optimizer = accelerator.prepare(model, optimizer)
+    for group, kept in zip(optimizer.param_groups, outside):
+        for i, p in kept:  # ascending positions: each goes back where it was
+            group["params"].insert(i, p)
+    register_fsdp_forward_method(model, "infer")
+    return model, optimizer
+
+
+def trained_parameters(model: torch.nn.Module, optimizer: Any) -> list[torch.nn.Parameter]:
+    """The parameters ``optimizer`` trains, in its groups' order; of a model sharded by FSDP2, its (sharded)
+    parameters in the model's order, then those outside it.
+
+    Why the model's order: Accelerate's ``clip_grad_norm_`` under FSDP compares the list it is given with the
+    model's parameters (``parameters == list(model.parameters())``); a list of the same length in another order
+    makes that comparison call ``Tensor.__eq__`` and raise "Boolean value of Tensor with more than one value is
+    ambiguous".
+    """
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    if not sharded(model):
+        return held
+    place = {id(p): i for i, p in enumerate(model.parameters())}
+    return sorted(held, key=lambda p: place.get(id(p), len(place)))
+
+
+def sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP2 (its weights are then read and written by all processes)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full weights of an FSDP2-sharded model, gathered onto the main process (on CPU); an empty dict on the
+    other processes. Every process must call it. None for a model that is not sharded (read it directly)."""
+    if not sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_weights(model: torch.nn.Module, file: Path) -> None:
+    """Load a safetensors file of full weights into ``model`` (strictly). An FSDP2-sharded model takes each
+    process's shard of them: every process must call it, and every process reads ``file``."""
+    if not sharded(model):
+        load_model(model, str(file), strict=True)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, load_file(str(file)), options=StateDictOptions(full_state_dict=True, strict=True))

@@ -22,6 +22,7 @@ from multitune.tasks.prepared import PreparedTask
 from multitune.training.affinity import batches_drawn
 from multitune.training.card import run_model_card
 from multitune.training.checkpoint import disk_full, find_checkpoint, load_checkpoint
+from multitune.training.distributed import full_state_dict
 from multitune.training.progress import print_results_table
 from multitune.training.run_dir import CHECKPOINTS
 from multitune.training.state import TrainerState
@@ -55,9 +56,10 @@ def finish_run(run: Any, setup: Any) -> dict:
     results = build_results(validation, test, calibrated, train_info, {n: p.data.report for n, p in
                                                                        run.prepared.items()},
                             run.tasks, setup.vocab_report, adapter_summary(run.core, run.config, fusion_attention))
+    weights = full_state_dict(run.core)  # FSDP: every process takes part in gathering them (else None)
     if run.main_process:
         with run.timing_writes():
-            save_model(run.core, run.out, run.config, results, run.state.step)
+            save_model(run.core, run.out, run.config, results, run.state.step, weights)
     run.callbacks.fire("on_run_end", run, results)
     if run.main_process:
         write_json_atomic(run.out / "results.json", results)
@@ -174,13 +176,15 @@ def adapter_summary(model: MultiTaskModel, config: RunConfig, fusion_attention: 
     return summary
 
 
-def save_model(core: MultiTaskModel, out: Path, config: RunConfig, results: dict, step: int) -> None:
+def save_model(core: MultiTaskModel, out: Path, config: RunConfig, results: dict, step: int,
+               weights: dict | None = None) -> None:
     """Write ``out/model`` through a temporary directory; a full disk is one line that names the file and the
-    last good checkpoint, and leaves no temporary directory behind."""
+    last good checkpoint, and leaves no temporary directory behind. ``weights``: the model's full weights when
+    they are not ``core``'s own (FSDP, see :func:`multitune.training.distributed.full_state_dict`)."""
     tmp = out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        core.save(tmp, extra={"backbone_source": to_dict(config.backbone), "trained_steps": step})
+        core.save(tmp, extra={"backbone_source": to_dict(config.backbone), "trained_steps": step}, weights=weights)
         run_model_card(tmp, out / "model", {**core.metadata(), "backbone_source": to_dict(config.backbone)},
                        results, to_dict(config))
         replace_dir(tmp, out / "model")

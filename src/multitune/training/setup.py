@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
+from multitune.adapters import METHODS
 from multitune.backbones import load_backbone
 from multitune.backbones.vocab import extend_vocabulary, find_new_words, read_corpus
 from multitune.config.schema import RunConfig, TrainingConfig
@@ -33,7 +34,7 @@ from multitune.sampling import SAMPLERS
 from multitune.sampling.replay import ReplaySampler
 from multitune.tasks import Task
 from multitune.training.batching import TaskBatcher
-from multitune.training.distributed import ddp_kwargs
+from multitune.training.distributed import ddp_kwargs, fsdp_on_cpu
 from multitune.training.hardware import resolve_attention, resolve_precision
 
 
@@ -55,6 +56,7 @@ def build_accelerator(device: str, precision: str) -> tuple[Any, str, bool]:
     resolved = resolve_precision(precision, "cpu" if on_cpu else "cuda")
     accelerator = Accelerator(mixed_precision="bf16" if resolved == "bf16" else "no", cpu=on_cpu,
                               kwargs_handlers=ddp_kwargs())
+    fsdp_on_cpu(accelerator)  # Accelerate would train an FSDP launch on CPU processes with DDP
     if device == "cuda" and not torch.cuda.is_available():
         raise MultituneError("training.device: cuda was asked for but no CUDA device is available")
     return accelerator, resolved, on_cpu
@@ -147,7 +149,7 @@ def build_optimization(model: MultiTaskModel, weighting: torch.nn.Module, config
                                 ("loss_weighting", weighting, *([weighting_lr] if weighting_lr else []))]
     if model.adapters is not None:  # parameter-efficient: the backbone stays frozen, adapters train
         model.backbone.requires_grad_(False)
-        adapter_lr = config.adapters.learning_rate or tcfg.learning_rate
+        adapter_lr = config.adapters.learning_rate or METHODS.get(config.adapters.method).default_learning_rate
         if model.adapters.fusion is not None:  # AdapterFusion: the task adapters stay as trained, fusion learns
             model.adapters.adapters.requires_grad_(False)
             new_modules.append(("fusion", model.adapters.fusion, config.adapters.fusion_learning_rate))

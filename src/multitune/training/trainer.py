@@ -41,6 +41,7 @@ from multitune.training.callbacks import (
     Unfreezing,
 )
 from multitune.training.checkpoint import STATE_FILE, find_checkpoint, load_checkpoint
+from multitune.training.distributed import check_fsdp_run, prepare, sharded, trained_parameters
 from multitune.training.finish import finish_run
 from multitune.training.hardware import bf16_supported
 from multitune.training.loop import train_loop
@@ -134,6 +135,8 @@ def build_run(config: RunConfig, resume: bool, overwrite: bool, console: Console
     prepared = read_task_data(config, tasks)
     resuming = check_run_dir(config, out, resume, overwrite, protect)
     accelerator, precision, on_cpu = build_accelerator(tcfg.device, tcfg.precision)
+    check_fsdp_run(accelerator, config.loss_weighting.strategy, WEIGHTINGS.get(config.loss_weighting.strategy),
+                   tcfg.gradual_unfreezing is not None, config.analysis.affinity_every, resuming)
     if not accelerator.is_main_process:  # several processes (accelerate launch): the main one reports
         console = Console(quiet=True)
     torch.manual_seed(config.seed)
@@ -148,7 +151,10 @@ def build_run(config: RunConfig, resume: bool, overwrite: bool, console: Console
                              accelerator.num_processes)
     if tcfg.compile:  # in place: module names, state-dict keys and hooks stay as they are
         model.architecture.token_model(model.backbone).compile(dynamic=True)
-    wrapped, optimizer = accelerator.prepare(model, opt.optimizer)
+    # before prepare: FSDP replaces the parameters (the table finds the optimizer's by identity)
+    table = parameter_table(opt.groups, model.backbone, opt.new_modules,
+                            opt.unfreezer.unfreeze_steps() if opt.unfreezer else None)
+    wrapped, optimizer = prepare(accelerator, model, opt.optimizer)
     weighting.to(accelerator.device)
     core = accelerator.unwrap_model(wrapped)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
@@ -158,7 +164,7 @@ def build_run(config: RunConfig, resume: bool, overwrite: bool, console: Console
         config, {n: p.features["train"] for n, p in prepared.items()}, tasks, active,
         [n for n in evaluated if n not in active], plan.replay if plan is not None else 0.0, pad_id,
         tcfg.batch_size * accelerator.num_processes)
-    trainable = [p for g in opt.groups for p in g["params"]]
+    trainable = trained_parameters(wrapped, optimizer)
     # what the loss weighting needs from a step (all tasks, per-task gradients of the shared parameters, ...)
     multi = WeightedStep(weighting, sampler, wrapped, core, trainable, accelerator)
     run = Run(config=config, out=out, console=console, accelerator=accelerator, autocast=accelerator.autocast,
@@ -170,8 +176,6 @@ def build_run(config: RunConfig, resume: bool, overwrite: bool, console: Console
               selection_metric=tcfg.early_stopping.metric if tcfg.early_stopping else "mean",
               step_offset=plan.step_offset if plan is not None else 0, staged=plan is not None,
               log=RunLog(out / "metrics.jsonl", accelerator.is_main_process))
-    table = parameter_table(opt.groups, core.backbone, opt.new_modules,
-                            opt.unfreezer.unfreeze_steps() if opt.unfreezer else None)
     setup = Setup(precision, tokenize_s, loaded.vocab_report, table, opt.unfreezer,
                   find_checkpoint(run.checkpoint_dir("last")) if resuming else None)
     if setup.resume_from is not None:  # before anything is written: a checkpoint that does not load changes nothing
@@ -235,8 +239,9 @@ def default_callbacks(run: Run, setup: Setup) -> list[Callback]:
     if tcfg.report_to:
         callbacks.append(Trackers(run.config, run.out))
     callbacks += [ModelSelection(run.selection_metric, tcfg.early_stopping),
+                  # per-task snapshots read the weights on the main process alone: not of a sharded model
                   PerTaskBest(run.checkpoint_dir(PER_TASK_DIR), run.core, run.trainable, run.tasks, run.active,
-                              tcfg.per_task_best, run.main_process, run.log),
+                              tcfg.per_task_best and not sharded(run.core), run.main_process, run.log),
                   SamplerSchedule(run.strategy)]
     if setup.unfreezer is not None:
         callbacks.append(Unfreezing(setup.unfreezer))

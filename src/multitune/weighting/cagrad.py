@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 
 from multitune.config.parse import field
 from multitune.weighting.base import WEIGHTINGS, LossWeighting, WeightingConfig, gradient_stats
@@ -30,6 +29,8 @@ def cagrad_direction(g: torch.Tensor, c: float) -> tuple[torch.Tensor, np.ndarra
     Returns:
         (update, w): the update has the scale of the mean gradient.
     """
+    from scipy.optimize import minimize  # here, not at the top: scipy takes a second to import
+
     k = g.shape[0]
     gram = (g.double() @ g.double().T).cpu().numpy()
     g0_norm = float(np.sqrt(max(gram.mean(), 0.0)) + 1e-8)
