@@ -19,6 +19,7 @@ from multitune.errors import ConfigError
 from multitune.model import MultiTaskModel
 from multitune.tasks import TASKS
 from multitune.training import train
+from multitune.training.setup import ADAPTER_HEAD_LEARNING_RATE
 from tests.conftest import text2text_config, toy_config
 
 ARRANGEMENTS = ["per_task", "shared", "shared_conditioned"]
@@ -206,6 +207,8 @@ def test_train_save_reload_predict(toy_data, tiny_backbone, tmp_path, method, ar
     # adapters train at their method's own rate, not at the backbone's learning_rate
     rates = {r["lr"] for r in table if r["group"].startswith("adapters") and r["trainable"]}
     assert rates == {METHODS.get(method).default_learning_rate} and 5e-3 not in rates
+    # and the heads on the frozen backbone at the larger default for adapter runs
+    assert {r["lr"] for r in table if r["group"].startswith("heads/")} == {ADAPTER_HEAD_LEARNING_RATE}
     # the saved backbone is the untouched pretrained one; adapters sit in their own file
     saved = load_file(str(tmp_path / "run" / "model" / "backbone" / "model.safetensors"))
     original = load_file(f"{tiny_backbone}/model.safetensors")

@@ -205,3 +205,33 @@ def test_layer_range_past_the_backbone_is_an_error(tiny_backbone):
     model, _ = _model(tiny_backbone)
     with pytest.raises(ConfigError, match=r"freeze.layers: the backbone has 2 layers \(0..1\), got \[1, 2\]"):
         apply_freezing(model.backbone, model.heads, FreezeConfig(layers=[1, 2]))
+
+
+@pytest.mark.parametrize("with_mlm", [False, True])
+def test_word_embeddings_are_frozen_by_default_unless_a_task_outputs_through_them(toy_data, tiny_backbone, tmp_path,
+                                                                                 with_mlm):
+    from safetensors.torch import load_file
+
+    from multitune.training import train
+
+    raw = toy_config(toy_data, tiny_backbone, tmp_path / "run", max_steps=4, eval_every=4)
+    if not with_mlm:
+        raw["tasks"].pop("mlm")
+    train(parse_config(raw), progress=False)
+    key = "embeddings.word_embeddings.weight"
+    saved = load_file(str(tmp_path / "run" / "model" / "backbone" / "model.safetensors"))
+    original = load_file(f"{tiny_backbone}/model.safetensors")
+    # the masked-LM head decodes through the word embeddings: they train with it; otherwise they stay
+    assert torch.equal(saved[key], original[key]) is not with_mlm
+    assert not torch.equal(saved["embeddings.position_embeddings.weight"],
+                           original["embeddings.position_embeddings.weight"])
+    row = next(r for r in json.loads((tmp_path / "run" / "parameters.json").read_text())
+               if r["group"] == "backbone/embeddings")
+    assert (row["frozen"] == original[key].numel()) is not with_mlm
+
+
+def test_freeze_none_trains_the_word_embeddings_too(toy_data, tiny_backbone, tmp_path):
+    raw = toy_config(toy_data, tiny_backbone, tmp_path / "run")
+    assert parse_config(raw).freeze.word_embeddings is None  # the default: decided from the backbone and tasks
+    assert parse_config({**raw, "freeze": "none"}).freeze.word_embeddings is False
+    assert parse_config({**raw, "freeze": {"word_embeddings": True}}).freeze.word_embeddings is True

@@ -22,7 +22,8 @@ DEFAULT_BACKBONE = "default"
 SMOLLM2 = "smollm2"
 PACKAGED_BACKBONES = (DEFAULT_BACKBONE, SMOLLM2)
 
-FREEZE_SHORTHANDS = {"none": {}, "backbone": {"backbone": True}, "embeddings": {"embeddings": True}}
+# `none` freezes nothing at all, the word embeddings included (without a freeze section they follow the default)
+FREEZE_SHORTHANDS = {"none": {"word_embeddings": False}, "backbone": {"backbone": True}, "embeddings": {"embeddings": True}}
 SPLITS = ("train", "validation", "test")
 
 logger = logging.getLogger("multitune.config")

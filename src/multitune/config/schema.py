@@ -152,7 +152,7 @@ class TrainingConfig:
                                              "order shuffled): far less padding, the label mix of each batch kept")
     learning_rate: float = field(5e-5, help="learning rate of the backbone", gt=0.0)
     head_learning_rate: float | None = field(None, help="learning rate of task heads and other new parameters "
-                                                        "(default: learning_rate)", gt=0.0)
+                                                        "(default: 1e-2 with adapters, else learning_rate)", gt=0.0)
     layer_lr_decay: float | None = field(None, help="layer-wise LR decay: learning_rate on the top layer, times "
                                                     "this factor per layer downwards, embeddings lowest", gt=0.0,
                                          max=1.0)
@@ -284,8 +284,10 @@ class FreezeConfig:
 
     backbone: bool = field(False, help="freeze the whole backbone: feature extraction, only heads train")
     embeddings: bool = field(False, help="freeze the embedding layer")
-    word_embeddings: bool = field(False, help="freeze the word-embedding matrix only (position embeddings and "
-                                              "the embedding norm still train)")
+    word_embeddings: bool | None = field(None, help="freeze the word-embedding matrix only (position embeddings "
+                                                     "and the embedding norm still train); null (auto): frozen "
+                                                     "on an encoder backbone whose vocabulary is not extended, "
+                                                     "unless a task's output layer is that matrix (masked_lm)")
     layers: list[int] | None = field(None, help="[first, last]: freeze backbone layers first..last (0-based, "
                                                 "inclusive)")
     heads: list[str] | None = field(None, help="task names whose heads stay frozen (e.g. keep a finished task)")

@@ -193,6 +193,8 @@ class Task(ABC):
             that drive the backbone themselves (generation).
         pair_input: prediction inputs are text pairs (``text`` + ``text_pair``); tasks that read pairs set it
             in :meth:`setup` from their training data and keep it in :meth:`state`.
+        outputs_word_embeddings: the task's output layer is the backbone's word-embedding matrix (a masked or
+            causal LM head tied to it), so that matrix must train with the task.
         label_field: the example field holding the task's label names (``label``, ``tags``), whose order a
             dataset's ``ClassLabel`` gives when the config names no labels; None for tasks without a label set.
     """
@@ -206,6 +208,7 @@ class Task(ABC):
     lower_is_better: frozenset[str] = frozenset({"loss"})
     reads_token_states: bool = True
     pair_input: bool = False
+    outputs_word_embeddings: bool = False
     label_field: str | None = None
 
     def __init__(self, name: str, config: TaskConfig):

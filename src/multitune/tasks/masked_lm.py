@@ -62,6 +62,7 @@ class MaskedLMTask(Task):
     required = ("text",)
     main_metric = "accuracy"
     lower_is_better = frozenset({"loss", "perplexity"})
+    outputs_word_embeddings = True  # the head's decoder is the input embedding matrix
 
     def __init__(self, name: str, config: MaskedLMConfig):
         super().__init__(name, config)

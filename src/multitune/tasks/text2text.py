@@ -61,6 +61,7 @@ class Text2TextTask(Task):
     fields = ("source", "target")
     required = ("source", "target")
     main_metric = "bleu"
+    outputs_word_embeddings = True  # T5, BART and most decoder LMs tie their LM head to the input embeddings
     alternative_main_metrics = ("accuracy",)
 
     def __init__(self, name: str, config: Text2TextConfig):

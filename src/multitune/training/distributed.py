@@ -26,6 +26,7 @@ must call (they gather or scatter):
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -188,20 +189,39 @@ def prepare(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Opt
     return model, optimizer
 
 
-def trained_parameters(model: torch.nn.Module, optimizer: Any) -> list[torch.nn.Parameter]:
-    """The parameters ``optimizer`` trains, in its groups' order; of a model sharded by FSDP2, its (sharded)
-    parameters in the model's order, then those outside it.
+def trained_parameters(optimizer: Any) -> list[torch.nn.Parameter]:
+    """The parameters ``optimizer`` trains, in its groups' order (after ``prepare``: under FSDP2 the sharded
+    ones)."""
+    return [p for g in optimizer.param_groups for p in g["params"]]
 
-    Why the model's order: Accelerate's ``clip_grad_norm_`` under FSDP compares the list it is given with the
-    model's parameters (``parameters == list(model.parameters())``); a list of the same length in another order
-    makes that comparison call ``Tensor.__eq__`` and raise "Boolean value of Tensor with more than one value is
-    ambiguous".
+
+def clip_gradients(accelerator: Any, parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of ``parameters`` down to a total L2 norm of ``max_norm`` (``inf``: only measure it);
+    returns the total norm before clipping.
+
+    Under FSDP2 the gradients of sharded parameters are DTensors: their norm is the sum over processes of each
+    shard's squares, while parameters outside the sharded model (learned loss weights) have the same, averaged
+    gradient on every process and count once. Accelerate's ``clip_grad_norm_`` handles FSDP only when the list
+    it is given is exactly the model's parameters (it returns None otherwise), so the FSDP case is done here.
     """
-    held = [p for g in optimizer.param_groups for p in g["params"]]
-    if not sharded(model):
-        return held
-    place = {id(p): i for i, p in enumerate(model.parameters())}
-    return sorted(held, key=lambda p: place.get(id(p), len(place)))
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return accelerator.clip_grad_norm_(parameters, max_norm)
+    from torch.distributed.tensor import DTensor
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    with_grad = [p for p in parameters if p.grad is not None]
+    parts = ([p for p in with_grad if isinstance(p.grad, DTensor)], [p for p in with_grad if not isinstance(p.grad, DTensor)])
+    squares = torch.zeros((), dtype=torch.float32)
+    for part in parts:
+        if part:
+            norm = get_total_norm([p.grad for p in part], 2.0)
+            squares = squares + (norm.full_tensor() if isinstance(norm, DTensor) else norm).float().cpu() ** 2
+    total = squares.sqrt()
+    if math.isfinite(max_norm):
+        for part in parts:
+            if part:
+                clip_grads_with_norm_(part, max_norm, total.to(part[0].grad.device))
+    return total
 
 
 def sharded(model: torch.nn.Module) -> bool:

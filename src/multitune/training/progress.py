@@ -183,7 +183,8 @@ def print_next_steps(console: Console, run_dir: str | Path, tasks: Sequence[str]
 
 
 def fast_path_summary(precision: str, configured: str, native_bf16: bool, grouped: bool,
-                      padding: float | None, other_padding: float | None) -> str:
+                      padding: float | None, other_padding: float | None,
+                      word_embeddings: tuple[int, bool] = (0, False)) -> str:
     """One line on the two settings that decide most of a step's cost, and what turning one off costs here.
 
     Args:
@@ -193,6 +194,8 @@ def fast_path_summary(precision: str, configured: str, native_bf16: bool, groupe
         grouped: ``training.group_by_length``.
         padding: the padding share of an epoch's training tokens as batched in this run.
         other_padding: the same with the other grouping setting.
+        word_embeddings: the word-embedding parameters the default freezes on this backbone (0: none), and
+            whether they are frozen in this run.
 
     Example:
         >>> fast_path_summary("fp32", "fp32", True, False, 0.46, 0.08)
@@ -211,4 +214,9 @@ def fast_path_summary(precision: str, configured: str, native_bf16: bool, groupe
         else:
             parts.append(f"length grouping off: {padding:.0%} of training tokens are padding ({other_padding:.0%} "
                          f"with group_by_length: true)")
+    words, frozen = word_embeddings
+    if words:
+        parts.append(f"word embeddings frozen ({words / 1e6:.1f}M parameters; freeze.word_embeddings: false "
+                     f"trains them)" if frozen else
+                     f"word embeddings train ({words / 1e6:.1f}M parameters; the default freezes them)")
     return "fast path: " + "; ".join(parts)

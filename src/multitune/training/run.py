@@ -24,7 +24,7 @@ from multitune.model import MultiTaskModel
 from multitune.tasks import Task
 from multitune.tasks.prepared import PreparedTask
 from multitune.training.callbacks import Callbacks
-from multitune.training.distributed import all_processes, average_gradients, shard_batch
+from multitune.training.distributed import all_processes, average_gradients, clip_gradients, shard_batch
 from multitune.training.run_dir import CHECKPOINTS
 from multitune.training.state import TrainerState
 
@@ -165,7 +165,7 @@ class Run:
         """
         average_gradients(self.weighting, self.accelerator)  # learned loss weights live outside DDP
         self.multi.combine()
-        return float(self.accelerator.clip_grad_norm_(self.trainable, max_norm or math.inf))
+        return float(clip_gradients(self.accelerator, self.trainable, max_norm or math.inf))
 
     def optimizer_step(self) -> None:
         self.optimizer.step()

@@ -7,6 +7,7 @@ so a run is reproducible and a resumed run bitwise equal): accelerator -> backbo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,8 @@ class Optimization:
     scheduler: Any
     unfreezer: GradualUnfreezer | None
     warmup_steps: int = 0
+    #: word-embedding parameters the default would freeze, and whether they are frozen (the fast-path line)
+    word_embeddings: tuple[int, bool] = (0, False)
 
 
 def build_optimization(model: MultiTaskModel, weighting: torch.nn.Module, config: RunConfig,
@@ -142,8 +145,15 @@ def build_optimization(model: MultiTaskModel, weighting: torch.nn.Module, config
         MultituneError: nothing is left to train.
     """
     tcfg: TrainingConfig = config.training
-    head_lr = tcfg.head_learning_rate or tcfg.learning_rate
-    apply_freezing(model.backbone, model.heads, config.freeze)
+    head_lr = tcfg.head_learning_rate or default_head_learning_rate(config)
+    freeze, by_default = config.freeze, word_embeddings_frozen_by_default(config, model)
+    if freeze.word_embeddings is None:
+        freeze = dataclasses.replace(freeze, word_embeddings=by_default)
+    apply_freezing(model.backbone, model.heads, freeze)
+    words = model.backbone.get_input_embeddings().weight
+    word_embeddings = (words.numel() if by_default and model.adapters is None and not (freeze.backbone or freeze.embeddings)
+                       else 0,
+                       not words.requires_grad)
     weighting_lr = weighting.parameter_learning_rate()
     new_modules: list[tuple] = [("heads", model.heads),
                                 ("loss_weighting", weighting, *([weighting_lr] if weighting_lr else []))]
@@ -166,7 +176,28 @@ def build_optimization(model: MultiTaskModel, weighting: torch.nn.Module, config
     optimizer = build_optimizer(groups, tcfg.learning_rate)
     warmup = schedule_warmup(tcfg)
     scheduler = build_scheduler(optimizer, tcfg.scheduler, warmup, tcfg.max_steps)
-    return Optimization(groups, new_modules, optimizer, scheduler, unfreezer, warmup)
+    return Optimization(groups, new_modules, optimizer, scheduler, unfreezer, warmup, word_embeddings)
+
+
+def word_embeddings_frozen_by_default(config: RunConfig, model: MultiTaskModel) -> bool:
+    """``freeze.word_embeddings: null``: freeze the word-embedding matrix of an encoder whose vocabulary is not
+    extended, unless a task's output layer is that matrix. On the seed mixture, training it did not change the
+    dev metrics (docs/benchmarks.md, "Word embeddings"), while its gradient and AdamW state cost memory and
+    time for a matrix a batch touches a few hundred rows of. New rows of an extended vocabulary must learn."""
+    return (model.architecture.type_name == "encoder" and config.backbone.extend_vocabulary is None
+            and not any(t.outputs_word_embeddings for t in model.tasks.values()))
+
+
+#: the heads' rate on a backbone that adapters keep frozen: at the backbone's 5e-5 (or 1e-3) the seed mixture's
+#: NER head stayed on the all-O plateau for 300 steps with every method; at 1e-2 LoRA and bottleneck adapters
+#: learned it (docs/benchmarks.md, "Full fine-tuning against adapters")
+ADAPTER_HEAD_LEARNING_RATE = 1e-2
+
+
+def default_head_learning_rate(config: RunConfig) -> float:
+    """``training.head_learning_rate`` when it is not set: :data:`ADAPTER_HEAD_LEARNING_RATE` with adapters,
+    else ``training.learning_rate``."""
+    return ADAPTER_HEAD_LEARNING_RATE if config.adapters is not None else config.training.learning_rate
 
 
 def schedule_warmup(tcfg: TrainingConfig) -> int:

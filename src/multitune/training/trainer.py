@@ -82,6 +82,7 @@ class Setup:
     parameters: list[dict]
     unfreezer: Any
     resume_from: Path | None
+    word_embeddings: tuple[int, bool] = (0, False)
 
 
 def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None,
@@ -164,7 +165,7 @@ def build_run(config: RunConfig, resume: bool, overwrite: bool, console: Console
         config, {n: p.features["train"] for n, p in prepared.items()}, tasks, active,
         [n for n in evaluated if n not in active], plan.replay if plan is not None else 0.0, pad_id,
         tcfg.batch_size * accelerator.num_processes)
-    trainable = trained_parameters(wrapped, optimizer)
+    trainable = trained_parameters(optimizer)
     # what the loss weighting needs from a step (all tasks, per-task gradients of the shared parameters, ...)
     multi = WeightedStep(weighting, sampler, wrapped, core, trainable, accelerator)
     run = Run(config=config, out=out, console=console, accelerator=accelerator, autocast=accelerator.autocast,
@@ -177,7 +178,7 @@ def build_run(config: RunConfig, resume: bool, overwrite: bool, console: Console
               step_offset=plan.step_offset if plan is not None else 0, staged=plan is not None,
               log=RunLog(out / "metrics.jsonl", accelerator.is_main_process))
     setup = Setup(precision, tokenize_s, loaded.vocab_report, table, opt.unfreezer,
-                  find_checkpoint(run.checkpoint_dir("last")) if resuming else None)
+                  find_checkpoint(run.checkpoint_dir("last")) if resuming else None, opt.word_embeddings)
     if setup.resume_from is not None:  # before anything is written: a checkpoint that does not load changes nothing
         restore(run, setup.resume_from, accept_changed_data)
     return run, setup
@@ -275,7 +276,8 @@ def open_run_dir(run: Run, setup: Setup, resume: bool, overwrite: bool, plan: St
     active = [run.batchers[n] for n in run.active]
     console.print(fast_path_summary(setup.precision, tcfg.precision, bf16_supported(acc.device),
                                     tcfg.group_by_length, padding_share(active, tcfg.group_by_length),
-                                    padding_share(active, not tcfg.group_by_length)), markup=False, highlight=False)
+                                    padding_share(active, not tcfg.group_by_length), setup.word_embeddings),
+                  markup=False, highlight=False)
     acc.wait_for_everyone()  # every process has checked the run directory before the main one writes
     if run.main_process:
         if plan is not None and plan.before_write is not None:
