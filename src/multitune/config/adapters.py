@@ -56,8 +56,8 @@ class AdapterConfig:
                                               "layers for the target tasks (a second stage)",
                              choices=ARRANGEMENTS)
     learning_rate: float | None = field(None, help="learning rate of adapter parameters (default: the "
-                                                   "method's own: 1e-3 for lora, dora and bottleneck, 3e-3 for "
-                                                   "ia3 and prefix, 3e-2 for prompt)", gt=0.0)
+                                                   "method's own: 3e-3 for lora, dora, ia3 and prefix, 1e-3 for "
+                                                   "bottleneck, 3e-2 for prompt)", gt=0.0)
     options: Any = field(None, help="the method's own keys, given flat beside the others; typed by the "
                                     "method's config class once resolved", flat=True)
     fusion_targets: list[str] | None = field(None, help="fusion: tasks that get AdapterFusion layers in the "
