@@ -150,10 +150,10 @@ def build_optimization(model: MultiTaskModel, weighting: torch.nn.Module, config
     if freeze.word_embeddings is None:
         freeze = dataclasses.replace(freeze, word_embeddings=by_default)
     apply_freezing(model.backbone, model.heads, freeze)
+    # for the fast-path line: what the default freezes here (0 where adapters or other settings freeze it anyway)
     words = model.backbone.get_input_embeddings().weight
-    word_embeddings = (words.numel() if by_default and model.adapters is None and not (freeze.backbone or freeze.embeddings)
-                       else 0,
-                       not words.requires_grad)
+    decided = by_default and model.adapters is None and not (freeze.backbone or freeze.embeddings)
+    word_embeddings = (words.numel() if decided else 0, not words.requires_grad)
     weighting_lr = weighting.parameter_learning_rate()
     new_modules: list[tuple] = [("heads", model.heads),
                                 ("loss_weighting", weighting, *([weighting_lr] if weighting_lr else []))]
@@ -182,15 +182,15 @@ def build_optimization(model: MultiTaskModel, weighting: torch.nn.Module, config
 def word_embeddings_frozen_by_default(config: RunConfig, model: MultiTaskModel) -> bool:
     """``freeze.word_embeddings: null``: freeze the word-embedding matrix of an encoder whose vocabulary is not
     extended, unless a task's output layer is that matrix. On the seed mixture, training it did not change the
-    dev metrics (docs/benchmarks.md, "Word embeddings"), while its gradient and AdamW state cost memory and
+    dev metrics (docs/benchmarks.md, "Word embeddings frozen by default"), while its gradient and AdamW state cost memory and
     time for a matrix a batch touches a few hundred rows of. New rows of an extended vocabulary must learn."""
     return (model.architecture.type_name == "encoder" and config.backbone.extend_vocabulary is None
             and not any(t.outputs_word_embeddings for t in model.tasks.values()))
 
 
 #: the heads' rate on a backbone that adapters keep frozen: at the backbone's 5e-5 (or 1e-3) the seed mixture's
-#: NER head stayed on the all-O plateau for 300 steps with every method; at 1e-2 LoRA and bottleneck adapters
-#: learned it (docs/benchmarks.md, "Full fine-tuning against adapters")
+#: NER head stayed on the all-O plateau for 300 steps with every method; at 1e-2 every method learned it
+#: (docs/benchmarks.md, "Adapters: learning rates of the adapters and the heads")
 ADAPTER_HEAD_LEARNING_RATE = 1e-2
 
 
