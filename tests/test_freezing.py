@@ -235,3 +235,30 @@ def test_freeze_none_trains_the_word_embeddings_too(toy_data, tiny_backbone, tmp
     assert parse_config(raw).freeze.word_embeddings is None  # the default: decided from the backbone and tasks
     assert parse_config({**raw, "freeze": "none"}).freeze.word_embeddings is False
     assert parse_config({**raw, "freeze": {"word_embeddings": True}}).freeze.word_embeddings is True
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({}, 1e-2),                                        # linear heads trained from scratch: the measured rate
+    ({"sentiment": {"head": "pooler"}}, 1e-3),         # a head that starts from the pretrained pooler
+    ({"mlm": None}, 1e-3),                             # the masked-LM head: no measured rate
+    ({"training": {"head_learning_rate": 3e-4}}, 3e-4),  # set explicitly
+])
+def test_default_head_learning_rate(toy_data, tiny_backbone, tmp_path, change, expected):
+    from multitune.training import train
+
+    raw = toy_config(toy_data, tiny_backbone, tmp_path / "run", max_steps=1, eval_every=1)
+    keep_mlm = "mlm" in change
+    if not keep_mlm:
+        raw["tasks"].pop("mlm")
+    for task in ("sentiment", "similarity"):
+        raw["tasks"][task]["head"] = "pooled"
+    for key, value in change.items():
+        if key == "training":
+            raw["training"].update(value)
+        elif value is not None:
+            raw["tasks"][key].update(value)
+    train(parse_config(raw), progress=False)
+    table = json.loads((tmp_path / "run" / "parameters.json").read_text())
+    heads = {r["group"]: r["lr"] for r in table if r["group"].startswith("heads/")}
+    assert heads and set(heads.values()) == {expected}
+    assert {r["lr"] for r in table if r["group"].startswith("backbone/") and r["trainable"]} == {1e-3}

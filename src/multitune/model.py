@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,11 @@ from multitune.backbones.loading import check_tokenizer_files, load_exported_bac
 from multitune.backbones.pooling import POOLERS, pool
 from multitune.backbones.sentence_transformers import write_sentence_transformers_layout
 from multitune.config.parse import from_dict, to_dict
+from multitune.data.batches import feature_length, length_batches
 from multitune.errors import ConfigError, InputError, MultituneError, shown
 from multitune.fileio import write_json_atomic
 from multitune.registry import Registry
-from multitune.tasks.base import TASKS, Task, TaskOutput, prediction_examples
+from multitune.tasks.base import TASKS, EncoderCall, Task, TaskOutput, prediction_examples
 from multitune.tasks.mixed import predict_mixed
 
 MODEL_FILE = "multitune.json"
@@ -65,6 +66,28 @@ class ModelFormat:
 #: the other model formats :func:`load` reads, by name; ``multitune.onnx`` registers ``onnx`` (ONNX Runtime)
 #: and is imported on the first lookup (plugin loading, see :mod:`multitune.registry`)
 MODEL_FORMATS: Registry[ModelFormat] = Registry("model format", plugins=["multitune.onnx"])
+
+
+class _SharedStates:
+    """The token states of one backbone pass over several ``encode`` calls' inputs, handed out call by call
+    (:meth:`MultiTaskModel.shared_encoding`)."""
+
+    def __init__(self, calls: Sequence[EncoderCall], states: torch.Tensor):
+        self.calls = list(calls)
+        self.states = states.split([len(ids) for ids, _, _ in self.calls])
+        self.taken = 0
+
+    def take(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+             ) -> torch.Tensor:
+        if self.taken == len(self.calls) or not all(
+                a is b or (a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a, b)))
+                for a, b in zip(self.calls[self.taken], (input_ids, attention_mask, token_type_ids))):
+            raise MultituneError(f"encode call {self.taken + 1} inside a shared backbone pass is not the one its "
+                                 f"task declared (Task.encoder_inputs must list the encode calls of the task's "
+                                 f"forward pass, in order)")
+        states = self.states[self.taken][:, :input_ids.shape[1]]
+        self.taken += 1
+        return states
 
 
 class MultiTaskModel(nn.Module):
@@ -107,6 +130,8 @@ class MultiTaskModel(nn.Module):
         for name, task in self.tasks.items():
             task.warm_start_head(self.heads[name], backbone)
         self.inference_precision = "fp32"
+        self.unpadded = False  # training.unpadded: the encoder on real tokens only (multitune.backbones.unpadded)
+        self._shared: _SharedStates | None = None  # inside shared_encoding: the states encode hands out
         self.adapters = None
         if adapters is not None:
             self.adapters = AdapterSet(adapters, backbone, self.architecture, list(self.tasks))
@@ -115,10 +140,71 @@ class MultiTaskModel(nn.Module):
         """Context in which the backbone runs with ``task``'s adapter (a name per row for a mixed batch)."""
         return self.adapters.route(task) if self.adapters is not None else contextlib.nullcontext()
 
+    def shares_backbone(self, tasks: Sequence[str]) -> bool:
+        """Whether the backbone computes the same token states for every task of ``tasks``, so that one pass can
+        serve them all: without adapters, or when all of them use one adapter with no per-task conditioning (a
+        ``shared`` arrangement; not per-task adapters, task embeddings or AdapterFusion)."""
+        a = self.adapters
+        if a is None:
+            return True
+        return a.task_embeddings is None and a.fusion is None and len({a.assignment[t] for t in tasks}) == 1
+
+    @contextlib.contextmanager
+    def shared_encoding(self, calls: Sequence[EncoderCall], tasks: Sequence[str]) -> Iterator[None]:
+        """One backbone pass for the ``encode`` calls of several tasks' forward passes (a training step that
+        holds a batch of every task, see :mod:`multitune.training.multistep`).
+
+        The calls' inputs (right-padded, as the collators pad them) are padded to the longest, concatenated
+        along the batch and encoded at once; inside the block each :meth:`encode` call (:meth:`embed` makes
+        one) gets the next call's rows of that pass, cut back to its own length, so that heads, pooling and
+        losses run as on a pass of their own. A row's real tokens attend to real tokens only, so their states
+        do not depend on the padding added (up to the rounding of kernels of another shape); a task's loss
+        back-propagates into the backbone through its own rows.
+
+        Args:
+            calls: every ``(input_ids, attention_mask, token_type_ids or None)`` the block will encode, in order
+                (:meth:`~multitune.tasks.base.Task.encoder_inputs` of each task served).
+            tasks: the tasks served; they must share the backbone (:meth:`shares_backbone`).
+
+        Raises:
+            MultituneError: the tasks do not share the backbone, or the blocks nest; inside the block, an
+                ``encode`` call other than the next of ``calls``; leaving the block with calls not made.
+        """
+        if not self.shares_backbone(tasks) or self._shared is not None:
+            raise MultituneError(f"tasks {', '.join(tasks)} cannot share one backbone pass (per-task adapters, "
+                                 f"or a shared pass already open)")
+        width = max(ids.shape[1] for ids, _, _ in calls)
+        # the positions added are masked out: no real token attends to them, whatever their id
+        pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
+
+        def joined(parts: list[torch.Tensor], value: int) -> torch.Tensor:
+            return torch.cat([F.pad(t, (0, width - t.shape[1]), value=value) for t in parts])
+
+        types = None
+        if any(tt is not None for _, _, tt in calls):
+            types = joined([torch.zeros_like(ids) if tt is None else tt for ids, _, tt in calls], 0)
+        with self.route(tasks[0]):
+            states = self.encode(joined([c[0] for c in calls], pad_id), joined([c[1] for c in calls], 0), types)
+        self._shared = _SharedStates(calls, states)
+        try:
+            yield
+            if self._shared.taken < len(calls):
+                raise MultituneError(f"a shared backbone pass encoded {len(calls)} inputs and its tasks used "
+                                     f"{self._shared.taken} (Task.encoder_inputs must list the encode calls of "
+                                     f"the task's forward pass)")
+        finally:
+            self._shared = None
+
     # -- building blocks used by tasks -----------------------------------------------------
     def encode(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        """Token states [batch, tokens, hidden] for head tasks (the encoder's on an encoder-decoder)."""
-        states = self.architecture.hidden_states(self.backbone, input_ids, attention_mask, token_type_ids)
+        """Token states [batch, tokens, hidden] for head tasks (the encoder's on an encoder-decoder); inside
+        :meth:`shared_encoding`, this call's rows of the shared pass."""
+        if self._shared is not None:
+            return self._shared.take(input_ids, attention_mask, token_type_ids)
+        # a mixed-task batch (adapters routed per row) runs padded: the adapters' hooks pick per padded row
+        unpadded = self.unpadded and not (self.adapters is not None and self.adapters.router.per_row)
+        states = self.architecture.hidden_states(self.backbone, input_ids, attention_mask, token_type_ids,
+                                                 unpadded=unpadded)
         # a bf16 inference backbone hands fp32 states to the heads (autocast training keeps its own dtypes)
         return states.float() if self.inference_precision == "bf16" else states
 
@@ -177,13 +263,14 @@ class MultiTaskModel(nn.Module):
 
     # -- inference -------------------------------------------------------------------------
     def _batches(self, task: Task, examples: list[dict], batch_size: int):
-        """Yield (indices, batch) in length order, so that padding is small; callers restore order."""
+        """Yield (indices, batch) in length order, so that padding is small, at most ``batch_size`` rows and
+        :data:`~multitune.data.batches.EVAL_BATCH_TOKENS` padded tokens a batch; callers restore order."""
         feats = task.encode(examples, self.tokenizer, self.max_length)
-        order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
         pad_id = self.tokenizer.pad_token_id or 0
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        start = 0
+        for idx in length_batches([feature_length(f) for f in feats], batch_size):
             batch = task.collate([feats[i] for i in idx], pad_id, torch.Generator().manual_seed(start))
+            start += len(idx)
             yield idx, {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.inference_mode()

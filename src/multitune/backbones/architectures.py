@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch.nn import functional as F
 
+from multitune.backbones.unpadded import runs_unpadded, unpadded_hidden_states
 from multitune.registry import Registry
 
 ARCHITECTURES: Registry[type[BackboneArchitecture]] = Registry("backbone type")
@@ -63,9 +64,15 @@ class BackboneArchitecture:
         return model
 
     def hidden_states(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Token states [batch, tokens, hidden] for head tasks."""
+                      token_type_ids: torch.Tensor | None = None, unpadded: bool = False) -> torch.Tensor:
+        """Token states [batch, tokens, hidden] for head tasks.
+
+        ``unpadded``: run the token model on the real tokens only where that gives the same states
+        (:mod:`multitune.backbones.unpadded`; zeros at padded positions), else padded, with a warning once.
+        """
         module = self.token_model(model)
+        if unpadded and runs_unpadded(module):
+            return unpadded_hidden_states(module, input_ids, attention_mask, token_type_ids)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and _accepts(module, "token_type_ids"):
             kwargs["token_type_ids"] = token_type_ids

@@ -143,6 +143,9 @@ class TrainingConfig:
     max_steps: int = field(1000, help="optimizer steps", min=1)
     batch_size: int = field(32, help="examples per batch (per process)", min=1)
     eval_batch_size: int | None = field(None, help="examples per evaluation batch (default 2x batch_size)", min=1)
+    eval_batch_tokens: int = field(8192, help="padded tokens per evaluation batch at most (rows x the longest "
+                                              "row; a longer input is a batch of its own): bounds evaluation "
+                                              "memory whatever max_length is", min=1)
     gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step", min=1)
     max_length: int = field(128, help="tokens per input after truncation", min=8)
     compile: bool = field(False, help="torch.compile the backbone (dynamic shapes); costs a one-off compile time, "
@@ -150,9 +153,17 @@ class TrainingConfig:
     group_by_length: bool = field(True, help="batch rows of similar length together (seeded windows of 50 "
                                              "batches sorted by length within each task's label strata, batch "
                                              "order shuffled): far less padding, the label mix of each batch kept")
+    unpadded: bool = field(False, help="in training and evaluation, run the encoder's token-wise layers (embeddings, "
+                                       "projections, feed-forward, layer norms) on the real tokens only, attention "
+                                       "per row: the same results as padded, less compute on padded batches; "
+                                       "BERT-layout encoders (bert, roberta, xlm-roberta, camembert, "
+                                       "data2vec-text, electra), not with prompt or prefix adapters (these run "
+                                       "padded, with a warning)")
     learning_rate: float = field(5e-5, help="learning rate of the backbone", gt=0.0)
     head_learning_rate: float | None = field(None, help="learning rate of task heads and other new parameters "
-                                                        "(default: 1e-2 with adapters, else learning_rate)", gt=0.0)
+                                                        "(default: 1e-2 with adapters or when every head is a "
+                                                        "linear head trained from scratch, else learning_rate)",
+                                                   gt=0.0)
     layer_lr_decay: float | None = field(None, help="layer-wise LR decay: learning_rate on the top layer, times "
                                                     "this factor per layer downwards, embeddings lowest", gt=0.0,
                                          max=1.0)
@@ -196,6 +207,9 @@ class TrainingConfig:
                                                          metadata={"internal": True})
 
     def validate(self, path: str) -> None:
+        if self.unpadded and self.compile:
+            raise ConfigError(f"{path}.unpadded", "not with compile: torch.compile compiles the backbone's forward, "
+                                                  "which unpadded execution does not call; set one of them")
         for i, tracker in enumerate(self.report_to):
             check_field(tracker, {"choices": TRACKERS}, f"{path}.report_to[{i}]")
         if self.mlflow_tracking_uri is not None and "mlflow" not in self.report_to:

@@ -7,23 +7,27 @@ from typing import Any
 
 import torch
 
+from multitune.data.batches import EVAL_BATCH_TOKENS, feature_length, length_batches
 from multitune.tasks.base import Task
 
 
-def eval_batches(task: Task, features: Sequence[dict], batch_size: int, pad_token_id: int):
-    """Yield ``(indices, batch)`` over all features in length order (less padding); order is restored
-    by the caller through the indices. A fixed generator keeps evaluation masks identical across evals."""
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+def eval_batches(task: Task, features: Sequence[dict], batch_size: int, pad_token_id: int,
+                 max_tokens: int | None = EVAL_BATCH_TOKENS):
+    """Yield ``(indices, batch)`` over all features in length order (less padding), at most ``batch_size`` rows
+    and ``max_tokens`` padded tokens a batch; order is restored by the caller through the indices. A fixed
+    generator keeps evaluation masks identical across evals."""
+    start = 0
+    for idx in length_batches([feature_length(f) for f in features], batch_size, max_tokens):
         yield idx, task.collate([features[i] for i in idx], pad_token_id,
                                 torch.Generator().manual_seed(getattr(task.config, "eval_seed", 0) + start))
+        start += len(idx)
 
 
 @torch.inference_mode()
 def evaluate_task(model: Any, task: Task, features: Sequence[dict], examples: Sequence[dict], batch_size: int,
-                  pad_token_id: int) -> tuple[dict[str, float], list[Any]]:
-    """Predict every example of a split and score the predictions.
+                  pad_token_id: int, max_tokens: int | None = EVAL_BATCH_TOKENS) -> tuple[dict[str, float], list[Any]]:
+    """Predict every example of a split and score the predictions, in batches of at most ``batch_size`` rows and
+    ``max_tokens`` padded tokens.
 
     Returns:
         (metrics, predictions in the order of ``examples``).
@@ -33,7 +37,7 @@ def evaluate_task(model: Any, task: Task, features: Sequence[dict], examples: Se
     device = next(model.parameters()).device
     predictions: list[Any] = [None] * len(examples)
     try:
-        for idx, batch in eval_batches(task, features, batch_size, pad_token_id):
+        for idx, batch in eval_batches(task, features, batch_size, pad_token_id, max_tokens):
             batch = {k: v.to(device) for k, v in batch.items()}
             out = model.infer(task.name, batch)
             for i, p in zip(idx, task.decode(out, batch, [examples[i] for i in idx])):

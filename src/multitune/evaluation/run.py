@@ -35,7 +35,10 @@ def evaluate_run(run_dir: str | Path, split: str = "validation", overrides: list
             continue
         feats = p.task.encode(p.data.splits[split], model.tokenizer, model.max_length)
         pad = model.tokenizer.pad_token_id or 0
-        results[name] = evaluate_task(model, p.task, feats, p.data.splits[split], 64, pad)[0]
+        # the batches the run evaluated with, so that fp32 metrics repeat to the last digit
+        tcfg = config.training
+        results[name] = evaluate_task(model, p.task, feats, p.data.splits[split],
+                                      tcfg.eval_batch_size or 2 * tcfg.batch_size, pad, tcfg.eval_batch_tokens)[0]
     if not results:
         raise MultituneError(f"{run}: no task has {split} data ({_how_to_get(split)})")
     return {split: results}

@@ -18,10 +18,12 @@ from multitune.errors import ConfigError, DataError, shown
 from multitune.tasks import metrics as task_metrics
 from multitune.tasks.base import (
     DENSE_CONFUSION_LABELS,
+    NEW_HEAD_LEARNING_RATE,
     PROBE_TEXTS,
     SENTENCE_HEADS,
     TASKS,
     CountRow,
+    EncoderCall,
     ExportSpec,
     LinearHead,
     PoolerHead,
@@ -221,6 +223,10 @@ class ClassificationTask(Task):
             return PoolerHead(hidden_size, len(self.labels), self.config.dropout)
         return LinearHead(hidden_size, len(self.labels), self.config.dropout)
 
+    def new_head_learning_rate(self) -> float | None:
+        # measured for the linear head; a pooler head starts from the backbone's pretrained pooler
+        return None if self.head_layout == "pooler" else NEW_HEAD_LEARNING_RATE
+
     def warm_start_head(self, head: nn.Module, backbone: nn.Module) -> None:
         warm_start_pooler(head, backbone)
 
@@ -236,6 +242,9 @@ class ClassificationTask(Task):
             else:
                 loss = F.cross_entropy(logits, batch["labels"], weight=weight)
         return TaskOutput(loss, {"logits": logits})
+
+    def encoder_inputs(self, batch) -> list[EncoderCall]:
+        return [(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))]
 
     # -- results ---------------------------------------------------------------------
     def decode(self, output, batch, examples) -> list[dict]:

@@ -16,9 +16,11 @@ from multitune.config.schema import TaskConfig
 from multitune.errors import ConfigError, DataError
 from multitune.tasks import metrics as task_metrics
 from multitune.tasks.base import (
+    NEW_HEAD_LEARNING_RATE,
     PROBE_TEXTS,
     SENTENCE_HEADS,
     TASKS,
+    EncoderCall,
     ExportSpec,
     PoolerHead,
     Task,
@@ -249,6 +251,10 @@ class RegressionTask(Task):
             return PoolerHead(hidden_size, 1, self.config.dropout)
         return RegressionHead(hidden_size, self.config.dropout)
 
+    def new_head_learning_rate(self) -> float | None:
+        # measured for the cross-encoder's linear head (the bi-encoder has no head parameters)
+        return None if self.head_layout == "pooler" else NEW_HEAD_LEARNING_RATE
+
     def warm_start_head(self, head: nn.Module, backbone: nn.Module) -> None:
         warm_start_pooler(head, backbone)
 
@@ -277,6 +283,12 @@ class RegressionTask(Task):
                 pred = torch.sigmoid(pred)
         loss = F.mse_loss(pred, batch["labels"]) if "labels" in batch else None
         return TaskOutput(loss, {"scores": pred})
+
+    def encoder_inputs(self, batch) -> list[EncoderCall]:
+        calls = [(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))]
+        if self.config.encoder == "bi":  # forward embeds the second texts after the first
+            calls.append((batch["pair_input_ids"], batch["pair_attention_mask"], batch.get("pair_token_type_ids")))
+        return calls
 
     def decode(self, output, batch, examples) -> list[dict]:
         scores = self._unscale(output.outputs["scores"].detach())

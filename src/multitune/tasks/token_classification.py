@@ -18,8 +18,10 @@ from multitune.errors import DataError
 from multitune.tasks import metrics as task_metrics
 from multitune.tasks.base import (
     IGNORE_INDEX,
+    NEW_HEAD_LEARNING_RATE,
     PROBE_TEXTS,
     TASKS,
+    EncoderCall,
     ExportSpec,
     LinearHead,
     Task,
@@ -88,6 +90,14 @@ def window_owners(spans: Sequence[tuple[int, int]], length: int) -> list[int]:
 def first_rows(window_of: torch.Tensor) -> torch.Tensor:
     """The rows of a windowed batch that are an example's first window (``window_of``: example per row)."""
     return torch.cat([window_of.new_ones(1, dtype=torch.bool), window_of[1:] != window_of[:-1]])
+
+
+def _first_windows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch of each example's first window (a batch without extra windows as it is)."""
+    if "window_of" not in batch:
+        return batch
+    first = first_rows(batch["window_of"])
+    return {k: v if k == "labels" else v[first] for k, v in batch.items() if k != "window_of"}
 
 
 @TASKS.register("token_classification")
@@ -214,16 +224,19 @@ class TokenClassificationTask(Task):
                                                for _ in range(1 + len(f.get("windows", ())))])
         return batch
 
+    def new_head_learning_rate(self) -> float | None:
+        return NEW_HEAD_LEARNING_RATE
+
     def build_head(self, hidden_size: int) -> nn.Module:
         return LinearHead(hidden_size, len(self.labels), self.config.dropout)
 
     def forward(self, model, head, batch) -> TaskOutput:
         """The training pass: each example's first window only (a long example trains as if truncated)."""
-        if "window_of" in batch:
-            first = first_rows(batch["window_of"])
-            batch = {k: v if k in ("labels", "window_of") else v[first] for k, v in batch.items()}
-            batch.pop("window_of")
-        return self.infer(model, head, batch)
+        return self.infer(model, head, _first_windows(batch))
+
+    def encoder_inputs(self, batch) -> list[EncoderCall]:
+        batch = _first_windows(batch)
+        return [(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))]
 
     def infer(self, model, head, batch) -> TaskOutput:
         """Logits of every row of the batch (every window of a long example); the loss, when the batch has

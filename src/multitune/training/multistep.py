@@ -15,6 +15,24 @@ their names:
 - after the optimizer step, :meth:`LossWeighting.step` gets the step's mean loss per task and
   (``needs_losses_after_step``) the same batches' losses after the update.
 
+A part of several tasks (one backward pass for all: GradNorm, FAMO, and FAMO's losses after the update)
+runs the backbone once over all its tasks' inputs, concatenated along the batch and padded to the longest
+(:meth:`WeightedStep.losses`, :meth:`~multitune.model.MultiTaskModel.shared_encoding`); each task's head,
+pooling and loss then run on its own rows. Padding every task to the longest one costs compute, so the part
+shares a pass only when that adds at most :data:`MAX_EXTRA_PADDING` padded tokens to those of the tasks' own
+batches (on the seed mixture, SST-2 sentences beside STS-B pairs and WNUT-17 tweets, it adds 58%, and a
+shared pass made a GradNorm step 1.4x slower on CPU; with equal widths it made it 1.2x faster: see
+bench/shared_pass.py). Tasks that do not declare their encoder inputs (text-to-text, masked LM), tasks whose
+backbone computation differs (per-task adapters, task embeddings, AdapterFusion) and forward passes through a
+DDP module keep a forward pass each.
+
+Strategies with per-task gradients (PCGrad, CAGrad) keep one forward pass per task on purpose: after one
+shared forward pass, each task's backward pass would run through the whole concatenated graph (the other
+tasks' rows get zero gradients, but are computed), so N backward passes would cost N x the concatenated
+batch's backward instead of the sum of the per-task ones (a 4-layer BERT, 3 tasks of 16 rows: 314 ms for a
+shared forward pass and 3 backward passes, 106 ms for a forward and backward pass per task; MiniLM on the seed
+mixture, bf16: 1.68 s against 0.60 s).
+
 With several processes (Accelerate/DDP, see :mod:`multitune.training.distributed`), DDP cannot sync a
 step of several forward passes (one per task) or of several backward passes: such steps run the forward
 passes on the unwrapped model (:attr:`WeightedStep.module`), so DDP does not take part, and
@@ -26,6 +44,7 @@ over processes too, so the strategy's state stays identical on every process.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,7 +53,12 @@ import torch
 from torch import nn
 
 from multitune.errors import ConfigError, MultituneError
+from multitune.tasks.base import EncoderCall
 from multitune.weighting import LossWeighting
+
+#: the padded tokens a shared backbone pass may add, as a share of those of the tasks' own batches: about
+#: what one pass saves on a CPU (a GradNorm step on MiniLM, batches of equal widths: 1.2x faster)
+MAX_EXTRA_PADDING = 0.15
 
 
 def shared_parameters(model: nn.Module, trainable: Sequence[nn.Parameter]) -> list[nn.Parameter]:
@@ -123,6 +147,7 @@ class WeightedStep:
         self.sync_here = accelerator.num_processes > 1 and (weighting.needs_all_tasks or self.per_task)
         self.module = core if self.sync_here else model  # what the loop runs forward passes with
         self.layer: nn.Parameter | None = None
+        self.max_extra_padding = MAX_EXTRA_PADDING
         self.begin()
 
     def begin(self) -> None:
@@ -132,7 +157,7 @@ class WeightedStep:
         self.touched: set[int] = set()
         self.loss_sum = dict.fromkeys(self.names, 0.0)
         self.loss_count = dict.fromkeys(self.names, 0)
-        self.batches: list[tuple[str, dict]] = []
+        self.batches: list[dict[str, dict]] = []
 
     def parts(self) -> list[list[str]]:
         """The tasks of one micro-step, grouped by backward pass."""
@@ -145,10 +170,44 @@ class WeightedStep:
             return {n: 1.0 / len(self.every_task) for n in self.every_task}
         return self.sampler.probabilities()
 
-    def keep(self, name: str, batch: dict) -> None:
-        """Remember a batch of the step when the strategy wants its loss after the update."""
+    def keep(self, batches: dict[str, dict]) -> None:
+        """Remember a part's batches (task -> batch) when the strategy wants their losses after the update."""
         if self.weighting.needs_losses_after_step:
-            self.batches.append((name, batch))
+            self.batches.append(batches)
+
+    def losses(self, batches: dict[str, dict], module: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Each task's loss on its batch of a part (task -> batch, in the part's order): one backbone pass for
+        the tasks that can share one (:meth:`sharing`), a forward pass of its own for each other task.
+
+        Args:
+            batches: task -> batch, on the device.
+            module: what runs the forward passes (default :attr:`module`; the shared pass needs the unwrapped
+                model, as a DDP module syncs gradients per forward pass of its own).
+        """
+        module = self.module if module is None else module
+        shared = self.sharing(batches) if module is self.core else {}
+        calls = [c for own in shared.values() for c in own]
+        out = {}
+        with self.core.shared_encoding(calls, list(shared)) if shared else contextlib.nullcontext():
+            for name in shared:
+                out[name] = module(name, batches[name]).loss
+        for name in batches:
+            if name not in out:
+                out[name] = module(name, batches[name]).loss
+        return {n: out[n] for n in batches}
+
+    def sharing(self, batches: dict[str, dict]) -> dict[str, list[EncoderCall]]:
+        """The tasks of a part that one backbone pass serves, with their encoder inputs: those that declare them
+        (:meth:`~multitune.tasks.base.Task.encoder_inputs`), when there are two or more, the backbone computes
+        the same for all of them (:meth:`~multitune.model.MultiTaskModel.shares_backbone`) and padding them to
+        the longest adds at most ``max_extra_padding`` (:data:`MAX_EXTRA_PADDING`) padded tokens; else none."""
+        declared = {n: self.core.tasks[n].encoder_inputs(b) for n, b in batches.items()}
+        shared = {n: calls for n, calls in declared.items() if calls is not None}
+        if len(shared) < 2 or not self.core.shares_backbone(list(shared)):
+            return {}
+        ids = [c[0] for calls in shared.values() for c in calls]
+        own = sum(i.numel() for i in ids)
+        return shared if sum(map(len, ids)) * max(i.shape[1] for i in ids) <= (1 + self.max_extra_padding) * own else {}
 
     def weigh(self, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss weighting applied to a part's losses."""
@@ -209,9 +268,10 @@ class WeightedStep:
         if self.weighting.needs_losses_after_step:
             sums, counts = dict.fromkeys(self.names, 0.0), dict.fromkeys(self.names, 0)
             with torch.no_grad(), autocast():
-                for name, batch in self.batches:
-                    sums[name] += float(self.core(name, batch).loss)
-                    counts[name] += 1
+                for batches in self.batches:
+                    for name, loss in self.losses(batches, self.core).items():
+                        sums[name] += float(loss)
+                        counts[name] += 1
             after = self._means(sums, counts)
         self.weighting.step(before, after)
 

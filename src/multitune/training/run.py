@@ -127,12 +127,14 @@ class Run:
         return self.multi.parts()
 
     def forward(self, part: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Draw one batch of each task of ``part``, count its rows and tokens, and compute the weighted loss.
+        """Draw one batch of each task of ``part``, count its rows and tokens, and compute the weighted loss
+        (with one backbone pass for the tasks of the part that can share one, see
+        :meth:`~multitune.training.multistep.WeightedStep.losses`).
 
         Returns:
             ``(combined loss, per-task loss values)``.
         """
-        losses: dict[str, torch.Tensor] = {}
+        batches: dict[str, dict] = {}
         acc = self.accelerator
         for name in part:
             batch = self.batchers[name].next_batch()
@@ -140,10 +142,10 @@ class Run:
             self.state.real_tokens += int(batch["attention_mask"].sum())
             self.state.padded_tokens += batch["attention_mask"].numel()
             shard = shard_batch(batch, acc.process_index, acc.num_processes)
-            batch = {k: v.to(acc.device) for k, v in shard.items()}
-            with self.autocast():
-                losses[name] = self.multi.module(name, batch).loss  # the DDP model, or the plain one
-            self.multi.keep(name, batch)
+            batches[name] = {k: v.to(acc.device) for k, v in shard.items()}
+        with self.autocast():
+            losses = self.multi.losses(batches)  # through the DDP model, or the plain one
+        self.multi.keep(batches)
         combined, _ = self.multi.weigh(losses)  # the weights are logged from the weighting itself
         return combined, {n: float(loss.detach()) for n, loss in losses.items()}
 
@@ -194,7 +196,8 @@ class Run:
                 if split in p.features and n in self.evaluated:
                     # in fp32 whatever training.precision says: the metrics are those of the model a user loads
                     results[n], preds = evaluate_task(self.core, p.task, p.features[split], p.data.splits[split],
-                                                      tcfg.eval_batch_size or 2 * tcfg.batch_size, self.pad_id)
+                                                      tcfg.eval_batch_size or 2 * tcfg.batch_size, self.pad_id,
+                                                      tcfg.eval_batch_tokens)
                     if predictions is not None:
                         predictions[n] = preds
         finally:

@@ -105,6 +105,7 @@ def build_model(config: RunConfig, tasks: dict[str, Task], backbone: Backbone, i
     family = None if config.backbone.type == "auto" else config.backbone.type
     model = MultiTaskModel(backbone.model, tasks, backbone.tokenizer, config.pooling, config.normalize_embeddings,
                            config.training.max_length, architecture=family, adapters=config.adapters)
+    model.unpadded = config.training.unpadded  # decided at the first batch (multitune.backbones.unpadded)
     if init_from is not None:  # heads (and adapters) trained by the previous stage
         model.heads.load_state_dict(load_file(str(init_from / HEADS_FILE)), strict=True)
         if model.adapters is not None and (init_from / ADAPTERS_FILE).is_file():
@@ -145,7 +146,7 @@ def build_optimization(model: MultiTaskModel, weighting: torch.nn.Module, config
         MultituneError: nothing is left to train.
     """
     tcfg: TrainingConfig = config.training
-    head_lr = tcfg.head_learning_rate or default_head_learning_rate(config)
+    head_lr = tcfg.head_learning_rate or default_head_learning_rate(config, model)
     freeze, by_default = config.freeze, word_embeddings_frozen_by_default(config, model)
     if freeze.word_embeddings is None:
         freeze = dataclasses.replace(freeze, word_embeddings=by_default)
@@ -194,10 +195,17 @@ def word_embeddings_frozen_by_default(config: RunConfig, model: MultiTaskModel) 
 ADAPTER_HEAD_LEARNING_RATE = 1e-2
 
 
-def default_head_learning_rate(config: RunConfig) -> float:
-    """``training.head_learning_rate`` when it is not set: :data:`ADAPTER_HEAD_LEARNING_RATE` with adapters,
-    else ``training.learning_rate``."""
-    return ADAPTER_HEAD_LEARNING_RATE if config.adapters is not None else config.training.learning_rate
+def default_head_learning_rate(config: RunConfig, model: MultiTaskModel) -> float:
+    """``training.head_learning_rate`` when it is not set: :data:`ADAPTER_HEAD_LEARNING_RATE` with adapters;
+    on a fine-tuned backbone, the tasks' own rate (:meth:`~multitune.tasks.base.Task.new_head_learning_rate`)
+    when every task with head parameters has one (the lowest), else ``training.learning_rate``."""
+    if config.adapters is not None:
+        return ADAPTER_HEAD_LEARNING_RATE
+    rates = [model.tasks[n].new_head_learning_rate() for n, head in model.heads.items()
+             if any(True for _ in head.parameters())]
+    if rates and None not in rates:
+        return min(r for r in rates if r is not None)
+    return config.training.learning_rate
 
 
 def schedule_warmup(tcfg: TrainingConfig) -> int:
