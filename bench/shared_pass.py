@@ -41,7 +41,7 @@ STRATEGIES = ("gradnorm", "famo")
 VARIANTS = ("per_task", "shared")
 TOKEN_SAMPLE = 200  # step batch sets drawn for the token counts
 
-from perf.common import machine_info  # noqa: E402  (bench/perf/, next to this script)
+from perf.common import machine_info, machine_line, write_results  # noqa: E402  (bench/perf/, next to this script)
 
 from multitune.training.multistep import MAX_EXTRA_PADDING  # noqa: E402
 
@@ -208,9 +208,8 @@ def report(suite: dict) -> str:
              "averages below): wall times are the least disturbed runs, not a quiet machine's; the CPU seconds "
              "of one thread are the least sensitive to that. `equal widths`: the same batches cut to the narrowest task's width, so "
              "that the concatenation adds no padding (what one pass gains apart from the padding it adds).",
-             "", f"Machine: {m.get('cpu')}, {m.get('cpus')} cores, "
-             f"bf16 native: {m.get('bf16_native')}, load average at the start {m.get('load_average')}, at the end "
-             f"{suite.get('load_average_end')}; repeats {suite['repeats']}, batch sets {suite['batch_sets']}.", "",
+             "", machine_line(m, m.get("load_average"), suite.get("load_average_end"))
+             + f" Repeats {suite['repeats']}, batch sets {suite['batch_sets']}.", "",
              "| precision | threads | strategy | batches | pass per task: wall / CPU s | shared pass: wall / CPU s "
              "| speed-up wall / CPU | median wall s (per task / shared) |", "|---|---:|---|---|---:|---:|---:|---|"]
     for res in suite["runs"]:
@@ -265,12 +264,7 @@ def main() -> None:
                                 str(out)], check=True, cwd=REPO)
                 suite["runs"].append(json.loads(out.read_text()))
     suite["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    results = REPO / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"shared-pass-{date}.json").write_text(json.dumps(suite, indent=1) + "\n")
-    text = report(suite)
-    (results / f"shared-pass-{date}.md").write_text(text)
-    print(text)
+    write_results(f"shared-pass-{date}", suite, report(suite))
 
 
 if __name__ == "__main__":

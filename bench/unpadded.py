@@ -38,7 +38,7 @@ DATA = REPO.parent / "shared" / "data"
 VARIANTS = (("padded", "eager"), ("unpadded", "eager"), ("padded", "sdpa"), ("unpadded", "sdpa"))
 WORKLOADS = ("grouped", "ungrouped")
 
-from perf.common import machine_info  # noqa: E402  (bench/perf/, next to this script)
+from perf.common import machine_info, machine_line, write_results  # noqa: E402  (bench/perf/, next to this script)
 
 
 class _SentenceTask:
@@ -168,12 +168,7 @@ def main() -> None:
             print(json.dumps({"threads": threads, workload: run["workloads"][workload]}), flush=True)
         info["runs"].append(run)
     info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    results = REPO / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"unpadded-{info['date']}.json").write_text(json.dumps(info, indent=1) + "\n")
-    text = report(info)
-    (results / f"unpadded-{info['date']}.md").write_text(text)
-    print(text)
+    write_results(f"unpadded-{info['date']}", info, report(info))
 
 
 def report(info: dict) -> str:
@@ -184,8 +179,7 @@ def report(info: dict) -> str:
              f"(mean pooling, linear classifier, cross-entropy) per batch: the minimum over {info['repeats']} "
              f"repetitions of each batch, averaged over the batches. The CPU cores are shared with other jobs: "
              f"these are the least disturbed runs, not a quiet machine's.", "",
-             f"Machine: {m.get('cpu')}, {m.get('cpus')} cores, bf16 native: {m.get('bf16_native')}, load average "
-             f"at the start {m.get('load_average')}, at the end {info.get('load_average_end')}.", "",
+             machine_line(m, m.get("load_average"), info.get("load_average_end")), "",
              "| threads | workload | padding | mean width | real tokens | attention | padded (ms) | unpadded (ms) | "
              "speed-up |", "|---:|---|---:|---:|---:|---|---:|---:|---:|"]
     for run in info["runs"]:

@@ -162,7 +162,10 @@ def text2text_config(toy_data: dict[str, Path], backbone, out: Path, tasks=("sen
                                        "data": {"train": {"path": str(toy_data["sent2text"])}}},
                     "translate": {"type": "text2text", "prefix": "translate: ", "max_target_length": 16,
                                   "generation": {"num_beams": 2, "max_new_tokens": 8},
-                                  "data": {"train": {"path": str(toy_data["translate"])}}}}
+                                  "data": {"train": {"path": str(toy_data["translate"])}}},
+                    "chat": {"type": "chat", "generation": {"max_new_tokens": 6},  # decoder_only backbones only
+                             "data": {"train": {"path": str(REPO / "examples" / "data" / "chat" / "train.jsonl"),
+                                                "max_examples": 40}}}}
     raw["tasks"] = {t: raw["tasks"][t] for t in tasks}
     return raw
 

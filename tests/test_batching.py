@@ -77,6 +77,9 @@ def test_fast_path_line_says_what_a_setting_that_is_off_costs():
     assert "precision: auto would use it" in off and "46% of training tokens are padding (8% with group_by_length" \
         in off
     assert "no native bf16" in fast_path_summary("fp32", "auto", False, True, 0.1, 0.4)
+    assert "unpadded" not in on
+    assert fast_path_summary("bf16", "auto", True, False, 0.4, 0.1, unpadded=True).endswith(
+        "; encoder unpadded: embeddings, projections and feed-forward blocks skip the padding")
     words = fast_path_summary("bf16", "auto", True, True, 0.08, 0.46, (11_720_448, True))
     assert words.endswith("word embeddings frozen (11.7M parameters; freeze.word_embeddings: false trains them)")
     assert "word embeddings train (11.7M parameters; the default freezes them)" in fast_path_summary(

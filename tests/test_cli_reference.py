@@ -13,6 +13,6 @@ def test_cli_reference_is_current():
 
 def test_cli_reference_covers_every_command():
     page = reference()
-    for command in ("train", "evaluate", "predict", "embed", "export", "serve", "search", "compare", "report",
-                    "vocab extend", "tasks", "quickstart"):
+    for command in ("train", "evaluate", "predict", "embed", "export", "serve", "search", "compare", "merge",
+                    "report", "vocab extend", "tasks", "quickstart"):
         assert f"\n## multitune {command}\n" in page, command

@@ -144,6 +144,30 @@ def test_a_pass_is_shared_only_when_it_adds_little_padding(tiny_backbone):
     assert list(step_for(model, MAX_EXTRA_PADDING).sharing(even)) == ["sentiment", "ner"]
 
 
+def test_an_unpadded_backbone_shares_a_pass_whatever_the_padding(tiny_backbone):
+    """With ``training.unpadded`` the token-wise layers skip padding, so the padding bound is lifted: the same
+    batches that run a pass per task padded share one pass, with the losses and gradients of a pass per task."""
+    model, batches = build(tiny_backbone)
+    step = step_for(model, MAX_EXTRA_PADDING)
+    assert step.sharing(batches) == {}
+    model.unpadded = True
+    assert list(step.sharing(batches)) == list(batches)
+    # the unpadded path calls the encoder's parts, not the encoder: count the passes at its embeddings
+    embeddings = model.architecture.token_model(model.backbone).embeddings
+    passes = []
+    handle = embeddings.register_forward_pre_hook(lambda *_: passes.append(1))
+    per_task, per_task_grads = losses_and_grads(model, lambda: {n: model(n, b).loss for n, b in batches.items()})
+    assert len(passes) == 5
+    shared, shared_grads = losses_and_grads(model, lambda: step.losses(batches))
+    handle.remove()
+    assert len(passes) == 6
+    for n in batches:
+        assert torch.allclose(shared[n], per_task[n], rtol=1e-5, atol=1e-6), (n, shared[n], per_task[n])
+    assert shared_grads.keys() == per_task_grads.keys()
+    for n, g in per_task_grads.items():
+        assert torch.allclose(shared_grads[n], g, rtol=1e-4, atol=1e-6), (n, (shared_grads[n] - g).abs().max())
+
+
 def test_long_token_classification_examples_share_their_first_window(tiny_backbone):
     """A tagging batch with the extra windows of a long example (as evaluation collates it): forward trains on
     the first windows, and the shared pass encodes exactly those rows."""

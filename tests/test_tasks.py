@@ -19,11 +19,11 @@ from tests.conftest import text2text_config
 
 EXAMPLE_INPUT = {"classification": "the film was great", "token_classification": "Anna Smith visited Oslo",
                  "regression": ("the film was great", "the film was lovely"), "masked_lm": "the meal near Oslo",
-                 "text2text": "der film war Oslo"}
+                 "text2text": "der film war Oslo", "chat": "What is 3 hours in minutes?"}
 # task name in the toy configs, and the backbone fixture it runs on (text2text needs a generative one)
 CONTRACT = {"classification": ("sentiment", "tiny_backbone"), "token_classification": ("ner", "tiny_backbone"),
             "regression": ("similarity", "tiny_backbone"), "masked_lm": ("mlm", "tiny_backbone"),
-            "text2text": ("translate", "tiny_t5")}
+            "text2text": ("translate", "tiny_t5"), "chat": ("chat", "tiny_llama")}
 
 
 def make(kind: str, tokenizer=None, **cfg):

@@ -48,6 +48,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode())
 
 
+def write_results(name: str, result: dict, report: str) -> None:
+    """Write a benchmark's ``bench/results/<name>.json`` and ``.md`` (atomically) and print the report."""
+    results = Path(__file__).resolve().parents[1] / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(results / f"{name}.json", result)
+    write_text_atomic(results / f"{name}.md", report)
+    print(report)
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -94,6 +103,12 @@ def machine_info() -> dict:
     except OSError:
         pass
     return info
+
+
+def machine_line(machine: dict, load_start: Any, load_end: Any) -> str:
+    """The machine sentence of a benchmark report: CPU, cores, native bf16 and the load around the run."""
+    return (f"Machine: {machine.get('cpu')}, {machine.get('cpus')} cores, bf16 native: {machine.get('bf16_native')}, "
+            f"load average at the start {load_start}, at the end {load_end}.")
 
 
 def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 1.5) -> float:

@@ -160,6 +160,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-progress", action="store_true", help="no live progress bars (logs only)")
+    p.add_argument("--merge", dest="merges", action="append", default=[], metavar="DIR",
+                   help="a directory written by multitune merge: its merged adapter's metrics join the tables as "
+                        "one more row per task (repeatable)")
+
+    p = sub.add_parser("merge", help="merge the per-task LoRA adapters of a run into one adapter (linear, TIES, "
+                                     "DARE) and score it against each task's own adapter")
+    p.add_argument("run_dir", help="a run trained with adapters: {method: lora, arrangement: per_task}")
+    p.add_argument("--tasks", required=True, type=_task_list, help="the tasks whose adapters are merged, "
+                                                                   "comma-separated: at least two, e.g. a,b")
+    p.add_argument("--method", required=True, choices=["linear", "ties", "dare", "dare_ties"],
+                   help="linear: the weighted sum of the updates; ties: trim, elect signs, average; dare: random "
+                        "drop and rescale, then sum; dare_ties: DARE's drop, then TIES")
+    p.add_argument("--output", required=True, help="directory to write (model/, config.yaml, merge.json, merge.md)")
+    p.add_argument("--weights", type=_number_list, default=None,
+                   help="one weight per task, comma-separated, in the order of --tasks (default: 1 each)")
+    p.add_argument("--density", type=float, default=0.5,
+                   help="ties, dare, dare_ties: the share of each update's entries kept, in (0, 1] (default: 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of DARE's random drop (default: 0)")
+    p.add_argument("--from", dest="source", default="per-task-best", choices=["per-task-best", "final"],
+                   help="per-task-best: each task's adapter and head at its own best validation step (when the run "
+                        "kept it); final: the run's model directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
     p = sub.add_parser("report", help="write a self-contained HTML report of a finished run (RUN_DIR/report.html)")
     p.add_argument("run_dir")
@@ -172,6 +194,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _version() -> str:
     return __version__
+
+
+def _task_list(text: str) -> list[str]:
+    """argparse type of ``--tasks a,b``: non-empty names."""
+    names = [t.strip() for t in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated task names, got {shown(text)}")
+    return names
+
+
+def _number_list(text: str) -> list[float]:
+    """argparse type of ``--weights 1,0.5``: finite numbers."""
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {shown(text)}") from None
+    if not all(v == v and abs(v) != float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {shown(text)}")
+    return values
 
 
 @dataclass
@@ -448,10 +489,22 @@ def cmd_compare(args) -> int:
     from multitune.analysis.compare import run_compare
 
     report = run_compare(args.config, args.output, args.overrides, overwrite=args.overwrite,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, merges=args.merges)
     summary = {t: {k: r[k] for k in ("metric", "multitask", "single", "delta", "transfer")}
                for t, r in report["validation"].items()}
     print(json.dumps(finite_json({"validation": summary, "compare": str(Path(report["output"]) / "compare.json")})))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from multitune.analysis.merge import merge_run
+
+    report = merge_run(args.run_dir, args.tasks, args.method, args.output, weights=args.weights,
+                       density=args.density, seed=args.seed, source=args.source, overwrite=args.overwrite)
+    summary = {t: {s: {"metric": r["metric"], "own": r["per_task"][r["metric"]], "merged": r["merged"][r["metric"]],
+                       "delta": r["delta"]} for s, r in splits.items()} for t, splits in report["results"].items()}
+    print(json.dumps(finite_json({"merge": str(Path(args.output) / "merge.json"), "method": args.method,
+                                  "results": summary})))
     return 0
 
 
@@ -488,7 +541,7 @@ def cmd_vocab(args) -> int:
 
 COMMANDS = {"train": cmd_train, "vocab": cmd_vocab, "evaluate": cmd_evaluate, "predict": cmd_predict, "embed": cmd_embed,
             "quickstart": cmd_quickstart, "tasks": cmd_tasks, "export": cmd_export, "serve": cmd_serve,
-            "search": cmd_search, "compare": cmd_compare,
+            "search": cmd_search, "compare": cmd_compare, "merge": cmd_merge,
             "report": cmd_report}
 
 

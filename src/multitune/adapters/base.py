@@ -110,6 +110,8 @@ class AdapterMethod(ABC):
         peft_inexact: why PEFT's implementation computes something else than multitune's, so that no PEFT
             export can predict what multitune predicts (None: it computes the same).
         families: backbone families the method supports.
+        feeds_cache: the adapters reach the layers as a pre-filled key/value cache (prefix tuning), which
+            gradient checkpointing drops in the layers it recomputes.
         default_learning_rate: the rate of the method's parameters when ``adapters.learning_rate`` is not set
             (a few new parameters on a frozen backbone want far larger steps than full fine-tuning).
 
@@ -127,6 +129,7 @@ class AdapterMethod(ABC):
     peft_prompt_learning: ClassVar[bool] = False
     peft_inexact: ClassVar[str | None] = None
     families: ClassVar[tuple[str, ...]] = ("encoder", "encoder_decoder", "decoder_only")
+    feeds_cache: ClassVar[bool] = False
     default_learning_rate: ClassVar[float] = 1e-3
 
     def __init__(self, config: AdapterConfig, backbone: nn.Module, architecture: Any):

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from multitune.adapters.base import METHODS, AdapterMethod, MethodConfig, first_matching, linear_sites
+from multitune.backbones.quantize import dequantized_weight
 from multitune.config.parse import field
 
 DEFAULT_TARGETS = [["query", "value"], ["q_proj", "v_proj"], ["q", "v"]]
@@ -30,7 +31,7 @@ class LoraAdapter(nn.Module):
 
     def __init__(self, layer: nn.Linear, r: int, dora: bool):
         super().__init__()
-        w = layer.weight
+        w = dequantized_weight(layer)  # a k-bit layer's (adapters.quantize) as float
         self.lora_A = nn.Parameter(torch.empty(r, layer.in_features, device=w.device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and PEFT) initialise
         self.lora_B = nn.Parameter(torch.zeros(layer.out_features, r, device=w.device, dtype=torch.float32))
@@ -74,7 +75,7 @@ class LoraMethod(AdapterMethod):
         return LoraAdapter(module, self.options.r, self.dora)
 
     def _weight_norm(self, module: nn.Linear, adapter: LoraAdapter) -> torch.Tensor:
-        w = module.weight.float() + self.scaling * adapter.lora_B @ adapter.lora_A
+        w = dequantized_weight(module).float() + self.scaling * adapter.lora_B @ adapter.lora_A
         return w.norm(dim=1).detach()
 
     def attach(self, backbone, path, module, adapters, router):

@@ -151,6 +151,27 @@ class AdapterSet(nn.Module):
         finally:
             self.router.index, self.task_router.index, fusion.index = saved
 
+    def recompute_context(self) -> contextlib.AbstractContextManager:
+        """A context that brings back the routing in force now (for gradient checkpointing: a checkpointed layer
+        runs again in the backward pass, after its :meth:`route` block has ended, and must go through the same
+        adapters as in the forward pass)."""
+        fusion = self.fusion_router if self.fusion is not None else Router([])
+        routers = (self.router, self.task_router, fusion)
+        forward = tuple(r.index for r in routers)
+
+        @contextlib.contextmanager
+        def restored() -> Iterator[None]:
+            saved = tuple(r.index for r in routers)
+            for r, index in zip(routers, forward):
+                r.index = index
+            try:
+                yield
+            finally:
+                for r, index in zip(routers, saved):
+                    r.index = index
+
+        return restored()
+
     def remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()

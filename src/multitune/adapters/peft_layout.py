@@ -430,6 +430,8 @@ def _compare_generation(model: Any, task: str, p: PeftPlan, stock: Any, batch: d
     theirs = stock(**forward, use_cache=False).logits[:, -1].float()
     with model.route(task):
         ours = model.backbone(**forward, use_cache=False).logits[:, -1].float()
-    ours_ids = model.infer(task, batch).outputs["generated"]
+    generate = getattr(model.tasks[task], "generate", None)  # generation even when the task scores its labels
+    with model.route(task):
+        ours_ids = generate(model, batch) if generate else model.infer(task, batch).outputs["generated"]
     same = ours_ids.shape == theirs_ids.shape and torch.equal(ours_ids.cpu(), theirs_ids.cpu())
     return ours, theirs, None if same else f"{ours_ids.tolist()[:2]} vs {theirs_ids.tolist()[:2]}"

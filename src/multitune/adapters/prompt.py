@@ -135,6 +135,7 @@ class PrefixTuningMethod(_SoftPromptMethod):
     peft_inexact = ("PEFT's task classes cannot run prefix tuning on this backbone (its forward takes no "
                     "past_key_values argument)")
     families = ("encoder",)
+    feeds_cache = True
     # without Li & Liang's reparametrising MLP the prefix is trained directly: PEFT-style setups use 1e-3 to 1e-2
     default_learning_rate = 3e-3
 

@@ -17,6 +17,10 @@ Runs (each through :func:`multitune.training.train`, in ``OUTPUT/``):
    another task becomes ``mean`` (the task's own main metric). Its model directory holds the other tasks'
    heads untrained.
 
+With ``merges`` (directories written by ``multitune merge``), each merge's merged-adapter metrics join the
+comparison as one more row, labelled ``merge of single-task adapters (<method>)``, next to the multi-task and
+single-task runs (``merges`` in ``compare.json``, a table per split in ``compare.md``).
+
 Outputs: ``compare.json`` (everything), ``compare.md`` (per-task table: multi-task, single-task, delta and
 positive/negative transfer; the affinity matrices; suggested task groups), ``compare.png`` (the deltas) and
 ``affinity.png`` (the mean cosine and TAG matrices of the multi-task run). With three or more tasks, groups of
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -34,10 +39,11 @@ from typing import Any
 
 from rich.console import Console
 
+from multitune.analysis.merge import MERGE_FILE
 from multitune.config.loader import load_config
 from multitune.config.schema import AnalysisConfig, RunConfig
 from multitune.data.fingerprint import data_files
-from multitune.errors import ConfigError
+from multitune.errors import ConfigError, MultituneError
 from multitune.fileio import write_json_atomic, write_text_atomic
 from multitune.rundir import check_output_dir, clear_dir, lock_dir, lock_scope, write_marker
 from multitune.sampling import SAMPLERS
@@ -150,8 +156,45 @@ def _task_rows(config: RunConfig, multi: Mapping[str, Any], single: Mapping[str,
     return rows
 
 
+def read_merges(directories: Sequence[str | Path]) -> list[dict]:
+    """The ``merge.json`` of each directory written by ``multitune merge``, with ``dir`` added.
+
+    Raises:
+        MultituneError: a directory without a readable ``merge.json``.
+    """
+    merges = []
+    for directory in directories:
+        file = Path(directory) / MERGE_FILE
+        try:
+            merge = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            why = "no such file" if isinstance(exc, FileNotFoundError) else " ".join(str(exc).split())
+            raise MultituneError(f"--merge: {file}: cannot read a merge ({why}); give a directory written by "
+                                 f"multitune merge") from None
+        if not isinstance(merge, dict) or not isinstance(merge.get("results"), dict) or "label" not in merge:
+            raise MultituneError(f"--merge: {file}: not the merge.json of multitune merge")
+        merges.append({**merge, "dir": str(directory)})
+    return merges
+
+
+def _merge_rows(merges: Sequence[Mapping[str, Any]], rows: Mapping[str, dict], split: str) -> list[dict]:
+    """Each merge's merged-adapter value of the comparison's main metric, per task it merged."""
+    out = []
+    for merge in merges:
+        values = {}
+        for task, row in rows.items():
+            value = (merge["results"].get(task) or {}).get(split, {}).get("merged", {}).get(row["metric"])
+            if isinstance(value, (int, float)):
+                values[task] = {"value": value, "delta_vs_multitask": value - row["multitask"],
+                                "delta_vs_single": value - row["single"]}
+        if values:
+            out.append({"label": merge["label"], "dir": merge["dir"], "tasks": values})
+    return out
+
+
 def compare(config: RunConfig, output: str | Path | None = None, overwrite: bool = False,
-            console: Console | None = None, progress: bool = True, config_path: str | None = None) -> dict:
+            console: Console | None = None, progress: bool = True, config_path: str | None = None,
+            merges: Sequence[str | Path] = ()) -> dict:
     """Train the multi-task run and every task alone with the same budget; write the comparison.
 
     Args:
@@ -161,6 +204,7 @@ def compare(config: RunConfig, output: str | Path | None = None, overwrite: bool
         console: where progress and tables go (default: stderr).
         progress: show each run's live progress bar.
         config_path: the config file, recorded in ``compare.json``.
+        merges: directories written by ``multitune merge`` to show as rows next to the runs.
 
     Returns:
         The content of ``compare.json``.
@@ -179,6 +223,7 @@ def compare(config: RunConfig, output: str | Path | None = None, overwrite: bool
                                         "stages")
         raise ConfigError("adapters.arrangement", f"compare does not support {config.adapters.arrangement} (a "
                                                   f"run in stages); use per_task or shared adapters")
+    merge_reports = read_merges(merges)  # before hours of training
     out = Path(output) if output is not None else Path(f"{config.output_dir}-compare")
     protected = (*([Path(config_path)] if config_path else []), *data_files(config))
     owned = check_output_dir(out, overwrite=overwrite, resume=False, protected=protected, field="--output",
@@ -238,6 +283,9 @@ def compare(config: RunConfig, output: str | Path | None = None, overwrite: bool
         test = _task_rows(config, multi, single, "test")
         if test:
             report["test"] = test
+        if merge_reports:
+            report["merges"] = {split: _merge_rows(merge_reports, report[split], split)
+                                for split in ("validation", "test") if split in report}
         transfer = multi.get("transfer")
         if transfer is not None:
             report["transfer"] = transfer
@@ -257,11 +305,12 @@ def compare(config: RunConfig, output: str | Path | None = None, overwrite: bool
 
 
 def run_compare(config_path: str, output: str | None = None, overrides: Sequence[str] = (), overwrite: bool = False,
-                progress: bool = True, console: Console | None = None) -> dict:
+                progress: bool = True, console: Console | None = None, merges: Sequence[str | Path] = ()) -> dict:
     """``multitune compare``: load the config (with ``--set`` overrides) and :func:`compare`."""
 
     config = load_config(config_path, list(overrides))
-    return compare(config, output, overwrite=overwrite, console=console, progress=progress, config_path=config_path)
+    return compare(config, output, overwrite=overwrite, console=console, progress=progress, config_path=config_path,
+                   merges=merges)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -293,6 +342,9 @@ def render_markdown(report: Mapping[str, Any], summary_only: bool = False) -> st
             lines.append(f"| {task} | {r['metric']}{arrow} | {_fmt(r['multitask'])} | {_fmt(r['single'])} | "
                          f"{r['delta']:+.4f} | {r['transfer']} |")
         lines.append("")
+        merged = (report.get("merges") or {}).get(split)
+        if merged:
+            lines += _runs_table(rows, merged, split)
     if summary_only:
         return "\n".join(lines)
     budget = report["budget"]
@@ -326,6 +378,19 @@ def render_markdown(report: Mapping[str, Any], summary_only: bool = False) -> st
         lines += ["", "Suggested: " + " / ".join("{" + ", ".join(x) + "}" for x in best["groups"]), ""]
     lines += ["![deltas](compare.png)", ""]
     return "\n".join(lines)
+
+
+def _runs_table(rows: Mapping[str, Mapping[str, Any]], merges: Sequence[Mapping[str, Any]], split: str) -> list[str]:
+    """One row per run (multi-task, single-task, each merge), one column per task: its main metric."""
+    tasks = list(rows)
+    lines = [f"### Main {split} metric per run", "",
+             "| run | " + " | ".join(f"{t} ({rows[t]['metric']})" for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|",
+             "| multi-task | " + " | ".join(_fmt(rows[t]["multitask"]) for t in tasks) + " |",
+             "| single-task | " + " | ".join(_fmt(rows[t]["single"]) for t in tasks) + " |"]
+    for merge in merges:
+        cells = [_fmt(merge["tasks"][t]["value"]) if t in merge["tasks"] else "-" for t in tasks]
+        lines.append(f"| {merge['label']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _plot_outputs(report: Mapping[str, Any], out: Path) -> None:

@@ -25,11 +25,13 @@ from __future__ import annotations
 import warnings
 import weakref
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 #: ``config.model_type`` of the families whose layers are BERT's, line for line (transformers 5: their
 #: attention, layer and encoder modules are generated from BERT's); their embeddings differ only in how
@@ -78,8 +80,9 @@ def unpadded_support(model: Any) -> str | None:
 
     Returns:
         None, or one sentence: the family is not BERT-layout (decoders, T5, DeBERTa...), the backbone is
-        configured as a decoder or with relative positions, gradient checkpointing is on, or a module the
-        path does not call as a whole is hooked (prompt tuning, prefix tuning, FSDP) or compiled.
+        configured as a decoder or with relative positions, or a module the path does not call as a whole is
+        hooked (prompt tuning, prefix tuning, FSDP) or compiled. Gradient checkpointing is honoured: the
+        path checkpoints each layer it runs whose ``gradient_checkpointing`` flag is set.
     """
     token_model = _token_model(model)
     config = getattr(token_model, "config", None)
@@ -97,8 +100,6 @@ def unpadded_support(model: Any) -> str | None:
     layers = getattr(getattr(token_model, "encoder", None), "layer", None)
     if getattr(token_model, "embeddings", None) is None or not isinstance(layers, nn.ModuleList):
         return f"{type(token_model).__name__} has no embeddings and encoder.layer modules"
-    if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
-        return "gradient checkpointing is on (it checkpoints whole layers, which the unpadded path does not call)"
     for path, module in _bypassed(token_model):
         if type(module).__module__ != package:
             return f"{path} is a {type(module).__name__} from {type(module).__module__}, not the {family} module"
@@ -249,7 +250,14 @@ def unpadded_hidden_states(token_model: nn.Module, input_ids: torch.Tensor, atte
         x = project(x)
     layout = _layout(mask, x.dtype)
     for layer in token_model.encoder.layer if layout.buckets else ():  # no buckets: not one token in the batch
-        x = _layer(layer, x, layout)
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            # training.gradient_checkpointing: the layer's activations are recomputed in the backward pass (the
+            # padded path's layers do this themselves, but this path does not call them as a whole), with the
+            # checkpoint function and settings the layer was given
+            run = getattr(layer, "_gradient_checkpointing_func", None) or partial(checkpoint, use_reentrant=False)
+            x = run(_layer, layer, x, layout)
+        else:
+            x = _layer(layer, x, layout)
     if real is None:
         return x.view(batch, width, -1)
     return x.new_zeros(batch * width, x.shape[-1]).index_copy(0, real, x[0]).view(batch, width, -1)

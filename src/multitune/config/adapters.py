@@ -60,6 +60,13 @@ class AdapterConfig:
                                                    "bottleneck, 3e-2 for prompt)", gt=0.0)
     options: Any = field(None, help="the method's own keys, given flat beside the others; typed by the "
                                     "method's config class once resolved", flat=True)
+    quantize: str | None = field(None, help="k-bit frozen base weights (QLoRA): the backbone's linear layers, "
+                                            "except its output layer, through bitsandbytes in 4bit (NF4, "
+                                            "double-quantised scales, bf16 compute) or 8bit (LLM.int8); the "
+                                            "adapters train in fp32; checkpoints, the saved model and exports "
+                                            "hold the base weights dequantised to float (see docs/llm.md); "
+                                            "needs multitune[qlora] (null: full precision)",
+                                 choices=["4bit", "8bit"])
     fusion_targets: list[str] | None = field(None, help="fusion: tasks that get AdapterFusion layers in the "
                                                         "second stage (default: every task)")
     fusion_steps: int | None = field(None, help="fusion: optimizer steps of the fusion stage (default: "

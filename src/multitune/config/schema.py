@@ -39,6 +39,16 @@ class SplitConfig:
     source: str | None = field(None, help="column holding the input text (default: 'source')")
     target: str | None = field(None, help="column holding the output text (default: 'target')")
     target_map: dict[str, str] | None = field(None, help="maps raw target values to text, e.g. {0: negative}")
+    messages: str | None = field(None, help="column holding a conversation: a list of {role, content} messages "
+                                            "(default: 'messages')")
+    instruction: str | None = field(None, help="instruction data: column holding the instruction, the user turn "
+                                               "(default: 'instruction')")
+    input: str | None = field(None, help="instruction data: column holding an optional input, added to the user "
+                                         "turn after a blank line (default: 'input')")
+    output: str | None = field(None, help="instruction data: column holding the answer, the assistant turn "
+                                          "(default: 'output')")
+    split_by: str | None = field(None, help="a file of several tasks: the column naming each row's task; this task "
+                                            "keeps the rows whose value is its name")
     columns: list[str] | None = field(None, help="csv/tsv without header: the column names, in order")
     header: bool = field(True, help="csv/tsv: the first row names the columns")
     delimiter: str | None = field(None, help="csv/tsv: field separator (default ',' for csv, tab for tsv)")
@@ -55,6 +65,8 @@ class SplitConfig:
                                      gt=0)
 
     def validate(self, path: str) -> None:
+        if self.split_by is not None and not self.split_by.strip():
+            raise ConfigError(f"{path}.split_by", "expected a column name, got an empty text")
         if self.dataset is not None:
             self._check_dataset(path)
         elif self.format == "parallel":
@@ -159,6 +171,19 @@ class TrainingConfig:
                                        "BERT-layout encoders (bert, roberta, xlm-roberta, camembert, "
                                        "data2vec-text, electra), not with prompt or prefix adapters (these run "
                                        "padded, with a warning)")
+    packing: bool = field(False, help="decoder_only backbones: pack each text2text training batch's examples "
+                                      "(the same examples as unpacked) into as few rows of max(max_length, "
+                                      "longest example) tokens as fit, each example with position ids from 0 "
+                                      "and attending only to itself: the same loss and gradients, less padding; "
+                                      "needs attention eager, sdpa, flex_attention or flash_attention_2/3/4 "
+                                      "(refused where examples would see each other); head tasks and evaluation "
+                                      "batches are never packed (see docs/llm.md)")
+    gradient_checkpointing: bool = field(False, help="recompute each backbone layer's activations in the backward "
+                                                     "pass instead of keeping them (torch non-reentrant "
+                                                     "checkpointing): less activation memory for about one more "
+                                                     "forward pass per step, the same loss and gradients; every "
+                                                     "backbone family, with adapters, unpadded and compile "
+                                                     "(not with prefix tuning)")
     learning_rate: float = field(5e-5, help="learning rate of the backbone", gt=0.0)
     head_learning_rate: float | None = field(None, help="learning rate of task heads and other new parameters "
                                                         "(default: 1e-2 with adapters or when every head is a "

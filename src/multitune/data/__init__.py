@@ -4,15 +4,9 @@
 """
 
 from multitune.data.cleaning import clean_examples
+from multitune.data.examples import CANONICAL_FIELDS, read_split
 from multitune.data.loading import TaskData, load_task_data
-from multitune.data.readers import (
-    CANONICAL_FIELDS,
-    EXTENSIONS,
-    READERS,
-    ReadContext,
-    infer_format,
-    read_split,
-)
+from multitune.data.readers import EXTENSIONS, READERS, ReadContext, infer_format
 from multitune.data.splits import sample_examples, split_examples
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from multitune.data.readers import CANONICAL_FIELDS, TEXT_FIELDS
+from multitune.data.examples import CANONICAL_FIELDS, TEXT_FIELDS
 
 #: fields that make an example empty when they are present but blank (a blank text_pair does not)
 NON_EMPTY_FIELDS = ("text", "source", "target")

@@ -1,14 +1,13 @@
-"""Readers: one function per file format, and :func:`read_split`, which maps columns onto example fields.
+"""Readers: one function per file format.
 
 A reader takes the split's config and a :class:`ReadContext` and yields ``(line, record)`` pairs: the
 record is a plain dict of column -> value and ``line`` its 1-based position in the file (the physical
 line where a CSV row starts, the first token of a CoNLL sentence, the row number of a parquet or
-``datasets`` table). :func:`read_split` then turns records into examples with the canonical fields
-(``text``, ``text_pair``, ``label``, ``tokens``, ``tags``, ``source``, ``target``).
+``datasets`` table). :func:`multitune.data.examples.read_split` then turns records into examples with the
+canonical fields (``text``, ``label``, ``source``, ``messages``, ...).
 
-Data that carries ``datasets`` features (``format: hf``, an in-memory ``datasets.Dataset``, parquet written by
-``datasets``) has its ``ClassLabel`` columns turned into their names, so a task sees ``"positive"`` rather
-than ``1``; :func:`read_split_with_labels` also returns those names in the dataset's order.
+Parquet and ``datasets`` tables are read in :mod:`multitune.data.tables`: their ``ClassLabel`` columns turn into
+their names, so a task sees ``"positive"`` rather than ``1``.
 """
 
 from __future__ import annotations
@@ -17,24 +16,20 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from multitune.config.loader import missing_path_message
 from multitune.config.schema import FORMATS, SplitConfig
+from multitune.data.tables import Record, dataset_origin, hf_table, parquet_table, table_records
+from multitune.data.tables import rows_where as rows_where  # where other modules import it from
 from multitune.errors import ConfigError, DataError
-
-CANONICAL_FIELDS = ("text", "text_pair", "label", "tokens", "tags", "source", "target")
-#: canonical fields that hold one text each
-TEXT_FIELDS = ("text", "text_pair", "source", "target")
 
 #: file extension -> format, for splits that do not set ``format:``
 EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",
               ".conll": "conll", ".bio": "conll", ".iob": "conll", ".txt": "text"}
 
-Record = tuple[int, dict[str, Any]]
 
 # The default limit (128 KiB) rejects long documents in a CSV cell; an unclosed quote is still caught,
 # as "unexpected end of data" at the line where the row starts.
@@ -149,7 +144,7 @@ def _read_delimited(spec: SplitConfig, ctx: ReadContext, fmt: str, delimiter: st
                         names = names or [c.strip() for c in row]
                         continue
                     if len(row) != len(names):
-                        hint = _delimiter_hint(spec, fmt, header, row, len(names))
+                        hint = delimiter_hint(spec, fmt, header, row, len(names))
                         raise DataError(shown, f"expected {len(names)} fields, found {len(row)} (columns: "
                                                f"{', '.join(names)}; delimiter {delimiter!r}){hint}", line)
                     yield line, dict(zip(names, row))
@@ -163,7 +158,7 @@ def _read_delimited(spec: SplitConfig, ctx: ReadContext, fmt: str, delimiter: st
 _DELIMITED = {"csv": (",", "commas"), "tsv": ("\t", "tabs")}
 
 
-def _delimiter_hint(spec: SplitConfig, fmt: str, header: Sequence[str] | None, row: Sequence[str] | None = None,
+def delimiter_hint(spec: SplitConfig, fmt: str, header: Sequence[str] | None, row: Sequence[str] | None = None,
                    expected: int | None = None) -> str:
     """``"; ... set format: tsv"`` when a file read as csv looks tab-separated (and the reverse), else ``""``.
 
@@ -221,7 +216,7 @@ def read_jsonl(spec: SplitConfig, ctx: ReadContext) -> Iterator[Record]:
 def read_parquet(spec: SplitConfig, ctx: ReadContext) -> Iterator[Record]:
     """A parquet table; the record's line is its row number (from 1). A file written by ``datasets``
     (``Dataset.to_parquet``) keeps its features in the schema: its ``ClassLabel`` columns read as names."""
-    return _records(_parquet_table([ctx.resolve(spec, "path")], spec.path, all_features=False), spec.path)
+    return table_records(parquet_table([ctx.resolve(spec, "path")], spec.path, all_features=False), spec.path)
 
 
 def read_conll(spec: SplitConfig, ctx: ReadContext) -> Iterator[Record]:
@@ -286,237 +281,7 @@ def read_hf(spec: SplitConfig, ctx: ReadContext) -> Iterator[Record]:
     local folder that ``datasets.load_dataset`` reads, else a dataset name on the Hub (``subset``, ``split``;
     offline only from the local cache). ``dataset`` (Python API) is an in-memory ``datasets.Dataset``.
     ``ClassLabel`` columns (and lists of them) read as their names; a record's line is its row number."""
-    return _records(_hf_table(spec, ctx), source_name(spec, "hf", ctx.split_name))
-
-
-@dataclass(frozen=True)
-class _Table:
-    """Rows of a ``datasets``-typed table: ``features`` (column -> feature type, None when unknown), the
-    rows as dicts, and ``origin`` (how errors name it)."""
-
-    features: Any
-    rows: Iterable[dict]
-    origin: str
-
-
-_LOCAL_FORMS = "a datasets name, a directory written by save_to_disk, a parquet file or a folder of parquet files"
-
-
-def _hf_table(spec: SplitConfig, ctx: ReadContext) -> _Table:
-    if spec.dataset is not None:  # checked to be a datasets.Dataset when the config was parsed
-        return _Table(spec.dataset.features, spec.dataset, source_name(spec, "hf", ctx.split_name))
-    where = f"{ctx.field_path}.path"
-    if not spec.path:
-        raise ConfigError(where, f"required field is missing ({_LOCAL_FORMS})")
-    path = Path(os.path.expanduser(spec.path))
-    if not path.is_absolute():
-        path = ctx.base_dir / path
-    if not path.exists():
-        if spec.path.startswith((".", "/", "~")) or os.path.isabs(spec.path):
-            raise ConfigError(where, missing_path_message("not found", spec.path, ctx.base_dir,
-                                                          expected=f"expected {_LOCAL_FORMS}"))
-        return _hub_table(spec, ctx, spec.path)
-    if not os.access(path, os.R_OK):
-        raise ConfigError(where, f"not readable (permission denied): {path}")
-    saved = path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
-    parquet_dir = path.is_dir() and not saved and any(p.is_file() for p in path.rglob("*.parquet"))
-    if spec.subset is not None and (path.is_file() or saved or parquet_dir):
-        raise ConfigError(f"{ctx.field_path}.subset", f"only for a Hub dataset; {path} is local data")
-    if path.is_file():
-        if path.suffix.lower() != ".parquet":
-            raise ConfigError(where, f"{path} is a file but not parquet; format: hf reads {_LOCAL_FORMS} "
-                                     f"(set format: to read a csv, jsonl, ... file)")
-        _no_split(spec, ctx, f"{path} is one parquet file")
-        return _parquet_table([path], spec.path)
-    if saved:
-        import datasets  # imported only when used: 0.4 s
-
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except Exception as exc:  # datasets raises several types for a damaged directory
-            raise ConfigError(where, f"cannot load {path} with datasets.load_from_disk: {_brief(exc)}") from None
-        if isinstance(loaded, datasets.DatasetDict):
-            loaded = _pick_split(loaded, spec, ctx, f"the DatasetDict in {path}")
-        else:
-            _no_split(spec, ctx, f"{path} holds one Dataset, not a DatasetDict")
-        return _Table(loaded.features, loaded, spec.path)
-    if parquet_dir:
-        return _parquet_table(_parquet_split(path, spec, ctx), spec.path)
-    return _hub_table(spec, ctx, str(path))  # a folder of csv/json/... files that datasets reads itself
-
-
-def _hub_table(spec: SplitConfig, ctx: ReadContext, name: str) -> _Table:
-    split = spec.split or ctx.split_name
-    try:
-        import datasets  # imported only when used: 0.4 s
-
-        ds = datasets.load_dataset(name, spec.subset, split=split)
-    except Exception as exc:  # datasets raises many types (network, missing config or split, ...)
-        raise ConfigError(f"{ctx.field_path}.path", f"cannot load dataset {name!r} (subset {spec.subset!r}, "
-                                                    f"split {split!r}): {_brief(exc)}; expected {_LOCAL_FORMS} "
-                                                    f"(a Hub name loads offline only from the local cache)"
-                          ) from None
-    return _Table(ds.features, ds, spec.path)
-
-
-def _pick_split(splits: dict, spec: SplitConfig, ctx: ReadContext, origin: str) -> Any:
-    name = spec.split or ctx.split_name
-    if name not in splits:
-        field_name = "split" if spec.split else "path"
-        hint = "" if spec.split else " (set split: to one of them)"
-        raise ConfigError(f"{ctx.field_path}.{field_name}", f"{origin} has no split {name!r}; its splits: "
-                                                            f"{', '.join(map(str, splits))}{hint}")
-    return splits[name]
-
-
-def _no_split(spec: SplitConfig, ctx: ReadContext, why: str) -> None:
-    if spec.split:
-        raise ConfigError(f"{ctx.field_path}.split", f"{why}, so there is no split to choose; leave split out")
-
-
-def _parquet_split(folder: Path, spec: SplitConfig, ctx: ReadContext) -> list[Path]:
-    """The parquet files of this split in ``folder``: all of them when no file or directory name names a
-    split, else those of split ``split`` (default: this split's name), found as ``datasets`` finds them."""
-    # imported only when used: 0.4 s
-    from datasets.data_files import DEFAULT_PATTERNS_ALL, get_data_patterns, resolve_pattern
-
-    patterns = {str(k): v for k, v in get_data_patterns(str(folder)).items()}
-    if patterns == {str(k): v for k, v in DEFAULT_PATTERNS_ALL.items()}:
-        _no_split(spec, ctx, f"the parquet file names in {folder} name no splits")
-        return sorted(p for p in folder.rglob("*.parquet") if p.is_file())
-    splits = {}
-    for name, globs in patterns.items():
-        files = sorted({Path(f) for g in globs for f in resolve_pattern(g, str(folder), [".parquet"])})
-        if files:
-            splits[name] = files
-    return _pick_split(splits, spec, ctx, f"the parquet folder {folder}")
-
-
-def _parquet_table(files: list[Path], origin: str, all_features: bool = True) -> _Table:
-    """Parquet files read with pyarrow. Their features are the ``datasets`` features stored in the schema
-    (``all_features``: or, without them, the plain types), else None."""
-    import pyarrow.parquet as pq  # imported only when used: 0.06 s
-
-    tables = []
-    for f in files:
-        try:
-            tables.append(pq.read_table(f))
-        except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-            shown = origin if len(files) == 1 else str(f)
-            raise DataError(shown, f"cannot read as parquet: {_brief(exc, 200)}") from None
-    features = None
-    schema = tables[0].schema
-    if all_features or (schema.metadata and b"huggingface" in schema.metadata):
-        import datasets  # imported only when used: 0.4 s
-
-        features = datasets.Features.from_arrow_schema(schema)
-    return _Table(features, (row for t in tables for row in t.to_pylist()), origin)
-
-
-def _class_names(feature: Any) -> tuple[list[str], bool] | None:
-    """``(names, is_list)`` of a ``ClassLabel`` feature or a list of them (``Sequence(ClassLabel)``)."""
-    import datasets  # imported only when used: 0.4 s
-
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names), False
-    if isinstance(feature, (datasets.List, datasets.LargeList)) and isinstance(feature.feature, datasets.ClassLabel):
-        return list(feature.feature.names), True
-    return None
-
-
-def _records(table: _Table, shown: str) -> Iterator[Record]:
-    """The table's rows numbered from 1, with ``ClassLabel`` values replaced by their names.
-
-    Raises:
-        DataError: a value that is not a class; for missing labels (-1), how many rows have one and where.
-    """
-    decoders = {}
-    if table.features is not None:
-        decoders = {c: found for c, f in table.features.items() if (found := _class_names(f)) is not None}
-    rows = enumerate(table.rows, 1)
-    for line, row in rows:
-        row = dict(row)
-        for column, (names, is_list) in decoders.items():
-            value = row.get(column)
-            if value is None:
-                continue
-            if _missing_label(value, is_list):  # an unlabelled split: count them all, not just this row
-                lines = [line] + [n for n, r in rows if _missing_label(r.get(column), is_list)]
-                raise DataError(shown, f"{column}: -1 is how a ClassLabel marks a missing label (an unlabelled "
-                                       f"split); {rows_where(lines, 'no label')}; expected one of "
-                                       f"0..{len(names) - 1} ({_short(', '.join(names))})", line)
-            row[column] = ([_class_name(v, names, column, shown, line) for v in value] if is_list
-                           else _class_name(value, names, column, shown, line))
-        yield line, row
-
-
-def _missing_label(value: Any, is_list: bool) -> bool:
-    return value is not None and (-1 in value if is_list else value == -1)
-
-
-def rows_where(lines: Sequence[int], what: str, limit: int = 5) -> str:
-    """``"3 rows have no label: lines 4, 9, 17"`` for the (1-based) ``lines`` of the rows that have ``what``:
-    the count, and the first ``limit`` lines.
-
-    Args:
-        lines: line (or row) numbers of the bad rows, in file order.
-        what: what those rows have, e.g. ``no label``.
-        limit: how many line numbers to name at most.
-    """
-    more = f" and {len(lines) - limit} more" if len(lines) > limit else ""
-    if len(lines) == 1:
-        return f"1 row has {what}: line {lines[0]}"
-    return f"{len(lines)} rows have {what}: lines {', '.join(map(str, lines[:limit]))}{more}"
-
-
-def _class_name(value: Any, names: list[str], column: str, shown: str, line: int) -> str:
-    if isinstance(value, int) and 0 <= value < len(names):
-        return names[value]
-    raise DataError(shown, f"{column}: {value!r} is not a class of its ClassLabel; expected one of "
-                           f"0..{len(names) - 1}", line)
-
-
-def _check_features(features: Any, columns: list[tuple[str, str, bool, bool]], origin: str, field_path: str,
-                    check_columns: bool) -> None:
-    """Config errors found from the features alone: a mapped column that is not there (``check_columns``),
-    and tags that are integers without names."""
-    import datasets  # imported only when used: 0.4 s
-
-    found = ", ".join(map(str, features)) or "none"
-    for key, column, explicit, needed in columns:
-        if check_columns and column not in features and (explicit or needed):
-            raise ConfigError(f"{field_path}.{key}",
-                              f"no column {column!r} in {origin} (columns: {found})" if explicit else
-                              f"this task needs a {key!r} column and {origin} has none; map one with "
-                              f"{key}: COLUMN (columns: {found})")
-        feature = features.get(column)
-        if key == "tags" and isinstance(feature, (datasets.List, datasets.LargeList)) \
-                and isinstance(feature.feature, datasets.Value) and "int" in feature.feature.dtype:
-            raise ConfigError(f"{field_path}.tags", f"column {column!r} of {origin} holds integer tags without "
-                                                    f"names ({feature}); expected tag strings, or a "
-                                                    f"Sequence(ClassLabel(names=[...])) column that names them")
-
-
-def _label_names(features: Any, columns: list[tuple[str, str, bool, bool]], target_map: dict | None,
-                 map_key: str | None) -> dict[str, list[str]]:
-    """Canonical field -> class names in the dataset's order, for fields read from ``ClassLabel`` columns."""
-    names = {}
-    for key, column, _, _ in columns:
-        found = _class_names(features[column]) if column in features else None
-        if found is None:
-            continue
-        labels = found[0]
-        if target_map is not None and key == map_key:
-            mapped = [target_map.get(n) for n in labels]
-            if any(m is None for m in mapped):
-                continue
-            labels = list(dict.fromkeys(mapped))
-        names[key] = labels
-    return names
-
-
-def _brief(exc: Exception, limit: int = 300) -> str:
-    return " ".join(str(exc).split())[:limit] or type(exc).__name__
+    return table_records(hf_table(spec, ctx), source_name(spec, "hf", ctx.split_name))
 
 
 #: format name -> reader; every format of the config schema has one
@@ -562,123 +327,6 @@ def source_name(spec: SplitConfig, fmt: str | None = None, split_name: str | Non
         split_name: the split the config gives the data as (``train``, ``validation``, ``test``).
     """
     if spec.dataset is not None:
-        return f"<Dataset {split_name}>" if split_name else "<Dataset>"
+        return dataset_origin(split_name)
     return str(spec.source_path if (fmt or spec.format) == "parallel" else spec.path)
 
-
-def read_split(spec: SplitConfig, base_dir: Path, split_name: str, field_path: str, fields: Sequence[str],
-               required: Sequence[str]) -> list[dict]:
-    """Read one split and map its columns onto the canonical fields a task uses.
-
-    The column of canonical field ``k`` is ``spec.<k>`` when set, else ``k`` itself; optional fields
-    whose default column is absent are left out of the example.
-
-    Args:
-        spec: the split's config.
-        base_dir: directory that relative paths resolve against.
-        split_name: ``train``, ``validation`` or ``test`` (the default split of an ``hf`` dataset).
-        field_path: config path of the split (``tasks.NAME.data.SPLIT``), for error messages.
-        fields: canonical fields the task reads (a subset of :data:`CANONICAL_FIELDS`).
-        required: the fields that every record must have.
-
-    Returns:
-        Examples: dicts of the canonical fields found, plus ``_file`` (the path as given, or
-        ``<Dataset SPLIT>`` for an in-memory dataset) and ``_line`` (1-based line of the record in the file,
-        or its row number for parquet and ``hf``). ``ClassLabel`` values are their names.
-
-    Raises:
-        ConfigError: a missing or unreadable file, an unknown format, ``columns`` missing for a
-            headerless CSV, a ``datasets`` dataset that does not load or lacks the split, a mapped column
-            that a ``datasets`` dataset does not have, integer tags without names.
-        DataError: a malformed record, a missing column, or a value not in ``target_map`` (file:line).
-    """
-    return read_split_with_labels(spec, base_dir, split_name, field_path, fields, required)[0]
-
-
-def read_split_with_labels(spec: SplitConfig, base_dir: Path, split_name: str, field_path: str,
-                           fields: Sequence[str], required: Sequence[str]
-                           ) -> tuple[list[dict], dict[str, list[str]]]:
-    """:func:`read_split`, plus the class names of the fields read from ``ClassLabel`` columns.
-
-    Args:
-        spec, base_dir, split_name, field_path, fields, required: as for :func:`read_split`.
-
-    Returns:
-        The examples, and canonical field (``label``, ``tags``, ...) -> the names of its ``ClassLabel``
-        column in the dataset's order (the dataset's id2label; through ``target_map`` when that maps every
-        name). Empty for data without ``datasets`` features.
-
-    Raises:
-        ConfigError, DataError: as for :func:`read_split`.
-    """
-    unknown = [k for k in fields if k not in CANONICAL_FIELDS]
-    if unknown:
-        raise ValueError(f"fields {unknown} are not canonical fields {CANONICAL_FIELDS}")
-    fmt = infer_format(spec, field_path)
-    shown = source_name(spec, fmt, split_name)
-    ctx = ReadContext(Path(base_dir), split_name, field_path)
-    columns = [(k, getattr(spec, k) or k, bool(getattr(spec, k)), k in required) for k in fields]
-    map_key = ("target" if "target" in fields else "label") if spec.target_map is not None else None
-    label_names: dict[str, list[str]] = {}
-    if fmt in ("hf", "parquet"):  # typed tables: check columns and label types once, before the rows
-        if fmt == "hf":
-            table = _hf_table(spec, ctx)
-        else:
-            table = _parquet_table([ctx.resolve(spec, "path")], spec.path, all_features=False)
-        if table.features is not None:
-            _check_features(table.features, columns, shown, field_path, check_columns=fmt == "hf")
-            label_names = _label_names(table.features, columns, spec.target_map, map_key)
-        records = _records(table, shown)
-    else:
-        records = READERS[fmt](spec, ctx)
-    examples = []
-    for line, record in records:
-        ex: dict[str, Any] = {}
-        for key, column, explicit, needed in columns:
-            if column in record:
-                ex[key] = record[column]
-            elif explicit:
-                raise DataError(shown, f"no column {column!r} (set by {key}: {column}); columns found: "
-                                       f"{_names(record)}{_delimiter_hint(spec, fmt, list(record))}", line)
-            elif needed:
-                raise DataError(shown, f"missing column {column!r}, which this task needs (map another column "
-                                       f"with {key}: NAME); columns found: {_names(record)}"
-                                       f"{_delimiter_hint(spec, fmt, list(record))}", line)
-        if map_key is not None and map_key in ex:
-            ex[map_key] = _map_target(ex[map_key], spec.target_map, shown, line)
-        _check_types(ex, shown, line)
-        ex["_file"], ex["_line"] = shown, line
-        examples.append(ex)
-    return examples, label_names
-
-
-def _check_types(ex: dict, file: str, line: int) -> None:
-    """Texts are strings (or null), tokens and tags lists of strings: JSON, parquet and ``datasets`` records
-    may hold anything, and a number or a list where a text belongs would only fail later, in the tokenizer."""
-    for key in TEXT_FIELDS:
-        if ex.get(key) is not None and not isinstance(ex[key], str):
-            raise DataError(file, f"{key}: expected a string, got {_short(ex[key])}", line)
-    for key in ("tokens", "tags"):
-        value = ex.get(key)
-        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise DataError(file, f"{key}: expected a list of strings, got {_short(value)}", line)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _names(record: dict) -> str:
-    return ", ".join(map(str, record)) or "none"
-
-
-def _map_target(value: Any, target_map: dict[str, str], file: str, line: int) -> Any:
-    if isinstance(value, list):  # multi-label: map each label
-        return [_map_target(v, target_map, file, line) for v in value]
-    # A label read from JSON or parquet may be the float 1.0 where the map's key is "1".
-    key = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
-    if key not in target_map:
-        keys = ", ".join(repr(str(k)) for k in target_map)
-        raise DataError(file, f"target value {value!r} is not in target_map (keys: {keys})", line)
-    return target_map[key]

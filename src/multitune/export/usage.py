@@ -147,6 +147,14 @@ def _usage(path: str, task: str, meta: dict, report: dict) -> tuple[list[tuple[s
                           "print(tokenizer.decode(model.generate(**inputs)[0], skip_special_tokens=True))\n"))
         notes.append(f"Inputs start with the task prefix {prefix!r} (`task_specific_params` in `config.json`); the "
                      "generation settings multitune decoded with are in `generation_config.json`.")
+        if params.get("decode") == "score_labels":
+            how = "mean" if params.get("score_normalization") == "mean" else "sum"
+            notes.append(f"multitune predicts this task by scoring its labels {params.get('labels')} "
+                         "(`decode: score_labels` in `task_specific_params`), not by generating: for each label, "
+                         f"the {how} of the log-probabilities of its tokens (the label's text, then the end token "
+                         "the model generates last) as the continuation of the prompt; the prediction is the "
+                         "label with the highest value, and a softmax of the values over the labels gives its "
+                         "scores.")
     if kind in ("sequence_classification", "token_classification", "masked_lm", "sentence_embedding") \
             and meta.get("backbone_type") == "encoder":
         code = ("from sentence_transformers import SentenceTransformer\n\n"

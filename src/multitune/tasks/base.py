@@ -66,13 +66,20 @@ def form_mismatch(name: str, pair_input: bool, pair: bool) -> str | None:
 def prediction_examples(name: str, task: Task, inputs: Sequence[Any]) -> list[dict]:
     """The task's examples for raw prediction inputs, each checked as the server checks it: a non-empty text,
     or a pair for a task trained on pairs. A mapping without ``text`` (e.g. ``{"tokens": [...]}``, a
-    text-to-text ``{"source": ...}``) is a ready example and passes as it is.
+    text-to-text ``{"source": ...}``) is a ready example and passes as it is. A task whose ``text_inputs`` is
+    False (chat: a list of messages) checks its inputs itself, in :meth:`Task.example_from_input`.
 
     Raises:
         InputError: naming ``inputs[i]``.
     """
     examples = []
     for i, item in enumerate(inputs):
+        if not task.text_inputs:
+            try:
+                examples.append(task.example_from_input(item))
+            except InputError as exc:
+                raise InputError(f"inputs[{i}]: {exc}") from None
+            continue
         if not (isinstance(item, Mapping) and "text" not in item):
             _, pair = input_parts(item, f"inputs[{i}]")
             problem = form_mismatch(name, task.pair_input, pair is not None)
@@ -201,6 +208,10 @@ class Task(ABC):
             causal LM head tied to it), so that matrix must train with the task.
         label_field: the example field holding the task's label names (``label``, ``tags``), whose order a
             dataset's ``ClassLabel`` gives when the config names no labels; None for tasks without a label set.
+        text_inputs: prediction inputs are texts, pairs or ready example mappings, which
+            :func:`prediction_examples` checks; False for tasks that check their own (chat: message lists).
+        packable: the task's training batches are the backbone family's text-to-text batches, which
+            ``training.packing`` may pack several examples to a row where the family ``packs``.
     """
 
     config_class: type[TaskConfig] = TaskConfig
@@ -214,6 +225,8 @@ class Task(ABC):
     pair_input: bool = False
     outputs_word_embeddings: bool = False
     label_field: str | None = None
+    text_inputs: bool = True
+    packable: bool = False
 
     def __init__(self, name: str, config: TaskConfig):
         self.name = name

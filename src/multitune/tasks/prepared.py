@@ -30,7 +30,7 @@ def read_task_data(config: RunConfig, tasks: dict[str, Task]) -> dict[str, Prepa
     prepared = {}
     for i, (name, task) in enumerate(tasks.items()):
         data = load_task_data(name, config.tasks[name].data, Path.cwd(), config.seed + 7919 * i,
-                              task.fields, task.required, task.stratify_key)
+                              task.fields, task.required, task.stratify_key, task_names=list(tasks))
         names = data.label_names.get(task.label_field) if task.label_field else None
         if names and not getattr(task, "labels", None):  # a datasets ClassLabel: keep the dataset's label order
             task.labels = list(names)

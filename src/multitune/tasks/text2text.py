@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sacrebleu
+import torch
 from torch import nn
 
 from multitune.config.parse import field
@@ -19,6 +20,7 @@ from multitune.tasks.base import IGNORE_INDEX, TASKS, ExportSpec, Task, TaskOutp
 
 # targets with at most this many distinct values, each seen ~10 times on average, form a label set
 MAX_INFERRED_LABELS = 32
+DECODE_MODES = ["generate", "score_labels"]
 
 
 @dataclass
@@ -39,6 +41,16 @@ class Text2TextConfig(TaskConfig):
     label_smoothing: float = field(0.0, help="label smoothing of the token loss", min=0.0, max=0.5)
     lowercase_metrics: bool | None = field(None, help="compare lowercased text in bleu/chrf/exact_match "
                                                       "(default: when the tokenizer lowercases, e.g. uncased BERT)")
+    decode: str = field("generate", help="how evaluation and predict answer: generate (free text) or "
+                                         "score_labels (the label whose text is most likely after the prompt; "
+                                         "needs a label set)", choices=DECODE_MODES)
+    score_normalization: str = field("sum", help="score_labels: rank labels by the sum of their tokens' "
+                                                 "log-probabilities, or by the mean (no bias towards short labels)",
+                                     choices=["sum", "mean"])
+
+    def validate(self, path: str) -> None:
+        if self.decode != "score_labels" and self.score_normalization != "sum":
+            raise ConfigError(f"{path}.score_normalization", "only applies with decode: score_labels")
 
 
 def _norm(text: str) -> str:
@@ -53,9 +65,14 @@ class Text2TextTask(Task):
     the targets form a fixed label set (``labels``, or at most 32 distinct train targets), ``accuracy``,
     ``macro_f1`` and ``invalid`` (share of outputs outside the label set), so that sentiment-as-text is
     scored like a classifier. Main metric: ``accuracy`` with a label set, else ``bleu``.
+
+    With ``decode: score_labels`` the task does not generate: it scores every label's text as the continuation
+    of the prompt (:meth:`BackboneArchitecture.label_log_likelihoods`) and predicts the most likely label, with
+    the label probabilities (a softmax over the label set of the summed, or mean, token log-likelihoods).
     """
 
     reads_token_states = False
+    packable = True  # its training batches are the backbone family's (text2text_collate / text2text_loss)
 
     config_class = Text2TextConfig
     fields = ("source", "target")
@@ -68,6 +85,7 @@ class Text2TextTask(Task):
         super().__init__(name, config)
         self.labels: list[str] = list(config.labels) if config.labels else []
         self.lowercase = bool(config.lowercase_metrics)
+        self._label_tokens: tuple[tuple[str, ...], list[list[int]]] | None = None
         if self.labels:
             self.main_metric = "accuracy"
 
@@ -87,6 +105,11 @@ class Text2TextTask(Task):
             if len(counts) <= MAX_INFERRED_LABELS and len(train_examples) >= 10 * len(counts):
                 self.labels = sorted(counts)
         self.main_metric = "accuracy" if self.labels else "bleu"
+        if self.config.decode == "score_labels" and not self.labels:
+            raise ConfigError(f"tasks.{self.name}.decode", f"score_labels scores the texts of a label set, and this "
+                                                          f"task has none: give tasks.{self.name}.labels (targets "
+                                                          f"with at most {MAX_INFERRED_LABELS} distinct values, "
+                                                          f"each seen about 10 times, are one too) or decode: generate")
 
     # -- data ------------------------------------------------------------------------
     def example_from_input(self, item: Any) -> dict:
@@ -115,11 +138,39 @@ class Text2TextTask(Task):
         return TaskOutput(loss, {})
 
     def infer(self, model, head, batch) -> TaskOutput:
+        if self.config.decode == "score_labels":
+            tokens = self.label_tokens()
+            scores = self.architecture.label_log_likelihoods(model.backbone, batch, tokens)
+            if self.config.score_normalization == "mean":
+                scores = scores / torch.tensor([len(t) for t in tokens], dtype=scores.dtype, device=scores.device)
+            return TaskOutput(None, {"label_scores": scores})
+        return TaskOutput(None, {"generated": self.generate(model, batch)})
+
+    def generate(self, model, batch) -> torch.Tensor:
+        """Generated token ids of a batch with the task's generation settings, whatever ``decode`` is (exports
+        compare them with a stock client's); the caller routes the task's adapter."""
         g = self.config.generation
-        ids = self.architecture.generate(model.backbone, batch, num_beams=g.num_beams,
-                                         max_new_tokens=g.max_new_tokens, length_penalty=g.length_penalty,
-                                         no_repeat_ngram_size=g.no_repeat_ngram_size)
-        return TaskOutput(None, {"generated": ids})
+        return self.architecture.generate(model.backbone, batch, num_beams=g.num_beams,
+                                          max_new_tokens=g.max_new_tokens, length_penalty=g.length_penalty,
+                                          no_repeat_ngram_size=g.no_repeat_ngram_size)
+
+    def label_features(self) -> list[dict]:
+        """One training feature per label, in label order: the label as the target of an empty source."""
+        return self.encode([{"source": "", "target": label} for label in self.labels], self.tokenizer, 8)
+
+    def label_tokens(self) -> list[list[int]]:
+        """The tokens each label is trained as (its text, then the end token), in label order: the label
+        encoded as the target of an empty source, the prompt cut off (:meth:`BackboneArchitecture.target_tokens`).
+
+        Raises:
+            ConfigError: the task has no label set (``tasks.<name>.decode``).
+        """
+        if not self.labels:
+            raise ConfigError(f"tasks.{self.name}.decode", "score_labels needs a label set; this task has none")
+        key = tuple(self.labels)
+        if self._label_tokens is None or self._label_tokens[0] != key:
+            self._label_tokens = (key, [self.architecture.target_tokens(f) for f in self.label_features()])
+        return self._label_tokens[1]
 
     # -- results ---------------------------------------------------------------------
     def length_strata(self, features: Sequence[dict]) -> list[int] | None:
@@ -131,6 +182,14 @@ class Text2TextTask(Task):
         return [ids.setdefault(tuple(t for t in f["labels"] if t != IGNORE_INDEX), len(ids)) for f in features]
 
     def decode(self, output, batch, examples) -> list[dict]:
+        if "label_scores" in output.outputs:
+            probs = output.outputs["label_scores"].double().softmax(-1).cpu().tolist()
+            preds = []
+            for row in probs:
+                label = self.labels[max(range(len(row)), key=row.__getitem__)]  # ties: the first label
+                preds.append({"label": label, "text": label,
+                              "scores": {lab: round(p, 6) for lab, p in zip(self.labels, row)}})
+            return preds
         texts = self.tokenizer.batch_decode(output.outputs["generated"], skip_special_tokens=True)
         preds = []
         for text in texts:
@@ -173,7 +232,10 @@ class Text2TextTask(Task):
                     "no_repeat_ngram_size": g.no_repeat_ngram_size, "length_penalty": g.length_penalty}
         tag = "text-generation" if self.architecture is not None and self.architecture.causal \
             else "text2text-generation"
-        params = {"prefix": self.config.prefix, **settings, "chat_template": self.config.chat_template}
+        params = {"prefix": self.config.prefix, **settings, "chat_template": self.config.chat_template,
+                  "decode": self.config.decode}
+        if self.config.decode == "score_labels":
+            params["score_normalization"] = self.config.score_normalization
         if self.labels:
             params["labels"] = list(self.labels)
         return ExportSpec("generation", tag, {"task_specific_params": {self.name: params}})

@@ -8,7 +8,7 @@ removes nearly all of it while every epoch still visits every example in a seede
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -49,13 +49,16 @@ class TaskBatcher:
         pad_token_id: padding id of the tokenizer.
         seed: the task's stream seed.
         group_by_length: build batches of rows of similar length (see above).
+        pack: applied to every collated batch (``training.packing``: several examples to a row, see
+            :mod:`multitune.backbones.packing`); the examples of a batch are drawn as without it.
     """
 
     GROUP_WINDOW = 50  # batches per sorted window: larger removes more padding, smaller keeps more randomness
 
     def __init__(self, task: Task, features: Sequence[dict], batch_size: int, pad_token_id: int, seed: int,
-                 group_by_length: bool = False):
+                 group_by_length: bool = False, pack: Callable[[dict], dict] | None = None):
         self.task = task
+        self.pack = pack
         self.features = features
         self.batch_size = batch_size
         self.pad_token_id = pad_token_id
@@ -120,8 +123,9 @@ class TaskBatcher:
         idx = self._order[self.position:self.position + self.batch_size]
         gen_seed = int(np.random.SeedSequence([self.seed, self.epoch, self.position]).generate_state(1)[0])
         self.position += len(idx)
-        return self.task.collate([self.features[i] for i in idx], self.pad_token_id,
-                                 torch.Generator().manual_seed(gen_seed))
+        batch = self.task.collate([self.features[i] for i in idx], self.pad_token_id,
+                                  torch.Generator().manual_seed(gen_seed))
+        return batch if self.pack is None else self.pack(batch)
 
     @property
     def epochs_done(self) -> float:

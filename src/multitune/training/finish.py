@@ -52,7 +52,8 @@ def finish_run(run: Any, setup: Any) -> dict:
     test = run.evaluate("test") if any("test" in p.features for p in run.prepared.values()) else None
     train_info = train_summary(run.state, run.stopped_early, run.selection_metric, setup.tokenize_s, setup.precision,
                                getattr(run.core.backbone.config, "_attn_implementation", None),
-                               str(run.accelerator.device), {n: batches_drawn(b) for n, b in run.batchers.items()})
+                               str(run.accelerator.device), {n: batches_drawn(b) for n, b in run.batchers.items()},
+                               run.config.training.packing)
     results = build_results(validation, test, calibrated, train_info, {n: p.data.report for n, p in
                                                                        run.prepared.items()},
                             run.tasks, setup.vocab_report, adapter_summary(run.core, run.config, fusion_attention))
@@ -116,9 +117,10 @@ def calibrate(tasks: Mapping[str, Task], active: Sequence[str], predictions: Map
 
 
 def train_summary(state: TrainerState, stopped_early: bool, metric_name: str, tokenize_s: float, precision: str,
-                  attention: str | None, device: str, batches: dict) -> dict:
+                  attention: str | None, device: str, batches: dict, packing: bool = False) -> dict:
     """``results.json["train"]``: the run's counters and throughput (:class:`~multitune.training.callbacks.StepTimer`
-    adds ``compile_s`` with torch.compile)."""
+    adds ``compile_s`` with torch.compile); with ``training.packing``, ``packing_efficiency``: real tokens per
+    token slot of the training batches (head tasks' unpacked batches included)."""
     seconds = max(state.train_seconds, 1e-9)
     summary = {
         "steps": state.step, "best_step": state.best_step, "stopped_early": stopped_early,
@@ -130,6 +132,8 @@ def train_summary(state: TrainerState, stopped_early: bool, metric_name: str, to
         "real_tokens": state.real_tokens, "padded_tokens": state.padded_tokens,
         "tokenize_s": round(tokenize_s, 2), "precision": precision, "attention": attention, "device": device,
         "batches": batches}
+    if packing:
+        summary["packing_efficiency"] = round(state.real_tokens / max(state.padded_tokens, 1), 4)
     return summary
 
 

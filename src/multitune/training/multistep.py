@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from multitune.backbones.unpadded import runs_unpadded
 from multitune.errors import ConfigError, MultituneError
 from multitune.tasks.base import EncoderCall
 from multitune.weighting import LossWeighting
@@ -200,11 +201,14 @@ class WeightedStep:
         """The tasks of a part that one backbone pass serves, with their encoder inputs: those that declare them
         (:meth:`~multitune.tasks.base.Task.encoder_inputs`), when there are two or more, the backbone computes
         the same for all of them (:meth:`~multitune.model.MultiTaskModel.shares_backbone`) and padding them to
-        the longest adds at most ``max_extra_padding`` (:data:`MAX_EXTRA_PADDING`) padded tokens; else none."""
+        the longest adds at most ``max_extra_padding`` (:data:`MAX_EXTRA_PADDING`) padded tokens, or the backbone
+        runs unpadded (``training.unpadded``), where the padding added costs nothing; else none."""
         declared = {n: self.core.tasks[n].encoder_inputs(b) for n, b in batches.items()}
         shared = {n: calls for n, calls in declared.items() if calls is not None}
         if len(shared) < 2 or not self.core.shares_backbone(list(shared)):
             return {}
+        if self.core.unpadded and runs_unpadded(self.core.architecture.token_model(self.core.backbone)):
+            return shared  # the token-wise layers skip padding, so joining the batches adds no work there
         ids = [c[0] for calls in shared.values() for c in calls]
         own = sum(i.numel() for i in ids)
         return shared if sum(map(len, ids)) * max(i.shape[1] for i in ids) <= (1 + self.max_extra_padding) * own else {}

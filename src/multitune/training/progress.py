@@ -96,8 +96,9 @@ def print_results_table(console: Console, results: dict, tasks: dict) -> None:
     console.print(table, soft_wrap=False)  # a table fits the console width (centred title), even in a log
     tr = results.get("train", {})
     if tr:
+        packed = f", packing efficiency {tr['packing_efficiency']:.0%}" if "packing_efficiency" in tr else ""
         console.print(f"{tr['steps']} steps in {tr['wall_s']:.1f}s, {tr['examples_per_s']:.1f} examples/s, "
-                      f"{tr['real_tokens_per_s']:.0f} real tokens/s ({tr['padded_tokens_per_s']:.0f} padded), "
+                      f"{tr['real_tokens_per_s']:.0f} real tokens/s ({tr['padded_tokens_per_s']:.0f} padded{packed}), "
                       f"best step {tr['best_step']}" + disk_summary(tr))
 
 
@@ -184,7 +185,7 @@ def print_next_steps(console: Console, run_dir: str | Path, tasks: Sequence[str]
 
 def fast_path_summary(precision: str, configured: str, native_bf16: bool, grouped: bool,
                       padding: float | None, other_padding: float | None,
-                      word_embeddings: tuple[int, bool] = (0, False)) -> str:
+                      word_embeddings: tuple[int, bool] = (0, False), unpadded: bool = False) -> str:
     """One line on the two settings that decide most of a step's cost, and what turning one off costs here.
 
     Args:
@@ -196,6 +197,7 @@ def fast_path_summary(precision: str, configured: str, native_bf16: bool, groupe
         other_padding: the same with the other grouping setting.
         word_embeddings: the word-embedding parameters the default freezes on this backbone (0: none), and
             whether they are frozen in this run.
+        unpadded: ``training.unpadded`` is on (the encoder's token-wise layers skip the padding).
 
     Example:
         >>> fast_path_summary("fp32", "fp32", True, False, 0.46, 0.08)
@@ -219,4 +221,6 @@ def fast_path_summary(precision: str, configured: str, native_bf16: bool, groupe
         parts.append(f"word embeddings frozen ({words / 1e6:.1f}M parameters; freeze.word_embeddings: false "
                      f"trains them)" if frozen else
                      f"word embeddings train ({words / 1e6:.1f}M parameters; the default freezes them)")
+    if unpadded:
+        parts.append("encoder unpadded: embeddings, projections and feed-forward blocks skip the padding")
     return "fast path: " + "; ".join(parts)

@@ -138,7 +138,8 @@ class Run:
         acc = self.accelerator
         for name in part:
             batch = self.batchers[name].next_batch()
-            self.state.examples += len(batch["input_ids"])
+            # a packed batch (training.packing) holds several examples per row
+            self.state.examples += int(batch.get("packed_examples", len(batch["input_ids"])))
             self.state.real_tokens += int(batch["attention_mask"].sum())
             self.state.padded_tokens += batch["attention_mask"].numel()
             shard = shard_batch(batch, acc.process_index, acc.num_processes)

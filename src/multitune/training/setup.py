@@ -7,8 +7,11 @@ so a run is reproducible and a resumed run bitwise equal): accelerator -> backbo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,9 @@ from safetensors.torch import load_file
 
 from multitune.adapters import METHODS
 from multitune.backbones import load_backbone
+from multitune.backbones.dropout import use_packed_mask_dropout
+from multitune.backbones.packing import pack_batch, packing_problem
+from multitune.backbones.quantize import quantize_linear_layers
 from multitune.backbones.vocab import extend_vocabulary, find_new_words, read_corpus
 from multitune.config.schema import RunConfig, TrainingConfig
 from multitune.errors import ConfigError, MultituneError
@@ -74,8 +80,8 @@ class Backbone:
 
 
 def build_backbone(config: RunConfig, attention: str | None, on_cpu: bool) -> Backbone:
-    """Load the backbone, set its training attention kernels and extend its vocabulary (before the heads and the
-    tokenisation see it)."""
+    """Load the backbone, set its training attention kernels, extend its vocabulary (before the heads and the
+    tokenisation see it) and, with ``adapters.quantize``, make its frozen linear layers k-bit."""
     backbone, tokenizer = load_backbone(config.backbone, config.trust_remote_code)
     wanted = resolve_attention(attention, on_cpu)
     # evaluation runs with the kernels a loaded model gets (multitune.load, predict, serve), so that the metrics
@@ -92,6 +98,8 @@ def build_backbone(config: RunConfig, attention: str | None, on_cpu: bool) -> Ba
         v = config.backbone.extend_vocabulary
         words = find_new_words(read_corpus(v.corpus), tokenizer, v.min_freq, v.max_new)
         report = extend_vocabulary(backbone, tokenizer, [w for w, _ in words])
+    if config.adapters is not None and config.adapters.quantize is not None:
+        quantize_linear_layers(backbone, config.adapters.quantize)
     return Backbone(backbone, tokenizer, deployed, report)
 
 
@@ -106,6 +114,7 @@ def build_model(config: RunConfig, tasks: dict[str, Task], backbone: Backbone, i
     model = MultiTaskModel(backbone.model, tasks, backbone.tokenizer, config.pooling, config.normalize_embeddings,
                            config.training.max_length, architecture=family, adapters=config.adapters)
     model.unpadded = config.training.unpadded  # decided at the first batch (multitune.backbones.unpadded)
+    use_packed_mask_dropout(model)  # same dropout, a third of the random draws on a CPU
     if init_from is not None:  # heads (and adapters) trained by the previous stage
         model.heads.load_state_dict(load_file(str(init_from / HEADS_FILE)), strict=True)
         if model.adapters is not None and (init_from / ADAPTERS_FILE).is_file():
@@ -116,6 +125,62 @@ def build_model(config: RunConfig, tasks: dict[str, Task], backbone: Backbone, i
                 raise MultituneError(f"{init_from / ADAPTERS_FILE}: adapters do not match this run (missing "
                                      f"{new[:3]}, unexpected {result.unexpected_keys[:3]})")
     return model
+
+
+def apply_gradient_checkpointing(backbone: torch.nn.Module, adapters: Any = None) -> None:
+    """``training.gradient_checkpointing``: every layer of the backbone recomputes its activations in the backward
+    pass (torch's non-reentrant checkpointing, which needs no input that requires a gradient, so frozen
+    embeddings need nothing more; the recomputation runs with the adapter routing of the forward pass).
+    Evaluation, generation and frozen parts run as before.
+
+    Args:
+        backbone: the transformers model.
+        adapters: the :class:`~multitune.adapters.AdapterSet` attached to it, if any.
+
+    Raises:
+        ConfigError: naming ``training.gradient_checkpointing``: the backbone does not support it, or the adapter
+            method feeds the layers a key/value cache (prefix tuning), which recomputed layers would drop.
+    """
+    field = "training.gradient_checkpointing"
+    if adapters is not None and adapters.method.feeds_cache:
+        raise ConfigError(field, f"not with adapters.method {adapters.config.method}: its prefix reaches the "
+                                 f"layers as a key/value cache, which checkpointed layers drop; set one of them")
+    if not getattr(backbone, "supports_gradient_checkpointing", False):
+        raise ConfigError(field, f"{type(backbone).__name__} does not support gradient checkpointing")
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if adapters is not None:  # the backward pass recomputes a layer outside the forward's adapter routing
+        kwargs["context_fn"] = lambda: (contextlib.nullcontext(), adapters.recompute_context())
+    enable = getattr(backbone, "activation_checkpointing_enable", None)  # transformers >= 5.x; the older name warns
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # for reentrant checkpointing only: with the embeddings' outputs requiring a gradient, a frozen backbone
+    # (feature extraction) would back-propagate through every layer for nothing
+    backbone.disable_input_require_grads()
+
+
+def build_packing(config: RunConfig, model: MultiTaskModel) -> Callable[[dict], dict] | None:
+    """``training.packing``: the function that packs a packable task's collated training batch (None: off), once
+    it is known that packed examples stay isolated on this backbone (:mod:`multitune.backbones.packing`). Call it
+    with the training attention kernels set, before the model moves to a device or is compiled.
+
+    Raises:
+        ConfigError: naming ``training.packing``: the backbone family does not pack, no task is packable, or
+            the attention implementation or model family would let packed examples attend to each other.
+    """
+    if not config.training.packing:
+        return None
+    field, arch = "training.packing", model.architecture
+    if not arch.packs:
+        raise ConfigError(field, f"packs the text2text training batches of decoder_only backbones; this backbone "
+                                 f"is {arch.type_name} (set packing: false)")
+    if not any(task.packable for task in model.tasks.values()):
+        raise ConfigError(field, "no task of this run has batches to pack (text2text tasks); set packing: false")
+    problem = packing_problem(model.backbone)
+    if problem is not None:
+        raise ConfigError(field, f"{problem}; set training.attention: eager or sdpa, or packing: false")
+    return functools.partial(pack_batch, max_length=config.training.max_length, pad_id=arch.pad_id)
 
 
 @dataclass
@@ -251,17 +316,17 @@ def continue_schedule(scheduler: Any, tcfg: TrainingConfig, step: int, trained_f
 
 
 def build_sampling(config: RunConfig, train_features: dict[str, list[dict]], tasks: dict[str, Task],
-                   active: list[str], replayed: list[str], replay: float, pad_id: int, global_batch: int
-                   ) -> tuple[dict[str, TaskBatcher], Any, Any]:
+                   active: list[str], replayed: list[str], replay: float, pad_id: int, global_batch: int,
+                   pack: Callable[[dict], dict] | None = None) -> tuple[dict[str, TaskBatcher], Any, Any]:
     """One batch stream per task and the task sampler over the active tasks (wrapped to replay earlier tasks'
-    batches in a later stage).
+    batches in a later stage); ``pack`` (:func:`build_packing`) packs the batches of packable tasks.
 
     Returns:
         ``(batchers, sampler, strategy)``: ``strategy`` is the configured sampler itself, which declares what it
         needs; ``sampler`` is what draws (the strategy, or the replay wrapper around it).
     """
     batchers = {n: TaskBatcher(tasks[n], features, global_batch, pad_id, config.seed + 1000 * (i + 1),
-                               config.training.group_by_length)
+                               config.training.group_by_length, pack if tasks[n].packable else None)
                 for i, (n, features) in enumerate(train_features.items())}
     sizes = {n: len(features) for n, features in train_features.items()}
     strategy = SAMPLERS.get(config.sampling.strategy)({n: sizes[n] for n in active}, config.sampling, config.seed)

@@ -58,10 +58,12 @@ from multitune.training.run import Run, StagePlan
 from multitune.training.run_dir import CHECKPOINTS, check_run_dir, finished_results
 from multitune.training.runlog import RunLog
 from multitune.training.setup import (
+    apply_gradient_checkpointing,
     build_accelerator,
     build_backbone,
     build_model,
     build_optimization,
+    build_packing,
     build_sampling,
     continue_schedule,
 )
@@ -143,6 +145,9 @@ def build_run(config: RunConfig, resume: bool, overwrite: bool, console: Console
     torch.manual_seed(config.seed)
     loaded = build_backbone(config, tcfg.attention, on_cpu)
     model = build_model(config, tasks, loaded, plan.init_from if plan is not None else None)
+    pack = build_packing(config, model)  # before compile and the move to a device: it probes the model on the CPU
+    if tcfg.gradient_checkpointing:
+        apply_gradient_checkpointing(model.backbone, model.adapters)
     active = plan.active if plan is not None else list(tasks)
     start = time.perf_counter()
     tokenize_all(prepared, loaded.tokenizer, tcfg.max_length)
@@ -164,7 +169,7 @@ def build_run(config: RunConfig, resume: bool, overwrite: bool, console: Console
     batchers, sampler, strategy = build_sampling(
         config, {n: p.features["train"] for n, p in prepared.items()}, tasks, active,
         [n for n in evaluated if n not in active], plan.replay if plan is not None else 0.0, pad_id,
-        tcfg.batch_size * accelerator.num_processes)
+        tcfg.batch_size * accelerator.num_processes, pack)
     trainable = trained_parameters(optimizer)
     # what the loss weighting needs from a step (all tasks, per-task gradients of the shared parameters, ...)
     multi = WeightedStep(weighting, sampler, wrapped, core, trainable, accelerator)
@@ -273,10 +278,12 @@ def open_run_dir(run: Run, setup: Setup, resume: bool, overwrite: bool, plan: St
                   f"device {acc.device}"
                   + (f", {acc.num_processes} processes (global batch {tcfg.batch_size * acc.num_processes})"
                      if acc.num_processes > 1 else ""))
-    active = [run.batchers[n] for n in run.active]
+    # the padding that length grouping leaves; packed batches (training.packing) report theirs at the end
+    active = [run.batchers[n] for n in run.active if run.batchers[n].pack is None]
     console.print(fast_path_summary(setup.precision, tcfg.precision, bf16_supported(acc.device),
                                     tcfg.group_by_length, padding_share(active, tcfg.group_by_length),
-                                    padding_share(active, not tcfg.group_by_length), setup.word_embeddings),
+                                    padding_share(active, not tcfg.group_by_length), setup.word_embeddings,
+                                    tcfg.unpadded),
                   markup=False, highlight=False)
     acc.wait_for_everyone()  # every process has checked the run directory before the main one writes
     if run.main_process:
