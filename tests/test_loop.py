@@ -73,7 +73,7 @@ class FakeRun:
     def zero_grad(self):
         self.zero_grads += 1
 
-    def evaluate(self, split):
+    def evaluate(self, split, predictions=None):
         return {"a": {"accuracy": self.scores.pop(0) if self.scores else 0.5}}
 
 

@@ -123,3 +123,39 @@ def test_training_learns_the_toy_sentiment(tiny_backbone, toy_data, tmp_path):
     raw["freeze"] = "none"  # the random-init toy backbone's word embeddings mean nothing until they train
     res = train(parse_config(raw), progress=False)
     assert res["validation"]["sentiment"]["accuracy"] >= 0.9
+
+
+def _count_evaluations(monkeypatch) -> list[tuple[int, str]]:
+    """(step, split) of every evaluation a run makes."""
+    import multitune.training.run as run_module
+
+    calls: list[tuple[int, str]] = []
+    original = run_module.Run.evaluate
+
+    def counting(self, split, predictions=None):
+        calls.append((self.state.step, split))
+        return original(self, split, predictions)
+
+    monkeypatch.setattr(run_module.Run, "evaluate", counting)
+    return calls
+
+
+def test_a_last_step_that_is_the_best_is_not_evaluated_again(tiny_backbone, toy_data, tmp_path, monkeypatch):
+    """The one evaluation of a run is at its last step, so it is the best one: the final validation metrics are
+    that evaluation's, not a second pass over the same model; a run whose best step is earlier restores it and
+    evaluates again."""
+    calls = _count_evaluations(monkeypatch)
+    res = train(run_cfg(toy_data, tiny_backbone, tmp_path / "once", max_steps=4, eval_every=4), progress=False)
+    assert res["train"]["best_step"] == 4
+    assert [c for c in calls if c[1] == "validation"] == [(4, "validation")]
+    records = [json.loads(line) for line in (tmp_path / "once/metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    assert evals[-1]["step"] == 4
+    for task, metrics in res["validation"].items():
+        assert {k: evals[-1]["metrics"][task][k] for k in metrics} == pytest.approx(metrics), task
+    calls.clear()
+    cfg = run_cfg(toy_data, tiny_backbone, tmp_path / "es", max_steps=40, eval_every=2, learning_rate=0.5,
+                  early_stopping={"metric": "sentiment/accuracy", "patience": 1, "min_delta": 0.5})
+    res = train(cfg, progress=False)
+    assert res["train"]["best_step"] == 2 and res["train"]["steps"] == 4
+    assert [c for c in calls if c[1] == "validation"] == [(2, "validation"), (4, "validation"), (4, "validation")]

@@ -36,11 +36,16 @@ def finish_run(run: Any, setup: Any) -> dict:
         The content of ``results.json``.
     """
     run.accelerator.wait_for_everyone()
-    best = find_checkpoint(run.checkpoint_dir("best"))
-    if best is not None:
-        load_checkpoint(best, run.core)
     predictions: dict[str, list] = {}
-    validation, fusion_attention = final_validation(run, predictions)
+    reused = latest_is_best(run)
+    if reused is not None:  # the model in memory is the best one, evaluated at this very step
+        validation, fusion_attention = reused[1], {}
+        predictions.update(reused[2])
+    else:
+        best = find_checkpoint(run.checkpoint_dir("best"))
+        if best is not None:
+            load_checkpoint(best, run.core)
+        validation, fusion_attention = final_validation(run, predictions)
     # tasks that tune decision thresholds do it now, on the restored best model's validation predictions; only
     # when one changes its thresholds does validation run again, so that the results are the calibrated model's
     calibrated = calibrate(run.tasks, run.active, predictions, {n: p.data.splits["validation"] for n, p in
@@ -69,6 +74,20 @@ def finish_run(run: Any, setup: Any) -> dict:
         print_results_table(run.console, results, run.tasks)
     run.log.close()
     return results
+
+
+def latest_is_best(run: Any) -> tuple[int, dict, dict] | None:
+    """The evaluation made at the run's last step, when that step is also its best one: the model in memory is
+    then the best checkpoint's, and evaluating it again would repeat the same numbers (on an LLM, the same
+    generation). None when the best step is earlier, when no evaluation was made in this process (a resumed
+    run that made no step), with several processes, or with AdapterFusion (whose attention statistics are
+    measured on the final pass)."""
+    last, state = run.last_validation, run.state
+    if last is None or last[0] != state.step or state.best_step != state.step:
+        return None
+    if run.accelerator.num_processes > 1 or (run.core.adapters is not None and run.core.adapters.fusion is not None):
+        return None
+    return last
 
 
 def final_validation(run: Any, predictions: dict[str, list]) -> tuple[dict, dict]:

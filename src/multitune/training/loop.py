@@ -32,7 +32,10 @@ def train_loop(run: Any) -> None:
         run.step_losses = losses
         run.callbacks.fire("on_step_end", run)
         if state.step % tcfg.eval_every == 0 or state.step == tcfg.max_steps:
-            run.callbacks.fire("on_evaluate", run, run.evaluate("validation"))
+            predictions: dict[str, list] = {}
+            results = run.evaluate("validation", predictions)
+            run.last_validation = (state.step, results, predictions)
+            run.callbacks.fire("on_evaluate", run, results)
 
 
 def accumulate(run: Any, micro_steps: int) -> tuple[dict[str, float], tuple[str, str] | None]:

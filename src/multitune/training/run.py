@@ -95,6 +95,9 @@ class Run:
     step_seconds: float = 0.0
     selection_value: float | None = None
     improved: bool = False
+    #: the latest validation evaluation during training: (step, metrics, predictions), reused at the end of a run
+    #: whose last step is its best (:func:`multitune.training.finish.finish_run`)
+    last_validation: tuple[int, dict, dict] | None = None
     should_stop: bool = False
     stopped_early: bool = False
     write_seconds: float = 0.0  # spent writing checkpoints, per-task snapshots and the model (this process)
