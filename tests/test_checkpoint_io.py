@@ -270,8 +270,8 @@ def test_a_run_writes_each_file_once_and_reports_it(tiny_backbone, toy_data, tmp
 @pytest.mark.parametrize("tune", [False, True])
 def test_the_end_of_a_run_validates_once_more_only_when_calibration_changes_the_model(tiny_backbone, toy_data,
                                                                                       tmp_path, monkeypatch, tune):
-    """One validation pass in the loop (step 4), one on the restored best model; a second one only after
-    thresholds were tuned, and its results are the calibrated model's."""
+    """One validation pass in the loop (step 4, the last and best step, whose results the end of the run
+    reuses); a second one only after thresholds were tuned, and its results are the calibrated model's."""
     from multitune.training.run import Run
 
     raw = toy_config(toy_data, tiny_backbone, tmp_path / "run", max_steps=4, eval_every=4)
@@ -285,7 +285,7 @@ def test_the_end_of_a_run_validates_once_more_only_when_calibration_changes_the_
 
     monkeypatch.setattr(Run, "evaluate", counting)
     results = train(parse_config(raw), progress=False, console=Console(file=io.StringIO()))
-    assert calls.count("validation") == (3 if tune else 2)
+    assert calls.count("validation") == (2 if tune else 1)
     assert ("calibration" in results) is tune
 
 
