@@ -1,5 +1,6 @@
 """Free generation against label scoring (``decode: score_labels``) for sentiment as text with SmolLM2-135M-Instruct
-on SST-2 dev: accuracy, share of invalid answers and seconds. Writes bench/results/label-scoring-<date>.json and .md.
+on SST-2 dev: accuracy, share of invalid answers and seconds. Writes bench/results/label-scoring-<date>.json and .md
+(``-trained-<steps>`` before the suffix after fine-tuning).
 
     python bench/label_scoring.py [--train-steps 0] [--examples 872] [--train-rows 2000] [--batch-size 16]
 
@@ -128,7 +129,8 @@ def main() -> None:
     if args.no_write:
         print(text)
     else:
-        write_results(f"label-scoring-{info['date']}", info, text)
+        suffix = f"-trained-{info['train_steps']}" if info["train_steps"] else ""
+        write_results(f"label-scoring-{info['date']}{suffix}", info, text)
 
 
 def _counts(texts: list[str], top: int = 5) -> dict[str, int]:

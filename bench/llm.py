@@ -29,11 +29,10 @@ examples, real and trained (loss) tokens, peak RSS, and each task's dev metrics 
 accuracy and invalid share, translation BLEU, chat exact match). multitune reports its metrics itself; TRL's
 model is evaluated by the benchmark's greedy generation loop with the same prompts and max_new_tokens. ``--quick``
 is a smoke run of a few steps (results under ``--out``, not bench/results). The default budget (80 steps of
-batch 8, 40 dev rows per task) is sized for about 30-40 minutes on 2 quiet cores, an estimate from short timed
-runs on shared cores; generating the dev answers (twice per multitune run: at the last step and after restoring
-the best model, and for both adapters of every task in a merge) is about half of it. Run from the repository
-root with ../shared/data beside it; needs the llm extra and TRL (``make .venv/.bench-llm``); without TRL its
-rows say so.
+batch 8, 40 dev rows per task) took 26 minutes on 2 quiet AMD EPYC cores (2026-12-06); generating the dev
+answers (once per row, and for both adapters of every task in a merge) is about a third of it. Run from the
+repository root with ../shared/data beside it; needs the llm extra and TRL (``make .venv/.bench-llm``); without
+TRL its rows say so.
 """
 
 from __future__ import annotations
