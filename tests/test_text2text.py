@@ -95,6 +95,40 @@ def test_label_set_inferred_and_scored_like_a_classifier(bert_tok):
     assert 0 <= worse["bleu"] < 50 and 0 < worse["chrf"] < perfect["chrf"]
 
 
+def test_main_metric_is_chosen_by_the_config_and_chat_defaults_to_chrf(bert_tok):
+    refs = [{"target": "Sunday"}, {"target": "70 millimetres"}, {"target": "1350 centimetres"}]
+    hyps = [{"text": "Sunday"}, {"text": "70 millimetres"}, {"text": "135 centimetres"}]
+    free = t2t(bert_tok, EncoderDecoderArchitecture(bert_tok))
+    free.setup([{"target": f"sentence number {i}"} for i in range(30)])
+    m = free.compute_metrics(hyps, refs)
+    # answers under four words: corpus BLEU is 0 although two of three are right; chrF sees them
+    assert m["bleu"] == 0.0 and m["exact_match"] == pytest.approx(2 / 3) and 80 < m["chrf"] < 100
+    assert free.main_metric == "bleu" and free.selection_score(m) == 0.0
+    chosen = t2t(bert_tok, EncoderDecoderArchitecture(bert_tok), metric="chrf")
+    chosen.setup([{"target": f"sentence number {i}"} for i in range(30)])
+    assert chosen.main_metric == "chrf" and chosen.selection_score(m) == pytest.approx(m["chrf"] / 100)
+    restored = t2t(bert_tok, EncoderDecoderArchitecture(bert_tok), metric="exact_match")
+    restored.load_state(chosen.state())
+    assert restored.main_metric == "exact_match" and restored.selection_score(m) == pytest.approx(2 / 3)
+    chat_cls = TASKS.get("chat")
+    chat = chat_cls("c", from_dict(chat_cls.config_class, {"type": "chat"}))
+    chat.setup([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"a {i}"}]}
+                for i in range(40)])
+    assert chat.main_metric == "chrf" and TASKS.get("chat").main_metric_in(m) == "chrf"
+    labelled = t2t(bert_tok, EncoderDecoderArchitecture(bert_tok), metric="macro_f1")
+    labelled.setup([{"target": "positive"}] * 12 + [{"target": "negative"}] * 12)
+    assert labelled.main_metric == "macro_f1"
+    with pytest.raises(ConfigError, match=r"tasks.t.metric: bleu is not reported by a task with a label set "
+                                          r"\(2 labels\); expected one of accuracy, macro_f1, exact_match"):
+        t2t(bert_tok, EncoderDecoderArchitecture(bert_tok), metric="bleu").setup(
+            [{"target": "positive"}] * 12 + [{"target": "negative"}] * 12)
+    with pytest.raises(ConfigError, match=r"tasks.t.metric: accuracy is not reported by a free-text task"):
+        t2t(bert_tok, EncoderDecoderArchitecture(bert_tok), metric="accuracy").setup(
+            [{"target": f"sentence number {i}"} for i in range(30)])
+    with pytest.raises(ConfigError, match=r"metric"):
+        t2t(metric="rouge")
+
+
 def test_text2text_refuses_an_encoder_and_masked_lm_refuses_a_decoder(bert_tok):
     with pytest.raises(ConfigError, match=r"tasks.t.type: text2text needs a generative backbone"):
         t2t(bert_tok, EncoderArchitecture(bert_tok))

@@ -133,10 +133,6 @@ class AdaptiveSampler(TaskSampler):
     def probabilities(self) -> dict[str, float]:
         return dict(self._shares)
 
-    def next_task(self) -> str:
-        p = np.array([self._shares[n] for n in self.names])
-        return self.names[int(self.rng.choice(len(self.names), p=p / p.sum()))]
-
     def observe(self, step, results, tasks):
         self.evaluations += 1
         reference = self.config.reference or {}

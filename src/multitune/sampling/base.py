@@ -3,6 +3,12 @@
 Samplers draw from their own seeded ``numpy`` generator (never the global one) and expose their
 state, so that a resumed run draws exactly the tasks an uninterrupted run would have drawn.
 
+A strategy only says each task's share (:meth:`TaskSampler.probabilities`); how batches follow the shares is
+``sampling.draws``: ``random`` draws every batch's task independently, so a task's count after ``t`` batches
+varies by about ``sqrt(t p (1 - p))`` around ``t p``; ``balanced`` picks the task whose count lags its share
+the most (a running credit of ``p`` per batch, one taken for each batch drawn; ties are broken by the seeded
+generator), so every task's count stays within one batch of ``t p`` while the shares stay fixed.
+
 A sampler whose shares change during training declares what it needs from the training loop, and the
 loop provides it from these declarations, never from the strategy's name:
 
@@ -33,6 +39,10 @@ SAMPLERS: Registry[type[TaskSampler]] = Registry("sampling strategy")
 @dataclass
 class SamplerConfig:
     strategy: str = field("proportional", help="sampling strategy name")
+    draws: str = field("random", help="random: each batch's task drawn independently by the shares; balanced: "
+                                      "the task whose count lags its share most, so that every task's count "
+                                      "stays within one batch of its share (short runs, small tasks)",
+                       choices=["random", "balanced"])
 
 
 class TaskSampler(ABC):
@@ -55,6 +65,7 @@ class TaskSampler(ABC):
         self.sizes = np.array([sizes[n] for n in self.names], dtype=float)
         self.config = config
         self.rng = np.random.default_rng(seed)
+        self.credit = np.zeros(len(self.names))  # draws: balanced; each task's share so far minus its batches
 
     @abstractmethod
     def probabilities(self) -> dict[str, float]:
@@ -93,11 +104,21 @@ class TaskSampler(ABC):
         return None
 
     def next_task(self) -> str:
-        p = np.array([self.probabilities()[n] for n in self.names])
-        return self.names[int(self.rng.choice(len(self.names), p=p / p.sum()))]
+        shares = self.probabilities()
+        p = np.array([shares[n] for n in self.names], dtype=float)
+        p /= p.sum()
+        if self.config.draws != "balanced":
+            return self.names[int(self.rng.choice(len(self.names), p=p))]
+        self.credit += p
+        lagging = np.flatnonzero(self.credit >= self.credit.max() - 1e-9)
+        index = int(lagging[0] if len(lagging) == 1 else self.rng.choice(lagging))
+        self.credit[index] -= 1.0
+        return self.names[index]
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state}
+        return {"rng": self.rng.bit_generator.state, "credit": self.credit.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+        if "credit" in state:  # absent from checkpoints written before balanced draws existed
+            self.credit = np.array(state["credit"], dtype=float)

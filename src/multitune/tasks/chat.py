@@ -132,9 +132,12 @@ class ChatTask(Text2TextTask):
     generation, decoding, the metrics (``bleu``/``chrf``/``exact_match``, or ``accuracy``/``macro_f1``/
     ``invalid`` when the last answers form a label set), label scoring and the export are the same; only how
     an example becomes tokens differs (:meth:`encode`), and what its target is (the last assistant message).
+    The free-text main metric is ``chrf``, not ``bleu``: assistant answers are often a few words, and corpus
+    BLEU of answers shorter than four words is 0 however many are right.
     """
 
     config_class = ChatConfig
+    main_metric = "chrf"
     fields = ("messages", "instruction", "input", "output")
     required = ()
     text_inputs = False  # prediction inputs are message lists, checked here

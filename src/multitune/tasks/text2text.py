@@ -21,6 +21,11 @@ from multitune.tasks.base import IGNORE_INDEX, TASKS, ExportSpec, Task, TaskOutp
 # targets with at most this many distinct values, each seen ~10 times on average, form a label set
 MAX_INFERRED_LABELS = 32
 DECODE_MODES = ["generate", "score_labels"]
+# what ``tasks.<name>.metric`` may name: free-text answers, and answers from a label set
+FREE_TEXT_METRICS = ("bleu", "chrf", "exact_match")
+LABEL_SET_METRICS = ("accuracy", "macro_f1", "exact_match")
+# metrics on sacrebleu's 0-100 scale (the `mean` selection metric averages tasks on a 0-1 scale)
+PERCENT_METRICS = ("bleu", "chrf")
 
 
 @dataclass
@@ -47,6 +52,11 @@ class Text2TextConfig(TaskConfig):
     score_normalization: str = field("sum", help="score_labels: rank labels by the sum of their tokens' "
                                                  "log-probabilities, or by the mean (no bias towards short labels)",
                                      choices=["sum", "mean"])
+    metric: str | None = field(None, help="the task's main metric (what early stopping's 'mean' averages and "
+                                          "per-task model selection maximises): bleu, chrf or exact_match for free "
+                                          "text; accuracy, macro_f1 or exact_match with a label set (default: "
+                                          "accuracy with a label set, else bleu; chat: chrf)",
+                               choices=list(dict.fromkeys(FREE_TEXT_METRICS + LABEL_SET_METRICS)))
 
     def validate(self, path: str) -> None:
         if self.decode != "score_labels" and self.score_normalization != "sum":
@@ -64,7 +74,8 @@ class Text2TextTask(Task):
     Metrics: ``exact_match`` always; ``bleu`` and ``chrf`` (sacrebleu, corpus level) for free text; and when
     the targets form a fixed label set (``labels``, or at most 32 distinct train targets), ``accuracy``,
     ``macro_f1`` and ``invalid`` (share of outputs outside the label set), so that sentiment-as-text is
-    scored like a classifier. Main metric: ``accuracy`` with a label set, else ``bleu``.
+    scored like a classifier. Main metric: the config's ``metric``, else ``accuracy`` with a label set, else
+    ``bleu``.
 
     With ``decode: score_labels`` the task does not generate: it scores every label's text as the continuation
     of the prompt (:meth:`BackboneArchitecture.label_log_likelihoods`) and predicts the most likely label, with
@@ -86,8 +97,13 @@ class Text2TextTask(Task):
         self.labels: list[str] = list(config.labels) if config.labels else []
         self.lowercase = bool(config.lowercase_metrics)
         self._label_tokens: tuple[tuple[str, ...], list[list[int]]] | None = None
-        if self.labels:
-            self.main_metric = "accuracy"
+        self.main_metric = self.chosen_main_metric()
+
+    def chosen_main_metric(self) -> str:
+        """The config's ``metric``, else ``accuracy`` with a label set, else the type's free-text metric."""
+        if self.config.metric is not None:
+            return self.config.metric
+        return "accuracy" if self.labels else type(self).main_metric
 
     def bind(self, architecture, tokenizer) -> None:
         super().bind(architecture, tokenizer)
@@ -104,7 +120,13 @@ class Text2TextTask(Task):
             counts = Counter(str(ex["target"]).strip() for ex in train_examples)
             if len(counts) <= MAX_INFERRED_LABELS and len(train_examples) >= 10 * len(counts):
                 self.labels = sorted(counts)
-        self.main_metric = "accuracy" if self.labels else "bleu"
+        allowed = LABEL_SET_METRICS if self.labels else FREE_TEXT_METRICS
+        if self.config.metric is not None and self.config.metric not in allowed:
+            kind = (f"a task with a label set ({len(self.labels)} labels)" if self.labels
+                    else "a free-text task (no label set)")
+            raise ConfigError(f"tasks.{self.name}.metric", f"{self.config.metric} is not reported by {kind}; "
+                                                           f"expected one of {', '.join(allowed)}")
+        self.main_metric = self.chosen_main_metric()
         if self.config.decode == "score_labels" and not self.labels:
             raise ConfigError(f"tasks.{self.name}.decode", f"score_labels scores the texts of a label set, and this "
                                                           f"task has none: give tasks.{self.name}.labels (targets "
@@ -220,9 +242,8 @@ class Text2TextTask(Task):
         return metrics
 
     def selection_score(self, metrics: dict[str, float]) -> float:
-        # BLEU is on sacrebleu's 0-100 scale; the `mean` selection metric averages tasks on a 0-1 scale
         value = metrics[self.main_metric]
-        return value / 100.0 if self.main_metric == "bleu" else value
+        return value / 100.0 if self.main_metric in PERCENT_METRICS else value
 
     def export_spec(self) -> ExportSpec:
         """The backbone itself (``AutoModelForSeq2SeqLM`` / ``AutoModelForCausalLM``) with this task's generation
@@ -246,4 +267,4 @@ class Text2TextTask(Task):
     def load_state(self, state: dict) -> None:
         self.labels = list(state.get("labels") or [])
         self.lowercase = bool(state.get("lowercase", False))
-        self.main_metric = "accuracy" if self.labels else "bleu"
+        self.main_metric = self.chosen_main_metric()

@@ -333,6 +333,7 @@ def build_sampling(config: RunConfig, train_features: dict[str, list[dict]], tas
     sampler = strategy
     if replay > 0 and replayed:
         proportional = SAMPLERS.get("proportional")
-        earlier = proportional({n: sizes[n] for n in replayed}, proportional.config_class(), config.seed + 1)
+        earlier = proportional({n: sizes[n] for n in replayed},
+                               proportional.config_class(draws=config.sampling.draws), config.seed + 1)
         sampler = ReplaySampler(strategy, earlier, replay, config.seed + 2)
     return batchers, sampler, strategy
