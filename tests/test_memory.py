@@ -1,6 +1,6 @@
 """Gradient checkpointing (training.gradient_checkpointing): the same loss and gradients with and without it on
 tiny BERT, T5 and LLaMA-like models, with LoRA adapters, on the unpadded path and compiled; layers really are
-recomputed; prefix tuning is refused; a training run turns it on."""
+recomputed; prefix tuning is refused; a training run turns it on and reports its peak memory."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from multitune.config import parse_config
 from multitune.config.adapters import AdapterConfig
 from multitune.errors import ConfigError
 from multitune.training import train
+from multitune.training.hardware import peak_memory
 from multitune.training.setup import apply_gradient_checkpointing
 from tests.conftest import toy_config
 
@@ -166,3 +167,18 @@ def test_a_run_trains_with_checkpointing(tmp_path, toy_data, tiny_backbone):
     raw["tasks"] = {"sentiment": raw["tasks"]["sentiment"]}
     results = train(parse_config(raw), progress=False, callbacks=[Look()])
     assert seen == [True] and results["train"]["steps"] == 2
+    # the process's peak resident memory up to the end of training, as the kernel counts it (VmHWM)
+    assert 0.1 < results["train"]["peak_rss_gb"] <= _status_gb("VmHWM") + 1e-3
+    assert "peak_device_memory_gb" not in results["train"]  # a CPU run has no device memory to report
+
+
+def _status_gb(field):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":")) / 1024 ** 2
+
+
+def test_peak_memory_is_the_processes_peak_resident_set_in_gb():
+    held = torch.ones(300 * 1024 ** 2 // 4)  # 300 MB, touched, resident now
+    peak = peak_memory("cpu")["peak_rss_gb"]
+    assert _status_gb("VmRSS") - 1e-3 <= peak <= _status_gb("VmHWM") + 1e-3
+    assert peak > held.numel() * 4 / 1024 ** 3

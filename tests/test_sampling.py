@@ -22,8 +22,9 @@ def make(name: str, **extra):
     ("proportional", {"big": 0.9, "mid": 0.09, "small": 0.01}),
     ("uniform", {"big": 1 / 3, "mid": 1 / 3, "small": 1 / 3}),
 ])
-def test_shares(name, expected):
-    s = make(name)
+@pytest.mark.parametrize("draws", ["balanced", "random"])
+def test_shares(name, expected, draws):
+    s = make(name, draws=draws)
     assert s.probabilities() == pytest.approx(expected)
     counts = Counter(s.next_task() for _ in range(20000))
     for task, p in expected.items():
@@ -47,7 +48,8 @@ def test_round_robin_cycles():
 
 def test_balanced_draws_keep_every_count_within_one_batch_of_its_share():
     shares = {"big": 0.9, "mid": 0.09, "small": 0.01}
-    balanced, random = make("proportional", draws="balanced"), make("proportional")
+    balanced, random = make("proportional"), make("proportional", draws="random")
+    assert balanced.config.draws == "balanced"  # the default
     counts: Counter = Counter()
     worst = 0.0
     for t in range(1, 2001):
@@ -70,7 +72,7 @@ def test_balanced_draws_keep_every_count_within_one_batch_of_its_share():
 
 
 def test_draws_must_be_random_or_balanced():
-    with pytest.raises(ConfigError, match=r"draws.*random.*balanced"):
+    with pytest.raises(ConfigError, match=r"sampling.draws|draws: got 'stratified'; expected one of: balanced, random"):
         make("proportional", draws="stratified")
 
 

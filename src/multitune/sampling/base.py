@@ -4,10 +4,10 @@ Samplers draw from their own seeded ``numpy`` generator (never the global one) a
 state, so that a resumed run draws exactly the tasks an uninterrupted run would have drawn.
 
 A strategy only says each task's share (:meth:`TaskSampler.probabilities`); how batches follow the shares is
-``sampling.draws``: ``random`` draws every batch's task independently, so a task's count after ``t`` batches
-varies by about ``sqrt(t p (1 - p))`` around ``t p``; ``balanced`` picks the task whose count lags its share
-the most (a running credit of ``p`` per batch, one taken for each batch drawn; ties are broken by the seeded
-generator), so every task's count stays within one batch of ``t p`` while the shares stay fixed.
+``sampling.draws``: ``balanced`` (the default) picks the task whose count lags its share the most (a running
+credit of ``p`` per batch, one taken for each batch drawn; ties are broken by the seeded generator), so every
+task's count stays within one batch of ``t p`` while the shares stay fixed; ``random`` draws every batch's
+task independently, so a task's count after ``t`` batches varies by about ``sqrt(t p (1 - p))`` around ``t p``.
 
 A sampler whose shares change during training declares what it needs from the training loop, and the
 loop provides it from these declarations, never from the strategy's name:
@@ -39,10 +39,9 @@ SAMPLERS: Registry[type[TaskSampler]] = Registry("sampling strategy")
 @dataclass
 class SamplerConfig:
     strategy: str = field("proportional", help="sampling strategy name")
-    draws: str = field("random", help="random: each batch's task drawn independently by the shares; balanced: "
-                                      "the task whose count lags its share most, so that every task's count "
-                                      "stays within one batch of its share (short runs, small tasks)",
-                       choices=["random", "balanced"])
+    draws: str = field("balanced", help="balanced: the task whose count lags its share most, so that every "
+                                        "task's count stays within one batch of its share; random: each batch's "
+                                        "task drawn independently by the shares", choices=["balanced", "random"])
 
 
 class TaskSampler(ABC):
@@ -107,7 +106,7 @@ class TaskSampler(ABC):
         shares = self.probabilities()
         p = np.array([shares[n] for n in self.names], dtype=float)
         p /= p.sum()
-        if self.config.draws != "balanced":
+        if self.config.draws == "random":
             return self.names[int(self.rng.choice(len(self.names), p=p))]
         self.credit += p
         lagging = np.flatnonzero(self.credit >= self.credit.max() - 1e-9)

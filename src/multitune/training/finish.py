@@ -23,6 +23,7 @@ from multitune.training.affinity import batches_drawn
 from multitune.training.card import run_model_card
 from multitune.training.checkpoint import disk_full, find_checkpoint, load_checkpoint
 from multitune.training.distributed import full_state_dict
+from multitune.training.hardware import peak_memory
 from multitune.training.progress import print_results_table
 from multitune.training.run_dir import CHECKPOINTS
 from multitune.training.state import TrainerState
@@ -139,7 +140,8 @@ def train_summary(state: TrainerState, stopped_early: bool, metric_name: str, to
                   attention: str | None, device: str, batches: dict, packing: bool = False) -> dict:
     """``results.json["train"]``: the run's counters and throughput (:class:`~multitune.training.callbacks.StepTimer`
     adds ``compile_s`` with torch.compile); with ``training.packing``, ``packing_efficiency``: real tokens per
-    token slot of the training batches (head tasks' unpacked batches included)."""
+    token slot of the training batches (head tasks' unpacked batches included); the process's peak memory
+    up to the end of training (:func:`~multitune.training.hardware.peak_memory`)."""
     seconds = max(state.train_seconds, 1e-9)
     summary = {
         "steps": state.step, "best_step": state.best_step, "stopped_early": stopped_early,
@@ -153,6 +155,7 @@ def train_summary(state: TrainerState, stopped_early: bool, metric_name: str, to
         "batches": batches}
     if packing:
         summary["packing_efficiency"] = round(state.real_tokens / max(state.padded_tokens, 1), 4)
+    summary.update(peak_memory(device))
     return summary
 
 

@@ -1,8 +1,29 @@
-"""What the machine can do: whether bf16 compute pays, and which precision ``auto`` resolves to."""
+"""What the machine can do: whether bf16 compute pays, and which precision ``auto`` resolves to; and how
+much memory the process has used at most."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
+
+
+def peak_memory(device: torch.device | str) -> dict[str, float]:
+    """The process's peak memory so far, in GB: ``peak_rss_gb`` (its largest resident set, loading included;
+    where the platform reports it) and, on a CUDA device, ``peak_device_memory_gb``
+    (``torch.cuda.max_memory_allocated``)."""
+    out: dict[str, float] = {}
+    try:
+        import resource
+    except ImportError:  # Windows: no getrusage
+        resource = None
+    if resource is not None:
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_rss_gb"] = round(maxrss / (1024 ** 3 if sys.platform == "darwin" else 1024 ** 2), 3)
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        out["peak_device_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1024 ** 3, 3)
+    return out
 
 
 def bf16_supported(device: torch.device | str) -> bool:

@@ -97,9 +97,11 @@ def print_results_table(console: Console, results: dict, tasks: dict) -> None:
     tr = results.get("train", {})
     if tr:
         packed = f", packing efficiency {tr['packing_efficiency']:.0%}" if "packing_efficiency" in tr else ""
+        peak = "".join(f", peak {label} {tr[key]:.2f} GB" for key, label in
+                       (("peak_rss_gb", "RSS"), ("peak_device_memory_gb", "device memory")) if key in tr)
         console.print(f"{tr['steps']} steps in {tr['wall_s']:.1f}s, {tr['examples_per_s']:.1f} examples/s, "
                       f"{tr['real_tokens_per_s']:.0f} real tokens/s ({tr['padded_tokens_per_s']:.0f} padded{packed}), "
-                      f"best step {tr['best_step']}" + disk_summary(tr))
+                      f"best step {tr['best_step']}{peak}" + disk_summary(tr))
 
 
 def disk_summary(train: dict) -> str:
